@@ -1,0 +1,57 @@
+"""`elm convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..convert import ConvertOptions, convert
+
+D = ConvertOptions()
+
+
+def command(
+    src: Annotated[str, typer.Argument(help="Hugging Face hub id or local checkpoint folder.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (must not exist).")],
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float16, bfloat16 or float32 [default: float16; bfloat16 for OpenELM-3B]"
+        ),
+    ] = D.dtype,
+    quantize: Annotated[
+        bool, typer.Option("--quantize", "-q", help="Quantize weights.")
+    ] = D.quantize,
+    bits: Annotated[int, typer.Option(help="Bits per weight when quantizing: 4 or 8.")] = D.bits,
+    group_size: Annotated[
+        int, typer.Option(help="Quantization group size: 32, 64 or 128.")
+    ] = D.group_size,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Folder, tokenizer.model or hub id of the tokenizer to ship.")
+    ] = D.tokenizer,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag, commit).")
+    ] = D.revision,
+    hf_token: Annotated[
+        str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
+    ] = D.hf_token,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = D.force,
+) -> None:
+    """Convert a Hugging Face checkpoint into an MLX model folder (fp16/bf16/fp32, or 4/8-bit).
+
+    The folder also loads in mlx-lm. It appears only once conversion has finished.
+    """
+    options = ConvertOptions(
+        dtype=dtype,
+        quantize=quantize,
+        bits=bits,
+        group_size=group_size,
+        tokenizer=tokenizer,
+        revision=revision,
+        hf_token=hf_token,
+        force=force,
+    )
+    path = convert(src, out, options)
+    typer.echo(f"wrote {path}", err=True)

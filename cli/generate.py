@@ -1,0 +1,112 @@
+"""`elm generate`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import GenerationError
+from ..generate import GenerationConfig
+
+D = GenerationConfig()
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise GenerationError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is None:
+        return prompt
+    try:
+        return prompt_file.read_text()
+    except OSError as e:
+        raise GenerationError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from e
+
+
+def command(
+    model: Annotated[str, typer.Option("--model", "-m", help="MLX model folder or hub id.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from this file ('-' reads stdin).")
+    ] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat format.")] = False,
+    system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens.")] = D.max_tokens,
+    temp: Annotated[float, typer.Option(help="Temperature; 0 is greedy.")] = D.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = D.top_p,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = D.top_k,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p * p_max.")] = D.min_p,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Hugging Face repetition penalty (1.0: none).")
+    ] = D.repetition_penalty,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = D.seed,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop at this string (repeatable).")
+    ] = None,
+    prompt_lookup: Annotated[
+        int | None,
+        typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step."),
+    ] = D.prompt_lookup,
+    max_ngram: Annotated[
+        int, typer.Option(help="Longest n-gram prompt lookup matches.")
+    ] = D.max_ngram,
+    draft_model: Annotated[
+        str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
+    ] = None,
+    num_draft: Annotated[
+        int, typer.Option(help="Tokens the draft model proposes per step.")
+    ] = D.num_draft,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print model and backend details.")
+    ] = False,
+) -> None:
+    """Generate text from a prompt. The text goes to stdout; speeds and memory to stderr."""
+    import mlx.core as mx
+
+    from .. import _blas
+    from ..generate import stream_generate
+    from ..loader import load
+    from ..tokenizer import render_chat
+
+    if prompt_file is not None and str(prompt_file) == "-":
+        text = sys.stdin.read()
+    else:
+        text = read_prompt(prompt, prompt_file)
+    lm, tokenizer = load(model, adapter_path=adapter)
+    draft = load(draft_model)[0] if draft_model else None
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        text = render_chat(tokenizer, messages, lm.model_type)
+    if verbose:
+        typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)
+    config = GenerationConfig(
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+        prompt_lookup=prompt_lookup,
+        max_ngram=max_ngram,
+        draft_model=draft,
+        num_draft=num_draft,
+    )
+    last = None
+    for last in stream_generate(lm, tokenizer, text, config):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if last is not None:
+        typer.echo(
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
+            f"peak memory: {last.peak_memory:.3f} GB",
+            err=True,
+        )

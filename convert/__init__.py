@@ -1,0 +1,5 @@
+"""The converter: Hugging Face checkpoints -> MLX model folders."""
+
+from .convert import ConvertOptions, convert
+
+__all__ = ["ConvertOptions", "convert"]

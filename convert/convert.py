@@ -1,0 +1,207 @@
+"""Hugging Face checkpoint -> MLX model folder (the layout mlx-lm writes and reads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .. import hub
+from ..errors import ConfigError, OutputError, WeightsError
+from ..loader import apply_quantization, build_model, read_config
+from .checkpoint import checkpoint_files, iter_tensors
+from .tokenizer_files import copy_tokenizer, find_tokenizer
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Every conversion option and its default (the CLI reads its defaults from here)."""
+
+    dtype: str | None = None  # None: float16, or bfloat16 for OpenELM-3B as Apple advises
+    quantize: bool = False
+    bits: int = 4
+    group_size: int = 64
+    tokenizer: str | None = None
+    revision: str | None = None
+    hf_token: str | None = None
+    force: bool = False
+    max_shard_bytes: int = 5 << 30
+
+    def validate(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.bits not in BITS:
+            raise ConfigError(f"--bits must be one of {BITS}, not {self.bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"--group-size must be one of {GROUP_SIZES}, not {self.group_size}")
+
+
+def default_dtype(config: dict[str, Any]) -> str:
+    if config.get("model_type") == "openelm" and config.get("model_dim", 0) >= 3072:
+        return "bfloat16"
+    return "float16"
+
+
+class ShardWriter:
+    """Writes tensors in arrival order into shards of at most `max_bytes`."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: mx.array) -> None:
+        if self.pending and self.pending_bytes + tensor.nbytes > self.max_bytes:
+            self.flush()
+        mx.eval(tensor)
+        self.pending[name] = tensor
+        self.pending_bytes += tensor.nbytes
+        self.total += tensor.nbytes
+
+    def flush(self) -> None:
+        path = self.folder / f"shard-{len(self.shards)}.safetensors"
+        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        self.shards.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"shard-{i}.safetensors", self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {
+            "metadata": {"total_size": self.total},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def _make_temp_dir(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write to {out.parent}: {e.strerror or e}") from e
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert `src` (local HF folder or hub id) into an MLX folder at `out`.
+
+    The folder appears only when everything is written: work happens in a hidden temporary
+    sibling that is renamed at the end and removed on any error.
+    """
+    options = options or ConvertOptions()
+    options.validate()
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.force:
+        raise OutputError(f"{out} already exists; choose another -o or pass --force")
+
+    source = hub.resolve(src, options.revision, options.hf_token)
+    config = read_config(source)
+    model = build_model(config, source / "config.json")
+    tokenizer = find_tokenizer(
+        source, config["model_type"], options.tokenizer, options.revision, options.hf_token
+    )
+    files = checkpoint_files(source)
+    dtype_name = options.dtype or default_dtype(config)
+    dtype = DTYPES[dtype_name]
+
+    # The model skeleton is the name/shape table: its parameters are lazy, never computed.
+    float_shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    quant = None
+    if options.quantize:
+        quant = {"group_size": options.group_size, "bits": options.bits, "mode": "affine"}
+        apply_quantization(model, quant)
+    quantized = {
+        k[: -len(".scales")] for k, _ in tree_flatten(model.parameters()) if k.endswith(".scales")
+    }
+
+    tmp = _make_temp_dir(out)
+    try:
+        writer = ShardWriter(tmp, options.max_shard_bytes)
+        seen: set[str] = set()
+        bar = _progress(len(float_shapes), progress)
+        for path in files:
+            for raw_name, raw in iter_tensors(path):
+                for name, tensor in model.sanitize({raw_name: raw}).items():
+                    _check(name, tensor, float_shapes, seen, path)
+                    seen.add(name)
+                    tensor = tensor.astype(dtype)
+                    module = name[: -len(".weight")]
+                    if name.endswith(".weight") and module in quantized:
+                        wq, scales, biases = mx.quantize(tensor, options.group_size, options.bits)
+                        writer.add(name, wq)
+                        writer.add(f"{module}.scales", scales)
+                        writer.add(f"{module}.biases", biases)
+                    else:
+                        writer.add(name, tensor)
+                    bar.update(1)
+        bar.close()
+        if missing := sorted(set(float_shapes) - seen):
+            raise WeightsError(
+                f"{source}: the checkpoint lacks {len(missing)} tensors the config needs, "
+                f"e.g. {', '.join(missing[:3])}; is the download complete?"
+            )
+        writer.close()
+        (tmp / "config.json").write_text(
+            json.dumps(_output_config(config, model, dtype_name, quant), indent=2)
+        )
+        copy_tokenizer(tokenizer, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check(name: str, tensor: mx.array, shapes: dict[str, tuple], seen: set[str], path: Path):
+    if name not in shapes:
+        raise WeightsError(f"{path}: unexpected tensor {name}; does config.json match the weights?")
+    if name in seen:
+        raise WeightsError(f"{path}: tensor {name} appears twice in the checkpoint")
+    if tuple(tensor.shape) != shapes[name]:
+        raise WeightsError(
+            f"{path}: tensor {name} has shape {list(tensor.shape)} but config.json implies "
+            f"{list(shapes[name])}; the config and the weights do not belong together"
+        )
+
+
+def _output_config(config: dict[str, Any], model: Any, dtype: str, quant: dict | None) -> dict:
+    # Write every derived field (per-layer OpenELM lists, tie_word_embeddings, head_dim...) so
+    # that mlx-lm, whose defaults differ from HF's, reads the same model.
+    out = {**config, **model.args.to_dict(), "torch_dtype": dtype}
+    out.pop("quantization_config", None)
+    if quant:
+        out["quantization"] = dict(quant)
+        out["quantization_config"] = dict(quant)
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="converting", unit="tensor", disable=not enabled, leave=False)

@@ -1,0 +1,35 @@
+"""Domain exceptions. The CLI translates each into one clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class ElmError(Exception):
+    """Base class for every error elm-mlx reports to a user."""
+
+
+class ModelNotFoundError(ElmError):
+    """A path or hub id does not name a model we can read."""
+
+
+class ConfigError(ElmError):
+    """config.json is missing, unreadable or describes an unsupported model."""
+
+
+class UnsupportedModelError(ConfigError):
+    """config.json names a model_type elm-mlx has no implementation for."""
+
+
+class WeightsError(ElmError):
+    """Weight files are missing, corrupt, or do not match the config."""
+
+
+class TokenizerError(ElmError):
+    """No usable tokenizer could be found or loaded."""
+
+
+class OutputError(ElmError):
+    """The output location cannot be written."""
+
+
+class GenerationError(ElmError):
+    """Generation was asked for something it cannot do (bad options, incompatible models)."""

@@ -1,0 +1,132 @@
+"""Load a model folder (ours, mlx-lm's, or an HF safetensors checkpoint) into MLX."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import hub
+from .errors import ConfigError, WeightsError
+from .models import CausalLM, get_family
+from .tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: dict[str, Any]
+    path: Path
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing: is {model_dir} a model folder?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return config
+
+
+def build_model(config: dict[str, Any], source: Path | str = "config.json") -> CausalLM:
+    """An uninitialised model for a config (weights random, quantization not applied)."""
+    family = get_family(config.get("model_type"))
+    try:
+        args = family.ModelArgs.from_dict(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{source}: invalid {config.get('model_type')} config: {e}") from e
+    return family.Model(args)
+
+
+def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    return config.get("quantization") or config.get("quantization_config") or None
+
+
+def apply_quantization(
+    model: nn.Module, quant: dict[str, Any], has_scales: set[str] | None = None
+) -> None:
+    """Swap Linear/Embedding layers for quantized ones.
+
+    With `has_scales` (module paths whose `.scales` a checkpoint holds), exactly those layers
+    are quantized, which is how a folder with some layers left in float loads back.
+    """
+    group, bits, mode = quant["group_size"], quant["bits"], quant.get("mode", "affine")
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if not hasattr(module, "to_quantized"):
+            return False
+        override = quant.get(path)
+        if override is False:
+            return False
+        if has_scales is not None:
+            if path not in has_scales:
+                return False
+        elif module.weight.shape[-1] % group != 0:
+            return False
+        if isinstance(override, dict):
+            return {"group_size": override["group_size"], "bits": override["bits"], "mode": mode}
+        return True
+
+    nn.quantize(model, group_size=group, bits=bits, mode=mode, class_predicate=predicate)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(
+            f"{model_dir} holds no *.safetensors weights; convert the checkpoint with `elm convert`"
+        )
+    return files
+
+
+def read_weights(model_dir: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(model_dir):
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise WeightsError(f"{f} cannot be read ({e}); the file is corrupt or truncated") from e
+    return weights
+
+
+def load_model(model_dir: Path, strict: bool = True) -> LoadedModel:
+    config = read_config(model_dir)
+    model = build_model(config, model_dir / "config.json")
+    weights = model.sanitize(read_weights(model_dir))
+    if quant := quantization_of(config):
+        scales = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+        apply_quantization(model, quant, scales)
+    try:
+        model.load_weights(list(weights.items()), strict=strict)
+    except ValueError as e:
+        raise WeightsError(f"{model_dir}: weights do not match config.json: {e}") from e
+    model.eval()
+    mx.eval(model.parameters())
+    return LoadedModel(model, config, model_dir)
+
+
+def load(
+    path_or_repo: str | os.PathLike,
+    revision: str | None = None,
+    token: str | None = None,
+    adapter_path: str | os.PathLike | None = None,
+) -> tuple[CausalLM, Tokenizer]:
+    """`model, tokenizer = load(path_or_repo)`, as in mlx-lm."""
+    model_dir = hub.resolve(path_or_repo, revision, token)
+    loaded = load_model(model_dir)
+    eos = loaded.config.get("eos_token_id")
+    tokenizer = load_tokenizer(model_dir, [eos] if isinstance(eos, int) else eos)
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(loaded.model, Path(adapter_path))
+    return loaded.model, tokenizer

@@ -1,0 +1,117 @@
+"""What every model family shares: the model contract, the KV cache and attention helpers."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class BaseModelArgs:
+    """Dataclass fields are named after config.json keys; unknown keys are dropped."""
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]):
+        params = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in config.items() if k in params})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class KVCache:
+    """Per-layer key/value cache, grown in steps and trimmable (chat and speculation rewind it)."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None  # (B, n_kv_heads, capacity, head_dim)
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        prev = self.offset
+        length = keys.shape[2]
+        if self.keys is None or prev + length > self.keys.shape[2]:
+            batch, heads, _, k_dim = keys.shape
+            n_steps = (self.step + length - 1) // self.step
+            grow = (batch, heads, n_steps * self.step)
+            new_k = mx.zeros((*grow, k_dim), keys.dtype)
+            new_v = mx.zeros((*grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.offset += length
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions; return how many were forgotten."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, value: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = value
+        self.offset = self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(model: CausalLM) -> list[KVCache]:
+    return [KVCache() for _ in model.layers]
+
+
+class CausalLM(Protocol):
+    """The contract every family's `Model` fulfils (and that mlx-lm's models fulfil too)."""
+
+    model_type: str
+    layers: list[nn.Module]
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """inputs (B, L) token ids -> logits (B, L, vocab)."""
+        ...
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map a checkpoint's tensors onto this module's parameter names."""
+        ...
+
+
+def causal_mask(h: mx.array, cache: list[KVCache] | None) -> str | None:
+    # mx.fast.scaled_dot_product_attention aligns "causal" to the bottom right, which is what
+    # a cached prefix needs; a single query attends to everything.
+    return "causal" if h.shape[1] > 1 else None
+
+
+def attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: str | None,
+) -> mx.array:
+    """(B, Hq, L, D) x (B, Hkv, S, D) -> (B, L, Hq*D); GQA is handled by the kernel."""
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    batch, _, length, _ = queries.shape
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

@@ -194,6 +194,8 @@ def _output_config(config: dict[str, Any], model: Any, dtype: str, quant: dict |
     # Write every derived field (per-layer OpenELM lists, tie_word_embeddings, head_dim...) so
     # that mlx-lm, whose defaults differ from HF's, reads the same model.
     out = {**config, **model.args.to_dict(), "torch_dtype": dtype}
+    if "dtype" in out:  # transformers >= 5 writes "dtype" instead of "torch_dtype"
+        out["dtype"] = dtype
     out.pop("quantization_config", None)
     if quant:
         out["quantization"] = dict(quant)

@@ -33,3 +33,15 @@ class OutputError(ElmError):
 
 class GenerationError(ElmError):
     """Generation was asked for something it cannot do (bad options, incompatible models)."""
+
+
+class AdapterError(ElmError):
+    """A LoRA adapter folder is missing, invalid, or does not fit the model."""
+
+
+class DataError(ElmError):
+    """A fine-tuning dataset is missing or has bad rows."""
+
+
+class TrainingError(ElmError):
+    """Fine-tuning options are invalid or a run cannot be resumed."""

@@ -98,10 +98,28 @@ def read_weights(model_dir: Path) -> dict[str, mx.array]:
     return weights
 
 
-def load_model(model_dir: Path, strict: bool = True) -> LoadedModel:
+def default_compute_dtype() -> mx.Dtype | None:
+    """float32 on the CPU backend, where half-precision kernels are 3-30x slower than fp32
+    (see BENCHMARKS.md); on Metal, the stored dtype."""
+    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
+
+
+def load_model(
+    model_dir: Path, strict: bool = True, compute_dtype: mx.Dtype | str | None = "auto"
+) -> LoadedModel:
+    """Build the model of `model_dir` and load its weights.
+
+    `compute_dtype` upcasts half-precision tensors (quantization scales included);
+    "auto" picks `default_compute_dtype()`, None keeps the stored dtypes.
+    """
     config = read_config(model_dir)
     model = build_model(config, model_dir / "config.json")
     weights = model.sanitize(read_weights(model_dir))
+    if compute_dtype == "auto":
+        compute_dtype = default_compute_dtype()
+    if compute_dtype is not None:
+        half = (mx.float16, mx.bfloat16)
+        weights = {k: v.astype(compute_dtype) if v.dtype in half else v for k, v in weights.items()}
     if quant := quantization_of(config):
         scales = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
         apply_quantization(model, quant, scales)
@@ -119,10 +137,11 @@ def load(
     revision: str | None = None,
     token: str | None = None,
     adapter_path: str | os.PathLike | None = None,
+    compute_dtype: mx.Dtype | str | None = "auto",
 ) -> tuple[CausalLM, Tokenizer]:
-    """`model, tokenizer = load(path_or_repo)`, as in mlx-lm."""
+    """`model, tokenizer = load(path_or_repo)`, as in mlx-lm (see `load_model` for dtypes)."""
     model_dir = hub.resolve(path_or_repo, revision, token)
-    loaded = load_model(model_dir)
+    loaded = load_model(model_dir, compute_dtype=compute_dtype)
     eos = loaded.config.get("eos_token_id")
     tokenizer = load_tokenizer(model_dir, [eos] if isinstance(eos, int) else eos)
     if adapter_path is not None:

@@ -1,0 +1,192 @@
+"""Prompt and generation speed and peak memory: elm vs mlx-lm on the same converted weights.
+
+Both engines run in this one process, alternately, on the same folder, prompt and backend,
+greedy, with EOS ignored so every run produces exactly --gen-tokens tokens.
+
+    python benchmarks/bench_generate.py                       # SmolLM2-135M + OpenELM-270M
+    python benchmarks/bench_generate.py --models smollm2 --precisions fp16,q4 --json out.json
+
+Prints a table and a JSON line. Also estimates the decode bound from memory bandwidth: the
+weight bytes read per token divided by a measured streaming bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from elm_mlx import _blas
+from elm_mlx.convert import ConvertOptions, convert
+from elm_mlx.generate import stream_generate as elm_stream
+from elm_mlx.loader import load as elm_load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import smollm2  # noqa: E402
+
+PRECISIONS = {
+    "fp32": ConvertOptions(dtype="float32"),
+    "fp16": ConvertOptions(dtype="float16"),
+    "bf16": ConvertOptions(dtype="bfloat16"),
+    "q8": ConvertOptions(dtype="float16", quantize=True, bits=8),
+    "q4": ConvertOptions(dtype="float16", quantize=True, bits=4),
+}
+PROMPT = (
+    "The history of the city begins with a small fishing village on the river. Over the "
+    "centuries it grew into a trading port, then an industrial town, and finally a modern "
+    "city known for its universities, its parks and its music. "
+) * 4
+
+
+def openelm_270m_hf(root: Path) -> Path:
+    """A random-weight OpenELM-270M with the true config, written as an HF checkpoint."""
+    folder = root / "openelm-270m-random-hf"
+    if (folder / "model.safetensors").exists():
+        return folder
+    from elm_mlx.models import get_family
+
+    refs = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openelm-configs.json"
+    config = json.loads(refs.read_text())["apple/OpenELM-270M"]["config.json"]
+    family = get_family("openelm")
+    model = family.Model(family.ModelArgs.from_dict(config))
+    mx.random.seed(0)
+    # small random weights keep activations finite in fp16
+    weights = {k: (0.02 * mx.random.normal(v.shape)).astype(mx.float32)
+               for k, v in tree_flatten(model.parameters())}
+    weights = {k: (mx.ones_like(v) if "norm" in k else v) for k, v in weights.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def prepare(name: str, precision: str, root: Path) -> Path:
+    out = root / f"{name}-{precision}"
+    if (out / "config.json").exists():
+        return out
+    if name == "smollm2":
+        src, tokenizer = smollm2.build_hf_folder(smollm2.default_cache_dir()), None
+    else:
+        # No OpenELM tokenizer offline: borrow SmolLM2's (its 49152 ids cover OpenELM's 32000).
+        src = openelm_270m_hf(root)
+        tokenizer = str(smollm2.build_hf_folder(smollm2.default_cache_dir()))
+    options = PRECISIONS[precision]
+    options = ConvertOptions(**{**options.__dict__, "tokenizer": tokenizer})
+    return convert(src, out, options, progress=False)
+
+
+def weight_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def stream_bandwidth() -> float:
+    """GB/s of a large streaming read (a reduction over 512 MB), best of 5."""
+    x = mx.ones((128, 1 << 20), dtype=mx.float32)
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(5):
+        tic = time.perf_counter()
+        mx.eval(x.sum())
+        best = min(best, time.perf_counter() - tic)
+    return x.nbytes / best / 1e9
+
+
+def run_elm(model, tokenizer, prompt, n):
+    last = None
+    for last in elm_stream(model, tokenizer, prompt, max_tokens=n):
+        pass
+    return last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens
+
+
+def run_mlx_lm(model, tokenizer, prompt, n):
+    from mlx_lm.generate import stream_generate
+
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=n):
+        pass
+    return last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens
+
+
+def bench(folder: Path, gen_tokens: int, repeats: int) -> dict:
+    import mlx_lm
+
+    engines = {}
+    engines["elm"] = (*elm_load(folder), run_elm)
+    engines["mlx-lm"] = (*mlx_lm.load(str(folder)), run_mlx_lm)
+    results: dict[str, dict] = {}
+    prompt = None
+    for name, (model, tokenizer, _) in engines.items():
+        tokenizer.eos_token_ids = set()  # always generate exactly gen_tokens
+        prompt = prompt or tokenizer.encode(PROMPT)
+    samples = {name: [] for name in engines}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, (model, tokenizer, run) in engines.items():
+            mx.clear_cache()
+            out = run(model, tokenizer, mx.array(prompt), gen_tokens)
+            if r:
+                samples[name].append(out)
+    for name, runs in samples.items():
+        model = engines[name][0]
+        results[name] = {
+            "prompt_tokens": len(prompt),
+            "prompt_tps": statistics.median(s[0] for s in runs),
+            "generation_tps": statistics.median(s[1] for s in runs),
+            "peak_memory_gb": max(s[2] for s in runs),
+            "generation_tokens": runs[0][3],
+            "weight_bytes": weight_bytes(model),
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,openelm-270m")
+    parser.add_argument("--precisions", default="fp16,q8,q4")
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", type=Path, default=smollm2.default_cache_dir().parent / "bench")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    bandwidth = stream_bandwidth()
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {platform.system()}, {mx.default_device()}",
+        "blas": _blas.describe(),
+        "mlx": mx.__version__,
+        "stream_bandwidth_gbs": round(bandwidth, 1),
+    }
+    rows = []
+    for name in args.models.split(","):
+        for precision in args.precisions.split(","):
+            folder = prepare(name, precision, args.root)
+            for engine, r in bench(folder, args.gen_tokens, args.repeats).items():
+                bound = bandwidth * 1e9 / r["weight_bytes"]
+                rows.append({"model": name, "precision": precision, "engine": engine, **r,
+                             "bound_tps": bound, "of_bound": r["generation_tps"] / bound})
+                print(f"{name:13s} {precision:5s} {engine:7s} done", file=sys.stderr)
+
+    header = f"{'model':13s} {'prec':5s} {'engine':7s} {'prompt t/s':>10s} {'gen t/s':>8s} " \
+             f"{'peak GB':>8s} {'bound t/s':>9s} {'of bound':>8s}"
+    print(f"# {env}")
+    print(header)
+    for r in rows:
+        print(f"{r['model']:13s} {r['precision']:5s} {r['engine']:7s} {r['prompt_tps']:10.1f} "
+              f"{r['generation_tps']:8.1f} {r['peak_memory_gb']:8.3f} {r['bound_tps']:9.1f} "
+              f"{r['of_bound']:8.0%}")
+    payload = {"env": env, "results": rows}
+    print(json.dumps(payload))
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -60,7 +60,7 @@ def command(
     ] = D.num_draft,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Print model and backend details.")
+        bool, typer.Option("--verbose", "-v", help="Print backend and speculation details.")
     ] = False,
 ) -> None:
     """Generate text from a prompt. The text goes to stdout; speeds and memory to stderr."""
@@ -110,3 +110,5 @@ def command(
             f"peak memory: {last.peak_memory:.3f} GB",
             err=True,
         )
+        if verbose and last.speculative is not None:
+            typer.echo(last.speculative.summary(), err=True)

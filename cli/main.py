@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from ..errors import ElmError
-from . import convert, generate
+from . import chat, convert, finetune, fuse, generate
 
 app = typer.Typer(
     name="elm",
@@ -37,6 +37,9 @@ def translate_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 app.command("convert")(translate_errors(convert.command))
 app.command("generate")(translate_errors(generate.command))
+app.command("chat")(translate_errors(chat.command))
+app.command("finetune")(translate_errors(finetune.command))
+app.command("fuse")(translate_errors(fuse.command))
 
 
 def main() -> None:

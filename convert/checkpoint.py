@@ -85,7 +85,9 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, mx.array]]:
                 raw = np.frombuffer(data[lo:hi], dtype=np_dtype).reshape(info["shape"])
                 yield name, _to_mlx(raw, mlx_dtype)
     except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not a valid safetensors file ({e})") from e
+        raise WeightsError(
+            f"{path} is not a valid safetensors file ({e}); download the file again"
+        ) from e
 
 
 class _Storage:

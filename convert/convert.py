@@ -98,7 +98,10 @@ def _make_temp_dir(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
-        raise OutputError(f"cannot write to {out.parent}: {e.strerror or e}") from e
+        raise OutputError(
+            f"cannot create {out}: {e.strerror or e} ({e.filename or out.parent}); "
+            "choose another output folder with -o"
+        ) from e
 
 
 def convert(
@@ -206,4 +209,6 @@ def _output_config(config: dict[str, Any], model: Any, dtype: str, quant: dict |
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="converting", unit="tensor", disable=not enabled, leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI, captured output)
+    disable = None if enabled else True
+    return tqdm(total=total, desc="converting", unit="tensor", disable=disable, leave=False)

@@ -45,3 +45,7 @@ class DataError(ElmError):
 
 class TrainingError(ElmError):
     """Fine-tuning options are invalid or a run cannot be resumed."""
+
+
+class ChatError(ElmError):
+    """A chat command, conversation file or chat template is invalid."""

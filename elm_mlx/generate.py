@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -13,6 +14,9 @@ from .errors import GenerationError
 from .models import CausalLM, KVCache, make_cache
 from .sample import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer, encode_prompt
+
+if TYPE_CHECKING:
+    from .speculative import SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class GenerationConfig:
         if self.prefill_step_size < 1:
             raise GenerationError("prefill_step_size must be >= 1")
 
+    @property
+    def speculative(self) -> bool:
+        return bool(self.prompt_lookup) or self.draft_model is not None
+
     def sampler(self) -> Sampler:
         return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
 
@@ -70,6 +78,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None
     from_draft: bool = False
+    speculative: SpeculativeStats | None = None  # running totals, shared by all responses
 
 
 def prefill(
@@ -161,13 +170,17 @@ class StopMatcher:
 
 
 def _token_stream(
-    prompt: mx.array, model: CausalLM, config: GenerationConfig, cache: list[KVCache]
+    prompt: mx.array,
+    model: CausalLM,
+    config: GenerationConfig,
+    cache: list[KVCache],
+    stats: SpeculativeStats | None = None,
 ) -> Iterator[tuple[int, bool]]:
     """(token, came from a proposal) pairs, from plain or speculative decoding."""
-    if config.prompt_lookup or config.draft_model is not None:
+    if config.speculative:
         from .speculative import speculative_generate_step
 
-        yield from speculative_generate_step(prompt, model, config, cache)
+        yield from speculative_generate_step(prompt, model, config, cache, stats)
         return
     for token, _ in generate_step(
         prompt,
@@ -206,6 +219,11 @@ def stream_generate(
     if not isinstance(prompt, mx.array):
         prompt = mx.array(list(prompt), dtype=mx.uint32)
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    stats = None
+    if config.speculative:
+        from .speculative import SpeculativeStats
+
+        stats = SpeculativeStats()
 
     detokenizer = tokenizer.detokenizer
     stops = StopMatcher(config.stop)
@@ -214,7 +232,8 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     n = 0
-    for n, (token, from_draft) in enumerate(_token_stream(prompt, model, config, cache), 1):
+    tokens = _token_stream(prompt, model, config, cache, stats)
+    for n, (token, from_draft) in enumerate(tokens, 1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
             prompt_tps = prompt.size / prompt_time
@@ -246,6 +265,7 @@ def stream_generate(
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
             from_draft=from_draft,
+            speculative=stats,
         )
         if finish:
             break
@@ -272,4 +292,6 @@ def generate(
             f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
             f"peak memory {last.peak_memory:.3f} GB"
         )
+        if last.speculative is not None:
+            print(last.speculative.summary())
     return "".join(pieces)

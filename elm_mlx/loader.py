@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import hub
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, UnsupportedModelError, WeightsError
 from .models import CausalLM, get_family
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -39,7 +39,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 def build_model(config: dict[str, Any], source: Path | str = "config.json") -> CausalLM:
     """An uninitialised model for a config (weights random, quantization not applied)."""
-    family = get_family(config.get("model_type"))
+    try:
+        family = get_family(config.get("model_type"))
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{source}: {e}") from e
     try:
         args = family.ModelArgs.from_dict(config)
     except (TypeError, ValueError, KeyError) as e:

@@ -23,6 +23,67 @@ PLAIN_TEMPLATE = (
 Tokenizer = Any  # mlx_lm.tokenizer_utils.TokenizerWrapper
 
 
+class DecodeDetokenizer:
+    """Streams text whose pieces join to exactly `tokenizer.decode(tokens)`.
+
+    mlx-lm's streaming detokenizers break that promise on real text: the naive one (used for a
+    bare tokenizer.model, i.e. OpenELM and OpenLLaMA) repeats or drops characters around
+    byte-fallback runs and after newlines, and the SPM/BPE ones drop the first token's space.
+    This one re-decodes only the tokens since the last commit, with a few committed tokens in
+    front as context (SentencePiece drops a space only at the start of a decode), and holds
+    back text a later token may still change: a run of byte-fallback tokens (decoded
+    all-or-nothing), an incomplete UTF-8 character, or a space that clean-up may remove.
+    Same interface as mlx-lm's (`reset`, `add_token`, `finalize`, `text`, `last_segment`).
+    """
+
+    context = 4
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self._byte_ids = {i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x")}
+        probe = tokenizer.encode("a ,b", add_special_tokens=False)
+        self._clean_spaces = " ," not in tokenizer.decode(probe)
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: list[int] = []
+        self.offset = 0  # characters of `text` already handed out by `last_segment`
+        self.text = ""  # == decode(tokens[: self._n])
+        self._n = 0
+        self._head = ""  # == decode(tokens[self._n - context : self._n])
+
+    def _tail(self) -> str:
+        start = max(0, self._n - self.context)
+        window = self._tokenizer.decode(self.tokens[start:])
+        if window.startswith(self._head):
+            return window[len(self._head) :]
+        return self._tokenizer.decode(self.tokens)[len(self.text) :]  # rare: no local decode
+
+    def _commit(self, tail: str) -> None:
+        self.text += tail
+        self._n = len(self.tokens)
+        self._head = self._tokenizer.decode(self.tokens[max(0, self._n - self.context) :])
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+        if token in self._byte_ids:
+            return
+        tail = self._tail()
+        if not tail.endswith("\ufffd") and not (self._clean_spaces and tail.endswith(" ")):
+            self._commit(tail)
+
+    def finalize(self) -> None:
+        if self._n < len(self.tokens):
+            self._commit(self._tail())
+
+    @property
+    def last_segment(self) -> str:
+        segment = self.text[self.offset :]
+        self.offset = len(self.text)
+        return segment
+
+
 def load_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
@@ -32,9 +93,11 @@ def load_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> T
             "re-run `elm convert` with --tokenizer PATH_OR_REPO"
         )
     try:
-        return load_wrapper(model_dir, eos_token_ids=eos_token_ids)
+        wrapper = load_wrapper(model_dir, eos_token_ids=eos_token_ids)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+    wrapper._detokenizer = DecodeDetokenizer(wrapper._tokenizer)  # copied per `.detokenizer`
+    return wrapper
 
 
 def default_chat_template(tokenizer: Tokenizer, model_type: str) -> str | None:

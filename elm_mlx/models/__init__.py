@@ -20,5 +20,6 @@ def get_family(model_type: str | None) -> ModuleType:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; elm-mlx runs "
             + ", ".join(sorted(MODEL_TYPES))
+            + ": give a checkpoint of one of these families"
         )
     return importlib.import_module(f"{__name__}.{MODEL_TYPES[model_type]}")

@@ -1,0 +1,357 @@
+"""`elm chat`: a conversation in the terminal (or one message per line from a pipe)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import sys
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TextIO
+
+import typer
+
+from ..generate import GenerationConfig
+from ..model_cache import DEFAULT_BITS
+
+if TYPE_CHECKING:
+    from ..chat import ChatSession
+
+D = GenerationConfig()
+HELP = '''commands:
+  /help              this list
+  /reset             forget the conversation (the system prompt stays)
+  /system [TEXT]     show the system prompt, or replace it
+  /save FILE         write the conversation as JSON messages
+  /load FILE         continue a conversation written by /save
+  /stats             tokens, speed, memory and cache size
+  /set NAME VALUE    change temp, top_p, top_k, min_p, max_tokens, repetition_penalty, seed
+  /quit              leave (Ctrl-D too)
+Ctrl-C stops an answer. A paste of several lines is one message; so is text between two
+lines holding only """.'''
+COMMANDS = ("/help", "/reset", "/system", "/save", "/load", "/stats", "/set", "/quit", "/exit")
+
+
+class Style:
+    def __init__(self, enabled: bool):
+        self.dim, self.bold, self.off = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if enabled else ("",) * 3
+
+
+class Printer:
+    """Streams an answer; on a terminal the running tokens/s trail the text, dimmed, and are
+    erased before the next piece (saved and restored cursor, so only on the current line)."""
+
+    def __init__(self, out: TextIO, style: Style, live: bool):
+        self.out, self.style, self.live = out, style, live
+        self.width = shutil.get_terminal_size().columns
+        self.column = 0  # display cells since the last newline
+        self.shown = False
+
+    def write(self, text: str, rate: float = 0.0) -> None:
+        if self.shown:
+            self.out.write("\x1b[K")
+            self.shown = False
+        self.out.write(text)
+        for ch in text:
+            if ch == "\n":
+                self.column = 0
+            elif not unicodedata.combining(ch):
+                self.column += 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        at = self.column % self.width
+        label = f"  {rate:.1f} tok/s"
+        if self.live and rate > 0 and (at or not self.column) and at + len(label) < self.width:
+            self.out.write(f"\x1b7{self.style.dim}{label}{self.style.off}\x1b8")
+            self.shown = True
+        self.out.flush()
+
+
+class StopOnInterrupt:
+    """Ctrl-C asks the answer to stop at the next token; a second Ctrl-C interrupts at once."""
+
+    def __enter__(self) -> StopOnInterrupt:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def answer(session: ChatSession, text: str, printer: Printer, notices: TextIO) -> None:
+    """Stream the answer to `text`; afterwards a dim line with the turn's numbers."""
+    stream = session.send(text)
+    started = False
+    with StopOnInterrupt() as stop:
+        try:
+            for r in stream:
+                if not started and session.dropped:
+                    notices.write(
+                        f"{printer.style.dim}(context full: dropped the {session.dropped} oldest "
+                        f"messages; the system prompt is kept){printer.style.off}\n"
+                    )
+                started = True
+                printer.write(r.text, r.generation_tps)
+                if stop.requested:
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stream.close()  # the session settles its cache and keeps the partial answer
+    printer.write("\n")
+    turn = session.stats.last
+    if not started:
+        notices.write(f"{printer.style.dim}(stopped before the answer began){printer.style.off}\n")
+    elif turn is not None:
+        end = {"length": " · max_tokens reached", "interrupted": " · interrupted"}
+        notices.write(
+            f"{printer.style.dim}[{turn.generation_tokens} tokens, {turn.generation_tps:.1f} "
+            f"tok/s · prompt {turn.prompt_tokens} new + {turn.reused_tokens} cached tokens, "
+            f"{turn.prompt_seconds:.2f} s{end.get(turn.finish_reason, '')}]{printer.style.off}\n"
+        )
+    notices.flush()
+
+
+def stats_text(session: ChatSession) -> str:
+    import mlx.core as mx
+
+    s, c, last = session.stats, session.config, session.stats.last
+    lines = [
+        f"conversation: {len(session.messages)} messages; context {len(session.cache_tokens)} "
+        f"of {session.context_length} tokens",
+        f"cache: {len(session.cache_tokens)} tokens, {session.cache_nbytes / 1e6:.1f} MB",
+        f"memory: {mx.get_active_memory() / 1e9:.2f} GB in use, "
+        f"{(last.peak_memory if last else 0):.2f} GB peak in the last turn",
+        f"settings: temp {c.temperature}, top_p {c.top_p}, top_k {c.top_k}, min_p {c.min_p}, "
+        f"max_tokens {c.max_tokens}, repetition_penalty {c.repetition_penalty}, seed {c.seed}",
+    ]
+    if last:
+        lines.append(
+            f"last turn: prompt {last.prompt_tokens} new + {last.reused_tokens} cached tokens in "
+            f"{last.prompt_seconds:.2f} s ({last.prompt_tps:.1f} tok/s); "
+            f"{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s"
+        )
+        rate = s.generation_tokens / s.generation_seconds if s.generation_seconds else 0.0
+        lines.append(
+            f"session: {s.turns} turns; {s.prompt_tokens} prompt tokens processed, "
+            f"{s.reused_tokens} reused from the cache; {s.generation_tokens} tokens generated "
+            f"({rate:.1f} tok/s overall)"
+        )
+    return "\n".join(lines)
+
+
+def run_command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """One /command; False means leave."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        out.write(HELP + "\n")
+    elif name == "/reset":
+        session.reset()
+        out.write("(conversation cleared)\n")
+    elif name == "/system":
+        if arg:
+            session.set_system(arg)
+            out.write("(system prompt set)\n")
+        else:
+            out.write(f"{session.system or '(no system prompt)'}\n")
+    elif name in ("/save", "/load") and not arg:
+        out.write(f"usage: {name} FILE\n")
+    elif name == "/save":
+        out.write(f"(saved {len(session.messages)} messages to {session.save(arg)})\n")
+    elif name == "/load":
+        session.load(arg)
+        out.write(f"(loaded {len(session.messages)} messages from {arg})\n")
+    elif name == "/stats":
+        out.write(stats_text(session) + "\n")
+    elif name == "/set":
+        if len(arg.split()) != 2:
+            out.write("usage: /set temp|top_p|top_k|min_p|max_tokens|... VALUE\n")
+        else:
+            session.set(*arg.split())
+            out.write(f"({' = '.join(arg.split())})\n")
+    else:
+        out.write(f"unknown command {line.strip()!r}; /help lists them\n")
+    return True
+
+
+def pending_input(fd: int) -> bool:
+    """Whether more typed or pasted bytes are waiting (a paste without bracketed-paste mode
+    arrives as several lines at once). Checked in non-canonical mode so that a last pasted
+    line without its newline counts too."""
+    try:
+        import termios
+    except ImportError:  # no termios (Windows): no paste detection
+        return False
+    old = termios.tcgetattr(fd)
+    raw = list(old)
+    raw[3] &= ~termios.ICANON
+    termios.tcsetattr(fd, termios.TCSANOW, raw)
+    try:
+        return bool(select.select([fd], [], [], 0.03)[0])
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
+def read_message(prompt: str) -> str:
+    lines = [input(prompt)]
+    if lines[0].strip() == '"""':
+        lines = []
+        while (line := input("... ")).strip() != '"""':
+            lines.append(line)
+    while pending_input(sys.stdin.fileno()):
+        lines.append(input(""))
+    return "\n".join(lines)
+
+
+def setup_readline(history: Path) -> object | None:
+    try:
+        import readline
+    except ImportError:  # no readline (Windows): plain input() still works
+        return None
+    with contextlib.suppress(OSError):  # no history yet
+        readline.read_history_file(history)
+    readline.set_history_length(1000)
+    readline.set_completer(
+        lambda text, i: ([c for c in COMMANDS if c.startswith(text)] + [None])[i]
+    )
+    readline.set_completer_delims(" ")
+    libedit = "libedit" in (readline.__doc__ or "")
+    readline.parse_and_bind("bind ^I rl_complete" if libedit else "tab: complete")
+    return readline
+
+
+def interactive(session: ChatSession, title: str, history: Path) -> None:
+    style = Style(sys.stdout.isatty() and "NO_COLOR" not in os.environ)
+    readline = setup_readline(history)
+    # \001 \002 tell readline the escapes take no room, so line editing stays aligned
+    prompt = f"\001{style.bold}\002>>> \001{style.off}\002" if style.bold else ">>> "
+    print(f"{title}\n/help lists the commands; Ctrl-C stops an answer, Ctrl-D leaves.")
+    try:
+        while True:
+            try:
+                text = read_message(prompt)
+            except KeyboardInterrupt:
+                print()
+                continue
+            except EOFError:
+                print()
+                return
+            printer = Printer(sys.stdout, style, live=bool(style.dim))
+            if not turn(session, text, printer, sys.stdout):
+                return
+    finally:
+        if readline is not None:
+            with contextlib.suppress(OSError):  # history is a convenience, never an error
+                history.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(history)
+
+
+def scripted(session: ChatSession, lines: TextIO) -> None:
+    """One message per line; answers on stdout, everything else on stderr."""
+    for line in lines:
+        if not turn(
+            session, line.rstrip("\n"), Printer(sys.stdout, Style(False), False), sys.stderr
+        ):
+            return
+
+
+def turn(session: ChatSession, text: str, printer: Printer, notices: TextIO) -> bool:
+    """A command or a message; a library error (a bad value, an unreadable file) is reported
+    and the chat goes on. False means leave."""
+    from ..errors import ElmError
+
+    try:
+        if text.startswith("/"):
+            return run_command(session, text, notices)
+        if text.strip():
+            answer(session, text, printer, notices)
+    except ElmError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+    return True
+
+
+def command(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
+    ],
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = D.max_tokens,
+    temp: Annotated[float, typer.Option(help="Temperature; 0 is greedy.")] = D.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = D.top_p,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = D.top_k,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p * p_max.")] = D.min_p,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help="Hugging Face repetition penalty (1.0: none).")
+    ] = D.repetition_penalty,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = D.seed,
+    prompt_lookup: Annotated[
+        int | None,
+        typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step."),
+    ] = D.prompt_lookup,
+    max_ngram: Annotated[
+        int, typer.Option(help="Longest n-gram prompt lookup matches.")
+    ] = D.max_ngram,
+    max_context: Annotated[
+        int | None,
+        typer.Option(help="Context length in tokens (default: the model's); older turns drop."),
+    ] = None,
+    bits: Annotated[
+        int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")
+    ] = DEFAULT_BITS,
+    quantize: Annotated[
+        bool, typer.Option(help="For a hub id: --no-quantize keeps float16 weights.")
+    ] = True,
+    hf_token: Annotated[
+        str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
+    ] = None,
+) -> None:
+    """Chat with a model in the terminal. The conversation's KV cache is kept, so each turn
+    processes only its new tokens. A hub id is converted once into ~/.cache/elm-mlx (or
+    $ELM_MLX_CACHE). With standard input not a terminal, each line is one message and the
+    answers go to stdout."""
+    from ..chat import ChatSession, load_template
+    from ..loader import load
+    from ..model_cache import cache_root, ensure_model
+
+    config = GenerationConfig(
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        prompt_lookup=prompt_lookup,
+        max_ngram=max_ngram,
+    )
+    config.validate()
+    template = load_template(chat_template) if chat_template else None
+    try:
+        path = ensure_model(model, quantize=quantize, bits=bits, token=hf_token)
+        lm, tokenizer = load(path, adapter_path=adapter)
+        session = ChatSession(
+            lm, tokenizer, system=system, template=template, config=config, max_context=max_context
+        )
+        if sys.stdin.isatty():
+            title = f"elm chat · {path.name} · context {session.context_length} tokens"
+            interactive(session, title, cache_root() / "chat_history")
+        else:
+            scripted(session, sys.stdin)
+    except KeyboardInterrupt:  # while converting or loading, or in a script: just stop
+        raise typer.Exit(130) from None

@@ -1,0 +1,91 @@
+"""`fuse(...)`: merge a LoRA adapter into its base model and write a model folder (the
+layout `elm convert` writes). A quantized base is re-quantized, or dequantized to float."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import hub
+from .convert.convert import ShardWriter
+from .convert.tokenizer_files import copy_tokenizer
+from .errors import OutputError
+from .loader import load_model, quantization_of
+from .lora import dequantized_weight, load_adapters, merge_lora
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Swap every quantized layer for a float one; returns how many were swapped."""
+    swaps: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weight = dequantized_weight(module)  # (out, in)
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            layer.weight = weight
+            if "bias" in module:
+                layer.bias = module.bias
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = dequantized_weight(module)  # (vocab, dim)
+            layer = nn.Embedding(*weight.shape)
+            layer.weight = weight
+        else:
+            continue
+        swaps.append((name, layer))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
+def fuse(
+    model: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dequantize: bool = False,
+    force: bool = False,
+    max_shard_bytes: int = 5 << 30,
+) -> Path:
+    """Write base + adapter as one model folder at `out` and return its path."""
+    out = Path(out).expanduser()
+    model_dir = hub.resolve(model)
+    if out.exists() and out.resolve() == model_dir.resolve():
+        raise OutputError(f"-o {out} is the base model's folder; write the fused model elsewhere")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputError(f"{out} already exists; choose another -o or pass --force")
+    loaded = load_model(model_dir, compute_dtype=None)  # keep the stored dtypes
+    load_adapters(loaded.model, Path(adapter))
+    merge_lora(loaded.model, dequantize)
+    config = dict(loaded.config)
+    if dequantize:
+        dequantize_model(loaded.model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    elif quant := quantization_of(config):
+        config["quantization"] = config["quantization_config"] = quant
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write to {out.parent}: {e.strerror or e}") from e
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, tensor in tree_flatten(loaded.model.parameters()):
+            writer.add(name, tensor)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer(model_dir, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    mx.clear_cache()
+    return out

@@ -1,0 +1,87 @@
+"""Data parallel: `mlx.launch -n 2 --backend ring -- elm finetune ...` on localhost trains the
+same adapter, within float tolerance, as one process over the same global batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+
+import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
+
+# isort: split
+import mlx.core as mx
+from _lora_fixtures import CORPUS, make_model, make_tokenizer, write_jsonl
+
+from elm_mlx.finetune import finetune
+from elm_mlx.lora import LoRAConfig
+from elm_mlx.train import TrainConfig
+
+# Rows of different lengths, so the two processes pad their halves of a batch differently.
+ROWS = [{"text": " ".join(CORPUS[: 1 + i % 5])} for i in range(10)]
+ROWS += [{"prompt": f"Q{i}: {CORPUS[i]}?", "completion": f" {CORPUS[-i - 1]}"} for i in range(6)]
+CONFIG = TrainConfig(iters=6, batch_size=4, grad_accum=2, learning_rate=3e-3, warmup=2,
+                     val_every=3, val_batches=-1, save_every=0)  # fmt: skip
+LORA = LoRAConfig(rank=4, alpha=8, num_layers=1, targets=("q_proj", "v_proj", "down_proj"))
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 were free a moment ago (the ring listens on both)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_two_processes_train_the_same_adapter_as_one(tmp_path):
+    make_tokenizer(tmp_path / "tok")
+    model = make_model(tmp_path / "model", "llama", tmp_path / "tok")
+    write_jsonl(tmp_path / "data", "train", ROWS)
+    write_jsonl(tmp_path / "data", "valid", ROWS[::3])
+
+    single = finetune(model, tmp_path / "data", tmp_path / "one", CONFIG, LORA, progress=False)
+
+    launch = shutil.which("mlx.launch")
+    assert launch, "mlx.launch comes with mlx; is mlx installed in this environment?"
+    elm = shutil.which("elm")
+    assert elm, "the elm command comes with `pip install -e .`"
+    options = [
+        "-m", str(model), "--data", str(tmp_path / "data"), "-o", str(tmp_path / "two"),
+        "--iters", str(CONFIG.iters), "--batch-size", str(CONFIG.batch_size),
+        "--grad-accum", str(CONFIG.grad_accum), "--learning-rate", str(CONFIG.learning_rate),
+        "--warmup", str(CONFIG.warmup), "--val-every", str(CONFIG.val_every),
+        "--val-batches", "-1", "--save-every", "0", "--rank", "4", "--alpha", "8",
+        "--num-layers", "1", "--targets", "q_proj,v_proj,down_proj",
+    ]  # fmt: skip
+    command = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()),
+               "--", elm, "finetune", *options]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "2 processes" in output
+    assert output.count("saved the adapter") == 1  # only the first process prints
+
+    one = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    two = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    assert one.keys() == two.keys() and len(one) == 6
+    for k in one:
+        assert mx.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+        assert mx.abs(one[k]).max().item() > 0  # trained (B starts at zero)
+    # the same losses, logged by the first process only
+    log_one = (tmp_path / "one" / "train_log.csv").read_text().splitlines()
+    log_two = (tmp_path / "two" / "train_log.csv").read_text().splitlines()
+    assert len(log_one) == len(log_two) == 1 + CONFIG.iters + 3  # header, steps, 3 validations
+    for a, b in zip(log_one[1:], log_two[1:], strict=True):
+        loss_a, loss_b = (row.split(",")[1] or row.split(",")[2] for row in (a, b))
+        assert abs(float(loss_a) - float(loss_b)) <= 1e-4 * float(loss_a)  # 6 digits logged
+    config = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
+    assert config["training"]["batch_size"] == 4
+    assert single.step == CONFIG.iters

@@ -1,0 +1,277 @@
+"""Generation: greedy against the oracles, sampling, logits processors against transformers',
+stop conditions, BOS handling and streaming text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from helpers import mlx_lm_model, random_ids, read_hf_tensors, torch_model
+from transformers import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from elm_mlx import generate, load, stream_generate
+from elm_mlx.sample import make_transform, repetition_penalty
+from elm_mlx.tokenizer import encode_prompt
+
+PROMPT = "the capital of france is"
+
+
+def _tokens(model, tokenizer, prompt, **options) -> list[int]:
+    return [r.token for r in stream_generate(model, tokenizer, prompt, **options)]
+
+
+def _oracle_greedy(tiny, family, prompt: list[int], n: int, eos: set[int], penalty=None):
+    """A plain argmax loop, re-running the whole sequence each step, on the oracle model."""
+    src = tiny.hf(family)
+    if family == "openelm":
+        config = json.loads((src / "config.json").read_text())
+        model = mlx_lm_model("openelm", config, read_hf_tensors(src))
+
+        def last_logits(ids):
+            return torch.tensor(np.array(model(mx.array(ids)[None])[0, -1]))
+    else:
+        model = torch_model(src)
+
+        def last_logits(ids):
+            with torch.no_grad():
+                return model(torch.tensor([ids])).logits[0, -1]
+
+    processor = RepetitionPenaltyLogitsProcessor(penalty) if penalty else None
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = last_logits(ids)
+        if processor is not None:
+            logits = processor(torch.tensor([ids]), logits[None])[0]
+        token = int(torch.argmax(logits))
+        out.append(token)
+        ids.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def test_greedy_equals_oracle_argmax_loop(tiny, family):
+    model, tokenizer = tiny.load(family)
+    prompt = random_ids(7, seed=8)
+    ours = _tokens(model, tokenizer, prompt, max_tokens=16)
+    assert ours == _oracle_greedy(tiny, family, prompt, 16, tokenizer.eos_token_ids)
+
+
+def test_greedy_with_repetition_penalty_equals_hf_loop(tiny):
+    model, tokenizer = tiny.load("llama")
+    prompt = random_ids(7, seed=9)
+    ours = _tokens(model, tokenizer, prompt, max_tokens=16, repetition_penalty=1.5)
+    oracle = _oracle_greedy(tiny, "llama", prompt, 16, tokenizer.eos_token_ids, penalty=1.5)
+    assert ours == oracle
+    assert ours != _tokens(model, tokenizer, prompt, max_tokens=16)  # the penalty mattered
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tokenizer = tiny.load("llama")
+    first = _tokens(model, tokenizer, PROMPT, max_tokens=20, temperature=1.0, seed=3)
+    mx.random.seed(12345)  # whatever the global state, the seed decides
+    assert _tokens(model, tokenizer, PROMPT, max_tokens=20, temperature=1.0, seed=3) == first
+    assert first != _tokens(model, tokenizer, PROMPT, max_tokens=20)  # not greedy
+    assert first != _tokens(model, tokenizer, PROMPT, max_tokens=20, temperature=1.0, seed=4)
+
+
+def test_top_k_1_equals_greedy(tiny, family):
+    model, tokenizer = tiny.load(family)
+    greedy = _tokens(model, tokenizer, PROMPT, max_tokens=12)
+    assert _tokens(model, tokenizer, PROMPT, max_tokens=12, temperature=1.5, top_k=1, seed=0) == (
+        greedy
+    )
+
+
+# ---------------------------------------------------------------------------- processors
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(penalty):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, 50)).astype(np.float32) * 3  # both signs
+    tokens = np.array([3, 7, 7, 11, 42, 3, 0, 49])  # repeats, and both ends of the vocab
+    logits[0, [3, 11, 49]] = -np.abs(logits[0, [3, 11, 49]])  # penalised logits of both signs
+    logits[0, [7, 42, 0]] = np.abs(logits[0, [7, 42, 0]])
+    ours = repetition_penalty(penalty)(mx.array(tokens), mx.array(logits))
+    hf = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(tokens[None]), torch.tensor(logits))
+    np.testing.assert_allclose(np.array(ours), hf.numpy(), rtol=1e-6, atol=0)
+    assert not np.allclose(np.array(ours), logits)
+
+
+def _surviving(transform, logits: np.ndarray) -> set[int]:
+    out = np.array(transform(mx.array(logits)))
+    return set(np.flatnonzero(np.isfinite(out[0])).tolist())
+
+
+def _hf_surviving(warpers, logits: np.ndarray) -> set[int]:
+    scores = torch.tensor(logits)
+    for w in warpers:
+        scores = w(torch.zeros((1, 1), dtype=torch.long), scores)
+    return set(np.flatnonzero(np.isfinite(scores[0].numpy())).tolist())
+
+
+WARPER_CASES = [
+    ({"top_p": 0.9}, lambda: [TopPLogitsWarper(0.9)]),
+    ({"top_p": 0.5}, lambda: [TopPLogitsWarper(0.5)]),
+    ({"top_p": 0.05}, lambda: [TopPLogitsWarper(0.05)]),
+    ({"min_p": 0.1}, lambda: [MinPLogitsWarper(0.1)]),
+    ({"min_p": 0.5}, lambda: [MinPLogitsWarper(0.5)]),
+    ({"top_k": 5}, lambda: [TopKLogitsWarper(5)]),
+    (
+        {"temperature": 0.5, "top_p": 0.8},
+        lambda: [TemperatureLogitsWarper(0.5), TopPLogitsWarper(0.8)],
+    ),
+    (
+        {"temperature": 2.0, "min_p": 0.2},
+        lambda: [TemperatureLogitsWarper(2.0), MinPLogitsWarper(0.2)],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", WARPER_CASES, ids=lambda c: str(c[0]))
+@pytest.mark.parametrize("seed", range(4))
+def test_sampling_filters_keep_the_tokens_transformers_keeps(case, seed):
+    options, warpers = case
+    logits = np.random.default_rng(seed).standard_normal((1, 200)).astype(np.float32) * 2
+    logprobs = logits - np.log(np.exp(logits).sum())
+    options = {"temperature": 1.0, **options}
+    kept = _surviving(make_transform(**options), logprobs)
+    assert kept == _hf_surviving(warpers(), logits)
+    assert 0 < len(kept) < 200 or options.get("top_p") == 0.9
+
+
+# ---------------------------------------------------------------------------- stopping
+
+
+def _pieces(model, tokenizer, prompt, **options):
+    responses = list(stream_generate(model, tokenizer, prompt, **options))
+    return [r.text for r in responses], responses
+
+
+def _plain(c: str) -> bool:
+    return c.isprintable() and not c.isspace() and c != "\ufffd"
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo"])  # SentencePiece and byte-level BPE
+def test_stop_strings(tiny, family):
+    model, tokenizer = tiny.load(family)
+    # Sampled (seeded) text: greedy text of a random model is a loop of one piece.
+    options = {"max_tokens": 40, "temperature": 1.0, "seed": 0}
+    pieces, responses = _pieces(model, tokenizer, PROMPT, **options)
+    text = "".join(pieces)
+    # A stop string spanning two tokens: the end of one piece and the start of the next...
+    i = next(
+        i
+        for i in range(len(pieces) - 2)
+        if pieces[i][-1:] and pieces[i + 1][:1] and _plain(pieces[i][-1] + pieces[i + 1][0])
+    )
+    spanning = pieces[i][-1] + pieces[i + 1][0]
+    # ...and one inside a single piece.
+    inside = next(p[:2] for p in pieces[:-1] if len(p) >= 2 and all(map(_plain, p[:2])))
+    for stop in (spanning, inside):
+        got, stopped = _pieces(model, tokenizer, PROMPT, stop=[stop, "zzzz"], **options)
+        assert "".join(got) == text[: text.index(stop)]
+        assert stopped[-1].finish_reason == "stop"
+        assert len(stopped) < len(responses)
+    assert generate(model, tokenizer, PROMPT, stop="zzzz", **options) == text
+
+
+def test_eos_stops_generation(tiny, tmp_path):
+    """config.json's eos_token_id list decides: stop at the first EOS, without its text."""
+    model, tokenizer = tiny.load("llama")
+    tokens = _tokens(model, tokenizer, PROMPT, max_tokens=20)
+    k = next(k for k in range(2, 20) if tokens[k] not in tokens[:k])
+    folder = tmp_path / "eos"
+    shutil.copytree(tiny.converted("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, tokens[k]]}))
+    model, tokenizer = load(folder)
+    assert tokenizer.eos_token_ids == {2, tokens[k]}
+    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=20))
+    assert [r.token for r in responses] == tokens[: k + 1]
+    assert responses[-1].finish_reason == "stop"
+    assert "".join(r.text for r in responses) == tokenizer.decode(tokens[:k])
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_max_tokens(tiny, n):
+    model, tokenizer = tiny.load("olmo")
+    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=n))
+    assert len(responses) == n
+    if n:
+        assert responses[-1].finish_reason == "length"
+        assert responses[-1].generation_tokens == n
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def test_bos_prepended_for_sentencepiece(tiny):
+    import sentencepiece as spm
+
+    _, tokenizer = tiny.load("llama")
+    sp = spm.SentencePieceProcessor(model_file=str(tiny.spm / "tokenizer.model"))
+    ids = encode_prompt(tokenizer, PROMPT)
+    assert ids == [sp.bos_id(), *sp.encode(PROMPT)]
+    twice = encode_prompt(tokenizer, "<s>" + PROMPT)  # a template that writes BOS itself
+    assert twice[0] == sp.bos_id() and twice[1] != sp.bos_id()
+    model, _ = tiny.load("openelm")  # OpenELM: the same tokenizer, shipped at conversion
+    _, elm_tokenizer = tiny.load("openelm")
+    assert encode_prompt(elm_tokenizer, PROMPT) == ids
+    first = next(iter(stream_generate(model, elm_tokenizer, PROMPT, max_tokens=1)))
+    assert first.prompt_tokens == len(ids)
+
+
+def test_no_bos_for_byte_level_bpe(tiny):
+    from tokenizers import Tokenizer
+
+    _, tokenizer = tiny.load("olmo")
+    raw = Tokenizer.from_file(str(tiny.bpe / "tokenizer.json"))
+    assert encode_prompt(tokenizer, PROMPT) == raw.encode(PROMPT).ids
+    assert tokenizer.eos_token_ids == {raw.token_to_id("<|endoftext|>")}
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_streamed_text_joins_to_decode(tiny, family, temperature):
+    """Random models emit many byte-fallback tokens: invalid UTF-8 runs included."""
+    model, tokenizer = tiny.load(family)
+    responses = list(
+        stream_generate(model, tokenizer, PROMPT, max_tokens=60, temperature=temperature, seed=1)
+    )
+    tokens = [r.token for r in responses if r.token not in tokenizer.eos_token_ids]
+    assert "".join(r.text for r in responses) == tokenizer.decode(tokens)
+
+
+TEXTS = [
+    "the capital of france is paris\nhéllo 😀 世界 over  the lazy dog\n\n  two",
+    " leading space, trailing space ",
+    "a ,b . c ! d's e n't\ttab",
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_detokenizer_streams_real_text_exactly(tiny, family, text):
+    _, tokenizer = tiny.load(family)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = tokenizer.detokenizer
+    pieces = []
+    for t in tokens:
+        detokenizer.add_token(t)
+        pieces.append(detokenizer.last_segment)
+    detokenizer.finalize()
+    pieces.append(detokenizer.last_segment)
+    assert "".join(pieces) == tokenizer.decode(tokens)
+    assert sum(bool(p) for p in pieces) > len(tokens) // 3  # it streams, not all at the end

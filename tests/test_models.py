@@ -1,0 +1,127 @@
+"""Each family, converted from a checkpoint in the exact HF layout, against the oracles:
+transformers' torch models (Llama, OLMo) and mlx-lm's implementations (Llama, OpenELM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import (
+    logits_of,
+    mlx_lm_model,
+    openelm_config,
+    random_ids,
+    read_hf_tensors,
+    torch_logits,
+)
+from mlx.utils import tree_flatten
+
+from elm_mlx.loader import build_model, load_model
+from elm_mlx.models.openelm import ModelArgs as OpenELMArgs
+
+ATOL = 1e-4  # fp32 on both sides; observed differences are ~2e-6
+OPENELM_CONFIGS = Path("/work/shared/reference/openelm-configs.json")
+
+CHECKPOINTS = [
+    ("llama", {}),  # fp32, one model.safetensors, untied, transformers-4 config keys
+    ("llama", {"dtype": "bfloat16", "sharded": True, "tie": True}),
+    ("llama", {"legacy_config": False}),  # transformers-5 keys: rope_parameters, dtype
+    ("llama", {"fmt": "bin"}),  # pickled pytorch_model.bin, as OpenLLaMA ships
+    ("llama", {"fmt": "bin", "dtype": "bfloat16", "sharded": True}),
+    ("olmo", {}),  # tied, like OLMo-1B-hf
+    ("olmo", {"tie": False, "clip_qkv": 0.5}),  # untied + clip_qkv, like OLMo-7B-0424-hf
+    ("olmo", {"dtype": "bfloat16", "sharded": True, "tie": False, "clip_qkv": 0.5}),
+    ("openelm", {}),  # fp32 base model, one file
+    ("openelm", {"dtype": "bfloat16", "sharded": True}),  # bf16, sharded like 3B
+]
+
+
+def _id(case):
+    family, hf = case
+    return family + "".join(f"-{k}={v}" for k, v in sorted(hf.items()))
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS, ids=_id)
+def test_converted_logits_match_oracles(tiny, case):
+    family, hf = case
+    src = tiny.hf(family, **hf)
+    model = load_model(tiny.converted(family, hf)).model
+    ids = random_ids(16)
+    ours = logits_of(model, ids)
+    # Weights of std 0.1 give logits of std ~0.8: the tolerance is small against them.
+    assert ours.std() > 0.3
+    checked = 0
+    if family in ("llama", "olmo"):
+        np.testing.assert_allclose(ours, torch_logits(src, ids), atol=ATOL, rtol=0)
+        checked += 1
+    if family in ("llama", "openelm"):
+        config = json.loads((src / "config.json").read_text())
+        oracle = mlx_lm_model(family, config, read_hf_tensors(src))
+        np.testing.assert_allclose(ours, logits_of(oracle, ids), atol=ATOL, rtol=0)
+        checked += 1
+    assert checked
+
+
+def test_olmo_clip_qkv_is_exercised(tiny):
+    """The clip_qkv cases above only prove something if clamping changes the output."""
+    src = tiny.hf("olmo", tie=False, clip_qkv=0.5)
+    ids = random_ids(16)
+    clipped, unclipped = torch_logits(src, ids), torch_logits(src, ids, clip_qkv=None)
+    assert np.abs(clipped - unclipped).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo"])
+def test_tied_checkpoints_have_no_lm_head(tiny, family):
+    for tie in (True, False):
+        out = tiny.converted(family, {"tie": tie})
+        names = set(mx.load(str(out / "model.safetensors")))
+        assert ("lm_head.weight" in names) is not tie
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tie
+
+
+def _without_lists(config: dict) -> dict:
+    config = {k: v for k, v in config.items() if k not in ("num_query_heads", "num_kv_heads")}
+    config["ffn_multipliers"] = [0.5, 4.0]  # the (min, max) form Apple's code expands
+    return config
+
+
+@pytest.mark.parametrize("size", ["270M", "450M", "1_1B", "3B"])
+def test_openelm_sizes_derived_from_multipliers(size):
+    """A config without the per-layer lists yields the lists Apple's saved configs hold."""
+    entry = json.loads(OPENELM_CONFIGS.read_text())[f"apple/OpenELM-{size}"]
+    saved, derived = entry["config.json"], entry["derived"]
+    args = OpenELMArgs.from_dict(_without_lists(saved))
+    n = saved["num_transformer_layers"]
+    assert args.num_query_heads == saved["num_query_heads"]
+    assert args.num_kv_heads == saved["num_kv_heads"]
+    assert args.ffn_multipliers == saved["ffn_multipliers"]
+    assert [args.ffn_dim(i) for i in range(n)] == derived["ffn_dims"]
+    qkv_out = [
+        (q + 2 * k) * saved["head_dim"]
+        for q, k in zip(args.num_query_heads, args.num_kv_heads, strict=True)
+    ]
+    assert qkv_out == derived["qkv_out"]
+    # The model built from it (lazily: nothing is computed) has the published parameter count.
+    model = build_model(_without_lists(saved))
+    assert sum(v.size for _, v in tree_flatten(model.parameters())) == derived["params"]
+
+
+def test_openelm_without_lists_converts_for_mlx_lm(tiny, tmp_path):
+    """The converter writes the per-layer lists mlx-lm needs when the source lacks them."""
+    import mlx_lm
+    from helpers import convert_tiny, write_hf_openelm
+
+    full = openelm_config(num_layers=3)
+    src = write_hf_openelm(tmp_path / "hf", config=_without_lists(full), layout=full, seed=1)
+    out = convert_tiny(src, tmp_path / "mlx", tokenizer=str(tiny.spm / "tokenizer.model"))
+    written = json.loads((out / "config.json").read_text())
+    for key in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
+        assert written[key] == full[key]
+    ids = random_ids(12)
+    theirs = logits_of(mlx_lm.load(str(out))[0], ids)
+    oracle = logits_of(mlx_lm_model("openelm", full, read_hf_tensors(src)), ids)
+    np.testing.assert_allclose(logits_of(load_model(out).model, ids), oracle, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(theirs, oracle, atol=ATOL, rtol=0)

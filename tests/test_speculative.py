@@ -1,0 +1,387 @@
+"""Speculative decoding (prompt lookup and draft model) against plain decoding: identical
+tokens under greedy, the same distribution under sampling, caches that equal a fresh prefill."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import mlx.core as mx
+import pytest
+from _spec_fixtures import VOCAB, chi2_sf, make_tokenizer, save_model, tiny_model
+from elm_mlx.cli.main import app
+from typer.testing import CliRunner
+
+from elm_mlx.errors import GenerationError
+from elm_mlx.generate import GenerationConfig, generate_step, stream_generate
+from elm_mlx.loader import load
+from elm_mlx.models import make_cache
+from elm_mlx.proposers import DraftModel, PromptLookup, lookup
+from elm_mlx.sample import make_transform
+from elm_mlx.speculative import ProposalLength, SpeculativeStats, speculative_generate_step
+
+FAMILIES = ["llama", "olmo", "openelm"]
+
+
+class FixedLength(ProposalLength):
+    """Always propose k tokens, so that a test exercises speculation whatever the timings."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+
+    def next_k(self) -> int:
+        return self.max_k
+
+
+def prompts(seed: int) -> list[list[int]]:
+    """Random prompts and prompts that repeat themselves (so that lookups hit)."""
+    rng = random.Random(seed)
+    out = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (1, 2, 9, 33)]
+    for n in (3, 7, 12):
+        chunk = [rng.randrange(3, VOCAB) for _ in range(n)]
+        out.append(chunk * 3 + chunk[: n // 2])
+    return out
+
+
+def plain(model, prompt: list[int], config: GenerationConfig) -> list[int]:
+    steps = generate_step(
+        mx.array(prompt, mx.uint32),
+        model,
+        max_tokens=config.max_tokens,
+        sampler=config.sampler(),
+        logits_processors=config.logits_processors(),
+        prefill_step_size=config.prefill_step_size,
+    )
+    return [token for token, _ in steps]
+
+
+def speculative(model, prompt, config, lengths=None, cache=None):
+    stats = SpeculativeStats()
+    cache = cache if cache is not None else make_cache(model)
+    steps = speculative_generate_step(
+        mx.array(prompt, mx.uint32), model, config, cache, stats, lengths
+    )
+    return [token for token, _ in steps], stats
+
+
+# --- the prompt-lookup proposer, pure Python ---------------------------------------------------
+
+
+def test_lookup_definition():
+    assert lookup([5, 6, 7, 8, 5, 6], num=3) == [7, 8, 5]  # "5 6" seen before: copy what followed
+    assert lookup([1, 2, 3, 9, 2, 3, 4, 2, 3], num=2) == [4, 2]  # the most recent occurrence
+    assert lookup([1, 2, 3, 4, 9, 3, 4, 1, 2, 3, 4], num=2, max_ngram=3) == [9, 3]  # longest n
+    assert lookup([1, 2, 3, 4, 9, 3, 4, 1, 2, 3, 4], num=2, max_ngram=2) == [1, 2]
+    assert lookup([7, 7], num=4) == [7, 7, 7, 7]  # the copy runs on into its own output
+    assert lookup([1, 2, 1, 2], num=5) == [1, 2, 1, 2, 1]
+    assert lookup([1, 2, 3], num=4) == []  # nothing repeats
+    assert lookup([4], num=4) == []
+    assert lookup([1, 2, 1], num=0) == []
+
+
+def test_prompt_lookup_index_matches_definition():
+    """The indexed proposer answers like `lookup` on growing histories of small alphabets."""
+    rng = random.Random(0)
+    for trial in range(60):
+        alphabet = rng.choice([2, 3, 5, 20])
+        max_ngram = rng.choice([1, 2, 3, 4])
+        proposer = PromptLookup(max_ngram)
+        tokens = [rng.randrange(alphabet) for _ in range(rng.randrange(1, 6))]
+        proposer.start(tokens)
+        for _ in range(40):
+            k = rng.randrange(0, 6)
+            proposal, q = proposer.propose(tokens, k)
+            assert q is None
+            assert proposal == lookup(tokens, k, max_ngram), (trial, tokens, k)
+            tokens += [rng.randrange(alphabet) for _ in range(rng.randrange(1, 4))]
+
+
+# --- greedy: token for token identical to plain decoding ---------------------------------------
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_lookup_greedy_identity(family, bits):
+    model = tiny_model(family, seed=0, bits=bits)
+    totals = SpeculativeStats()
+    configs = [
+        (GenerationConfig(max_tokens=30, prompt_lookup=4), FixedLength(4)),
+        (GenerationConfig(max_tokens=17, prompt_lookup=8, max_ngram=1), FixedLength(8)),
+        (GenerationConfig(max_tokens=9, prompt_lookup=2, prefill_step_size=5), FixedLength(2)),
+        (GenerationConfig(max_tokens=25, prompt_lookup=6, repetition_penalty=1.3), FixedLength(6)),
+        (GenerationConfig(max_tokens=40, prompt_lookup=10), None),  # the adaptive length
+    ]
+    for i, prompt in enumerate(prompts(seed=1)):
+        for config, lengths in configs:
+            expected = plain(model, prompt, config)
+            got, stats = speculative(model, prompt, config, lengths)
+            assert got == expected, (i, config)
+            assert stats.tokens == len(got) == config.max_tokens
+            totals.proposed += stats.proposed
+            totals.accepted += stats.accepted
+    # both paths ran: runs of accepted proposals and rejections
+    assert 0 < totals.accepted < totals.proposed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_draft_model_greedy_identity(family):
+    model = tiny_model(family, seed=0)
+    drafts = {
+        "4-bit copy": tiny_model(family, seed=0, bits=4),  # mostly agrees
+        "other model": tiny_model(family, seed=1),  # mostly disagrees
+    }
+    rates = {}
+    totals = SpeculativeStats()
+    for name, draft in drafts.items():
+        before = SpeculativeStats(proposed=totals.proposed, accepted=totals.accepted)
+        for prompt in prompts(seed=2):
+            for config in (
+                GenerationConfig(max_tokens=24, draft_model=draft, num_draft=3),
+                GenerationConfig(
+                    max_tokens=11, draft_model=draft, num_draft=5, repetition_penalty=1.2
+                ),
+            ):
+                got, stats = speculative(model, prompt, config, FixedLength(config.num_draft))
+                assert got == plain(model, prompt, config), name
+                totals.proposed += stats.proposed
+                totals.accepted += stats.accepted
+        rates[name] = (totals.accepted - before.accepted) / (totals.proposed - before.proposed)
+    assert 0 < totals.accepted < totals.proposed  # runs accepted, rejections rewound
+    assert rates["4-bit copy"] > rates["other model"]  # a quantized copy agrees more often
+
+
+def test_refuses_draft_with_another_vocabulary():
+    model = tiny_model("llama", seed=0)
+    draft = tiny_model("llama", seed=1, vocab=VOCAB + 64)
+    config = GenerationConfig(max_tokens=4, draft_model=draft)
+    with pytest.raises(GenerationError, match=rf"vocabulary has {VOCAB + 64} tokens.*{VOCAB}"):
+        speculative(model, [5, 6, 7], config)
+
+
+def test_refuses_bad_options():
+    model = tiny_model("llama")
+    both = GenerationConfig(prompt_lookup=3, draft_model=tiny_model("llama", seed=1))
+    with pytest.raises(GenerationError, match="not both"):
+        speculative(model, [5, 6], both)
+    with pytest.raises(GenerationError, match="num_draft"):
+        speculative(model, [5, 6], GenerationConfig(draft_model=model, num_draft=0))
+    with pytest.raises(GenerationError, match="max_ngram"):
+        speculative(model, [5, 6], GenerationConfig(prompt_lookup=3, max_ngram=0))
+
+
+# --- caches ------------------------------------------------------------------------------------
+
+
+def assert_cache_equals_prefill(model, cache, tokens: list[int]) -> None:
+    fresh = make_cache(model)
+    model(mx.array(tokens, mx.uint32)[None], cache=fresh)
+    for c, f in zip(cache, fresh, strict=True):
+        assert c.offset == f.offset == len(tokens)
+        for a, b in zip(c.state, f.state, strict=True):
+            assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_after_rejections_equals_fresh_prefill(family):
+    """Between steps and after the caller stops (mid-run or at max_tokens), the cache holds the
+    earlier context, the prompt and every token but the last, as a fresh prefill would."""
+    model = tiny_model(family)
+    draft = tiny_model(family, seed=1)
+    prompt = prompts(seed=4)[5]
+    before = [9, 8, 7, 6]  # a conversation so far, already in the cache
+    for config in (
+        GenerationConfig(max_tokens=20, prompt_lookup=5),
+        GenerationConfig(max_tokens=20, draft_model=draft, num_draft=3),
+    ):
+        for stop_after in (20, 13, 6, 1):
+            cache = make_cache(model)
+            model(mx.array(before, mx.uint32)[None], cache=cache)
+            stats = SpeculativeStats()
+            steps = speculative_generate_step(
+                mx.array(prompt, mx.uint32), model, config, cache, stats, FixedLength(5)
+            )
+            out = []
+            for token, _ in steps:
+                out.append(token)
+                if len(out) == stop_after:
+                    break
+            steps.close()
+            assert stats.accepted < stats.proposed  # there were rejected tokens to rewind
+            assert_cache_equals_prefill(model, cache, before + prompt + out[:-1])
+
+
+def test_draft_cache_rewinds_to_history():
+    draft = DraftModel(tiny_model("olmo", seed=1), transform=None)
+    rng = random.Random(5)
+    history = [rng.randrange(3, VOCAB) for _ in range(11)]
+    draft.start(history)
+    for accept in (4, 0, 2, 3, 1):
+        proposal, _ = draft.propose(history, 4)
+        history += [*proposal[:accept], rng.randrange(3, VOCAB)]  # then a rejection
+    draft.sync(history)
+    assert_cache_equals_prefill(draft.model, draft.cache, history[:-1])
+
+
+# --- sampling: the distribution of plain sampling ----------------------------------------------
+
+
+def exact_distribution(model, prompt: list[int], config: GenerationConfig, n: int) -> dict:
+    """P(first n tokens) under plain sampling, from full forward passes (no cache)."""
+    transform = make_transform(config.temperature, config.top_p, config.top_k, config.min_p)
+    processors = config.logits_processors()
+    dist = {(): 1.0}
+    for _ in range(n):
+        longer = {}
+        for prefix, prob in dist.items():
+            seq = mx.array(prompt + list(prefix), mx.uint32)
+            logits = model(seq[None])[:, -1, :]
+            for processor in processors:
+                logits = processor(seq, logits)
+            p = mx.exp(transform(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))[0]
+            for t, pt in enumerate(p.tolist()):
+                if pt > 0:
+                    longer[(*prefix, t)] = prob * pt
+        dist = longer
+    return dist
+
+
+def chi_square_p(counts: Counter, dist: dict, total: int) -> float:
+    """p-value of the counts under `dist`; cells expecting fewer than 5 are pooled."""
+    assert set(counts) <= set(dist), "sampled a sequence plain sampling cannot produce"
+    stat, small_obs, small_exp, cells = 0.0, 0, 0.0, 0
+    for seq, prob in dist.items():
+        expected = prob * total
+        if expected < 5:
+            small_obs, small_exp = small_obs + counts[seq], small_exp + expected
+            continue
+        stat += (counts[seq] - expected) ** 2 / expected
+        cells += 1
+    if small_exp > 0:
+        stat += (small_obs - small_exp) ** 2 / small_exp
+        cells += 1
+    return chi2_sf(stat, cells - 1)
+
+
+def lookup_prompt(model, config: GenerationConfig) -> list[int]:
+    """[a b c w a b c] with w chosen so that prompt lookup proposes w, and plain sampling gives
+    w a middling probability: acceptances and rejections both happen."""
+    abc = [11, 12, 13]
+    candidates = mx.array([[*abc, w, *abc] for w in range(3, VOCAB)], mx.uint32)
+    logits = model(candidates)[:, -1, :]  # (V - 3, V)
+    transform = make_transform(config.temperature, config.top_p, config.top_k, config.min_p)
+    p = mx.exp(transform(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+    p_w = p[mx.arange(VOCAB - 3), mx.arange(3, VOCAB)].tolist()
+    w = 3 + min(range(len(p_w)), key=lambda i: abs(p_w[i] - 0.4))
+    assert 0.2 < p_w[w - 3] < 0.6
+    return [*abc, w, *abc]
+
+
+@pytest.mark.parametrize("proposer", ["prompt lookup", "draft model"])
+def test_sampling_follows_plain_distribution(proposer):
+    """Chi-square test of the first three sampled tokens against their exact probabilities
+    under plain sampling, over a fixed set of seeds. (At this size it rejects, with p-values
+    below 1e-5, sampling from p instead of the residual after a rejection, accepting every
+    proposal that p allows, and repetition penalties that ignore the drafts before a position.)"""
+    model = tiny_model("llama", seed=0, sharpen=2.0)
+    if proposer == "prompt lookup":
+        config = GenerationConfig(max_tokens=3, temperature=1.5, top_k=3, prompt_lookup=4)
+        prompt = lookup_prompt(model, config)
+    else:
+        draft = tiny_model("llama", seed=0, sharpen=0.25, bits=4)  # q flatter than p
+        config = GenerationConfig(
+            max_tokens=3,
+            temperature=1.5,
+            top_k=4,
+            top_p=0.9,
+            repetition_penalty=1.5,
+            draft_model=draft,
+        )
+        prompt = [11, 12, 13, 14, 11, 12]
+    dist = exact_distribution(model, prompt, config, 3)
+    n = 1200
+    counts: Counter = Counter()
+    totals = SpeculativeStats()
+    for seed in range(n):
+        mx.random.seed(seed)
+        out, stats = speculative(model, prompt, config, FixedLength(4))
+        counts[tuple(out)] += 1
+        totals.proposed += stats.proposed
+        totals.accepted += stats.accepted
+    assert 0.1 < totals.acceptance_rate < 0.9  # both rules (accept, resample) were used
+    assert chi_square_p(counts, dist, n) > 1e-3
+
+
+# --- through stream_generate: EOS, stop strings, max_tokens ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer_dir):
+    return save_model(tiny_model("llama"), "llama", tmp_path_factory.mktemp("tiny"), tokenizer_dir)
+
+
+PROMPT = "the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the"
+
+
+def responses(model, tokenizer, **options):
+    return list(stream_generate(model, tokenizer, PROMPT, **options))
+
+
+def test_eos_inside_an_accepted_run(tiny_folder):
+    """Each distinct token of the output in turn ends the text: the speculative stream stops
+    where plain decoding does, also when the end of text is inside a run of accepted tokens.
+    (The model drafting for itself gets most of its proposals accepted.)"""
+    model, tokenizer = load(tiny_folder)
+    tokenizer.eos_token_ids = set()
+    reference = [r.token for r in responses(model, tokenizer, max_tokens=48)]
+    inside_a_run = 0
+    for eos in dict.fromkeys(reference):
+        tokenizer.eos_token_ids = {eos}
+        expected = responses(model, tokenizer, max_tokens=48)
+        for options in ({"prompt_lookup": 6}, {"draft_model": model, "num_draft": 4}):
+            got = responses(model, tokenizer, max_tokens=48, **options)
+            assert [(r.token, r.text) for r in got] == [(r.token, r.text) for r in expected]
+            assert got[-1].token == eos and got[-1].finish_reason == "stop"
+            inside_a_run += got[-1].from_draft  # a proposed token never ends its run
+    assert inside_a_run > 0
+
+
+def test_stop_strings_and_max_tokens(tiny_folder):
+    model, tokenizer = load(tiny_folder)
+    tokenizer.eos_token_ids = set()
+    text = "".join(r.text for r in responses(model, tokenizer, max_tokens=40))
+    for start in (3, 10, len(text) // 2, len(text) - 4):
+        stop = text[start : start + 3]
+        expected = "".join(r.text for r in responses(model, tokenizer, max_tokens=40, stop=stop))
+        got = responses(model, tokenizer, max_tokens=40, stop=stop, prompt_lookup=5)
+        assert "".join(r.text for r in got) == expected
+        assert got[-1].finish_reason == "stop"
+    for max_tokens in range(1, 13):  # ends inside what would have been a run
+        expected = [r.token for r in responses(model, tokenizer, max_tokens=max_tokens)]
+        got = responses(model, tokenizer, max_tokens=max_tokens, prompt_lookup=8)
+        assert [r.token for r in got] == expected
+        assert len(got) == max_tokens and got[-1].finish_reason == "length"
+        stats = got[-1].speculative
+        assert stats is not None and stats.tokens == max_tokens
+
+
+def test_cli_prints_statistics_and_refuses_other_vocabulary(tmp_path, tiny_folder, tokenizer_dir):
+    runner = CliRunner()
+    args = ["generate", "-m", str(tiny_folder), "-p", PROMPT, "--max-tokens", "24"]
+    plain_run = runner.invoke(app, args)
+    spec_run = runner.invoke(app, [*args, "--prompt-lookup", "4", "--verbose"])
+    assert plain_run.exit_code == 0 and spec_run.exit_code == 0, spec_run.stderr
+    assert spec_run.stdout == plain_run.stdout
+    assert "proposed tokens accepted" in spec_run.stderr and "speedup" in spec_run.stderr
+    assert "proposed tokens accepted" not in plain_run.stderr
+
+    other = save_model(
+        tiny_model("llama", vocab=VOCAB + 64), "llama", tmp_path / "o", tokenizer_dir
+    )
+    result = runner.invoke(app, [*args, "--draft-model", str(other)])
+    assert result.exit_code == 1
+    assert "error:" in result.stderr and "same tokenizer" in result.stderr

@@ -20,17 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
 import mlx.core as mx
-from mlx.utils import tree_flatten
-
-from elm_mlx import _blas
 from elm_mlx.convert import ConvertOptions, convert
+from mlx.utils import tree_flatten, tree_map
+
+import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
+from elm_mlx import _blas
 from elm_mlx.generate import stream_generate as elm_stream
 from elm_mlx.loader import load as elm_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import smollm2  # noqa: E402
+import smollm2
 
 PRECISIONS = {
     "fp32": ConvertOptions(dtype="float32"),
@@ -59,8 +59,10 @@ def openelm_270m_hf(root: Path) -> Path:
     model = family.Model(family.ModelArgs.from_dict(config))
     mx.random.seed(0)
     # small random weights keep activations finite in fp16
-    weights = {k: (0.02 * mx.random.normal(v.shape)).astype(mx.float32)
-               for k, v in tree_flatten(model.parameters())}
+    weights = {
+        k: (0.02 * mx.random.normal(v.shape)).astype(mx.float32)
+        for k, v in tree_flatten(model.parameters())
+    }
     weights = {k: (mx.ones_like(v) if "norm" in k else v) for k, v in weights.items()}
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
@@ -100,30 +102,37 @@ def stream_bandwidth() -> float:
 
 
 def run_elm(model, tokenizer, prompt, n):
-    last = None
-    for last in elm_stream(model, tokenizer, prompt, max_tokens=n):
-        pass
+    *_, last = elm_stream(model, tokenizer, prompt, max_tokens=n)
     return last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens
 
 
 def run_mlx_lm(model, tokenizer, prompt, n):
     from mlx_lm.generate import stream_generate
 
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=n):
-        pass
+    *_, last = stream_generate(model, tokenizer, prompt, max_tokens=n)
     return last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens
 
 
-def bench(folder: Path, gen_tokens: int, repeats: int) -> dict:
+def bench(folder: Path, gen_tokens: int, repeats: int, upcast: bool) -> dict:
     import mlx_lm
 
     engines = {}
     engines["elm"] = (*elm_load(folder), run_elm)
-    engines["mlx-lm"] = (*mlx_lm.load(str(folder)), run_mlx_lm)
+    lm_model, lm_tokenizer = mlx_lm.load(str(folder))
+    if upcast:
+        # mlx-lm computes in the stored half precision, whose CPU kernels are 3-30x slower
+        # than fp32 (and quantized ones with half scales ~30x): give it elm's fp32 upcast so
+        # the engines, not the kernels, are compared.
+        half = (mx.float16, mx.bfloat16)
+        lm_model.update(
+            tree_map(
+                lambda p: p.astype(mx.float32) if p.dtype in half else p, lm_model.parameters()
+            )
+        )
+    engines["mlx-lm"] = (lm_model, lm_tokenizer, run_mlx_lm)
     results: dict[str, dict] = {}
     prompt = None
-    for name, (model, tokenizer, _) in engines.items():
+    for _model, tokenizer, _run in engines.values():
         tokenizer.eos_token_ids = set()  # always generate exactly gen_tokens
         prompt = prompt or tokenizer.encode(PROMPT)
     samples = {name: [] for name in engines}
@@ -149,11 +158,16 @@ def bench(folder: Path, gen_tokens: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,openelm-270m")
-    parser.add_argument("--precisions", default="fp16,q8,q4")
+    parser.add_argument("--precisions", default="fp32,fp16,q8,q4")
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--root", type=Path, default=smollm2.default_cache_dir().parent / "bench")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--mlx-lm-as-stored",
+        action="store_true",
+        help="run mlx-lm in the stored dtype (very slow on the CPU backend for half/quantized)",
+    )
     args = parser.parse_args()
 
     bandwidth = stream_bandwidth()
@@ -162,26 +176,41 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.system()}, {mx.default_device()}",
         "blas": _blas.describe(),
         "mlx": mx.__version__,
+        "mlx_lm_upcast_to_fp32": not args.mlx_lm_as_stored,
         "stream_bandwidth_gbs": round(bandwidth, 1),
     }
     rows = []
     for name in args.models.split(","):
         for precision in args.precisions.split(","):
             folder = prepare(name, precision, args.root)
-            for engine, r in bench(folder, args.gen_tokens, args.repeats).items():
+            for engine, r in bench(
+                folder, args.gen_tokens, args.repeats, not args.mlx_lm_as_stored
+            ).items():
                 bound = bandwidth * 1e9 / r["weight_bytes"]
-                rows.append({"model": name, "precision": precision, "engine": engine, **r,
-                             "bound_tps": bound, "of_bound": r["generation_tps"] / bound})
+                rows.append(
+                    {
+                        "model": name,
+                        "precision": precision,
+                        "engine": engine,
+                        **r,
+                        "bound_tps": bound,
+                        "of_bound": r["generation_tps"] / bound,
+                    }
+                )
                 print(f"{name:13s} {precision:5s} {engine:7s} done", file=sys.stderr)
 
-    header = f"{'model':13s} {'prec':5s} {'engine':7s} {'prompt t/s':>10s} {'gen t/s':>8s} " \
-             f"{'peak GB':>8s} {'bound t/s':>9s} {'of bound':>8s}"
+    header = (
+        f"{'model':13s} {'prec':5s} {'engine':7s} {'prompt t/s':>10s} {'gen t/s':>8s} "
+        f"{'peak GB':>8s} {'bound t/s':>9s} {'of bound':>8s}"
+    )
     print(f"# {env}")
     print(header)
     for r in rows:
-        print(f"{r['model']:13s} {r['precision']:5s} {r['engine']:7s} {r['prompt_tps']:10.1f} "
-              f"{r['generation_tps']:8.1f} {r['peak_memory_gb']:8.3f} {r['bound_tps']:9.1f} "
-              f"{r['of_bound']:8.0%}")
+        print(
+            f"{r['model']:13s} {r['precision']:5s} {r['engine']:7s} {r['prompt_tps']:10.1f} "
+            f"{r['generation_tps']:8.1f} {r['peak_memory_gb']:8.3f} {r['bound_tps']:9.1f} "
+            f"{r['of_bound']:8.0%}"
+        )
     payload = {"env": env, "results": rows}
     print(json.dumps(payload))
     if args.json:

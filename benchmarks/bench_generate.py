@@ -197,7 +197,11 @@ def main() -> None:
                         "of_bound": r["generation_tps"] / bound,
                     }
                 )
-                print(f"{name:13s} {precision:5s} {engine:7s} done", file=sys.stderr)
+                print(
+                    f"{name:13s} {precision:5s} {engine:7s} prompt {r['prompt_tps']:.1f} t/s, "
+                    f"generation {r['generation_tps']:.1f} t/s, peak {r['peak_memory_gb']:.3f} GB",
+                    file=sys.stderr,
+                )
 
     header = (
         f"{'model':13s} {'prec':5s} {'engine':7s} {'prompt t/s':>10s} {'gen t/s':>8s} "

@@ -97,7 +97,7 @@ def plot_log(log: Path, out: Path) -> Path:
         (x_lo, y_lo), (x_hi, y_hi) = both.min(axis=0), both.max(axis=0)
         x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1e-3)
         pad = 0.05 * (y_hi - y_lo)
-        y_lo, y_hi = y_lo - pad, y_hi + pad
+        y_lo, y_hi = (y_lo - pad if y_lo < 0 else max(0.0, y_lo - pad)), y_hi + pad
         plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
         def to_pixels(data: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ class ProgressBar:
 
         self.bar = tqdm(
             total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-            bar_format="{n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}",
+            bar_format="{n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}",
         )  # fmt: skip
 
     def update(self, loss: float, val_loss: float | None, lr: float, tokens_per_sec: float):

@@ -414,8 +414,14 @@ def test_grad_checkpointing_trains_the_same_adapter(root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_8bit() -> Path:
-    """The real SmolLM2-135M-Instruct, 8-bit (the folder scripts/demo.sh and the chat tests use)."""
+def smollm2_fp32() -> Path:
+    """The real SmolLM2-135M-Instruct in float32 (built once, cached beside the HF folder).
+
+    Not the 8-bit folder other tests use: MLX's CPU backend multiplies quantized weights by
+    more than one row ~25x slower than float32 ones (20 s for a 96-token forward pass here),
+    which would make a training test take a quarter of an hour. QLoRA is covered by the tiny
+    quantized models above.
+    """
     import importlib.util
 
     from elm_mlx.convert import ConvertOptions, convert
@@ -427,19 +433,19 @@ def smollm2_8bit() -> Path:
     smollm2 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(smollm2)
     hf = smollm2.build_hf_folder(smollm2.default_cache_dir())
-    out = hf.parent / "smollm2-135m-instruct-8bit"
+    out = hf.parent / "smollm2-135m-instruct-fp32"
     if not (out / "config.json").exists():
         try:
-            convert(hf, out, ConvertOptions(quantize=True, bits=8), progress=False)
+            convert(hf, out, ConvertOptions(dtype="float32"), progress=False)
         except OutputError:  # another process converted it meanwhile
             assert (out / "config.json").exists()
     return out
 
 
 @pytest.mark.slow
-def test_qlora_on_the_real_model(smollm2_8bit, tmp_path):
-    """QLoRA on 8-bit SmolLM2 learns a few chat answers; mlx-lm computes the same adapted
-    logits; the fused, re-quantized folder answers like the adapter."""
+def test_lora_on_the_real_model(smollm2_fp32, tmp_path):
+    """LoRA on SmolLM2 learns a few chat answers; mlx-lm computes the same adapted logits;
+    the fused folder answers like the adapter."""
     import mlx_lm
 
     facts = [("the secret word", "pineapple"), ("the project's mascot", "a purple owl"),
@@ -451,7 +457,7 @@ def test_qlora_on_the_real_model(smollm2_8bit, tmp_path):
     config = TrainConfig(iters=24, batch_size=2, learning_rate=2e-3, warmup=4, val_every=24)
     lora = LoRAConfig(rank=8, alpha=16, num_layers=8)
     out = tmp_path / "adapter"
-    model, tok = load(smollm2_8bit)
+    model, tok = load(smollm2_fp32)
     mx.random.seed(0)
     apply_lora(model, lora)
     splits = load_splits(tmp_path / "data", tok, model.model_type, 512)
@@ -465,16 +471,13 @@ def test_qlora_on_the_real_model(smollm2_8bit, tmp_path):
         messages, add_generation_prompt=True, tokenize=False
     )
     ids = mx.array(tok.encode(prompt, add_special_tokens=False))[None]
-    ours, _ = load(smollm2_8bit, adapter_path=out, compute_dtype=None)  # mlx-lm's dtypes
-    theirs, _ = mlx_lm.load(str(smollm2_8bit), adapter_path=str(out))
-    a, b = ours(ids)[0, -1], theirs(ids)[0, -1]
-    assert mx.argmax(a).item() == mx.argmax(b).item()
-    assert mx.abs(a - b).max().item() < 0.02 * mx.abs(b).max().item()
+    ours, _ = load(smollm2_fp32, adapter_path=out)
+    theirs, _ = mlx_lm.load(str(smollm2_fp32), adapter_path=str(out))
+    assert mx.allclose(ours(ids), theirs(ids), atol=1e-3, rtol=1e-4)
     model.eval()
     answer = generate(model, tok, prompt, max_tokens=12)
     assert "pineapple" in answer
 
-    fused = fuse(smollm2_8bit, out, tmp_path / "fused")
-    assert json.loads((fused / "config.json").read_text())["quantization"]["bits"] == 8
+    fused = fuse(smollm2_fp32, out, tmp_path / "fused")
     fused_model, fused_tok = load(fused)
     assert "pineapple" in generate(fused_model, fused_tok, prompt, max_tokens=12)

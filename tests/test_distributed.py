@@ -81,7 +81,7 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path):
     assert len(log_one) == len(log_two) == 1 + CONFIG.iters + 3  # header, steps, 3 validations
     for a, b in zip(log_one[1:], log_two[1:], strict=True):
         loss_a, loss_b = (row.split(",")[1] or row.split(",")[2] for row in (a, b))
-        assert abs(float(loss_a) - float(loss_b)) <= 1e-4 * float(loss_a)  # 6 digits logged
+        assert abs(float(loss_a) - float(loss_b)) <= 2e-4 * float(loss_a)  # 6 digits logged
     config = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
     assert config["training"]["batch_size"] == 4
     assert single.step == CONFIG.iters

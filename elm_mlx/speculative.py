@@ -12,7 +12,9 @@ A prompt-lookup proposal is deterministic: q is one-hot.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -66,12 +68,13 @@ class ProposalLength:
 
         (1 + a + a^2 + ... + a^k) / (1 + c * k),
 
-    with a the running rate at which proposed tokens are accepted and c the running cost of one
-    proposed token (drafting and verifying it) relative to a plain step, both measured. So k
-    shrinks while proposals are rejected and grows back when they are accepted. As these are
-    noisy estimates, k = 0 unless the expected speedup is at least `min_gain`. At k = 0 one
-    token is still proposed now and then, to notice when proposals become good again, spending
-    at most `probe_budget` of the time on it, and only while c < 1 (else nothing can pay).
+    with a the running rate at which proposed tokens are accepted and c the cost of one
+    proposed token (drafting and verifying it) relative to a plain step, both measured (c as
+    the median of recent steps: timings on a busy machine have outliers). So k shrinks while
+    proposals are rejected and grows back when they are accepted. As a and c are estimates,
+    k = 0 unless the expected speedup is at least `min_gain`. At k = 0 one token is still
+    proposed now and then, to notice when proposals become good again, spending at most
+    `probe_budget` of the time on it.
     """
 
     def __init__(
@@ -86,13 +89,17 @@ class ProposalLength:
         self.min_gain = min_gain
         self.probe_budget = probe_budget
         self.hits, self.misses = 1.0, 1.0  # a prior of a = 0.5
-        self.cost = 0.1
+        self.costs: deque[float] = deque(maxlen=9)
         self.plain_s: float | None = None
         self.idle = 0  # steps since the last proposal
 
     @property
     def rate(self) -> float:
         return self.hits / (self.hits + self.misses)
+
+    @property
+    def cost(self) -> float:
+        return statistics.median(self.costs) if self.costs else 0.1
 
     def gain(self, k: int) -> float:
         a, c = self.rate, self.cost
@@ -104,7 +111,7 @@ class ProposalLength:
         k = max(range(self.max_k + 1), key=self.gain)
         if self.gain(k) >= self.min_gain:
             return k
-        if self.cost < 1 and self.idle * self.probe_budget >= self.cost:
+        if self.probe_budget and self.idle * self.probe_budget >= self.cost:
             return 1
         return 0
 
@@ -117,8 +124,7 @@ class ProposalLength:
         self.hits = self.decay * self.hits + accepted
         self.misses = self.decay * self.misses + (accepted < proposed)
         if self.plain_s:
-            extra = max(seconds / self.plain_s - 1.0, 0.0) / proposed
-            self.cost = 0.8 * self.cost + 0.2 * extra
+            self.costs.append(max(seconds / self.plain_s - 1.0, 0.0) / proposed)
 
 
 def verify(
@@ -169,14 +175,14 @@ def verify(
 
 def make_proposer(
     model: CausalLM, config: GenerationConfig, transform: Transform | None
-) -> tuple[PromptLookup | DraftModel, int]:
-    """The proposer the config asks for, and the most tokens it may propose per step."""
+) -> tuple[PromptLookup | DraftModel, ProposalLength]:
+    """The proposer the config asks for, and how many tokens it proposes per step."""
     if config.prompt_lookup and config.draft_model is not None:
         raise GenerationError("use prompt lookup or a draft model, not both")
     if config.draft_model is None:
         if config.prompt_lookup < 1:
             raise GenerationError(f"prompt_lookup must be >= 1, got {config.prompt_lookup}")
-        return PromptLookup(config.max_ngram), config.prompt_lookup
+        return PromptLookup(config.max_ngram), ProposalLength(config.prompt_lookup)
     if config.num_draft < 1:
         raise GenerationError(f"num_draft must be >= 1, got {config.num_draft}")
     target_vocab, draft_vocab = vocab_size(model), vocab_size(config.draft_model)
@@ -188,7 +194,9 @@ def make_proposer(
     draft = DraftModel(
         config.draft_model, transform, config.logits_processors(), config.prefill_step_size
     )
-    return draft, config.num_draft
+    # no probes: after idle steps the draft model would first have to catch up on every token
+    # it missed, which costs as much as having drafted all along
+    return draft, ProposalLength(config.num_draft, probe_budget=0.0)
 
 
 def speculative_generate_step(
@@ -212,8 +220,8 @@ def speculative_generate_step(
     if config.temperature > 0:
         transform = make_transform(config.temperature, config.top_p, config.top_k, config.min_p)
     processors = config.logits_processors()
-    proposer, max_k = make_proposer(model, config, transform)
-    lengths = lengths or ProposalLength(max_k)
+    proposer, default_lengths = make_proposer(model, config, transform)
+    lengths = lengths or default_lengths
 
     tokens = prompt.tolist()  # what the proposer and the logits processors see
     start = cache[0].offset if cache else 0

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,15 +95,26 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
-def _make_temp_dir(out: Path) -> Path:
+@contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A hidden temporary sibling of `out` to write into; renamed to `out` when the block
+    succeeds, removed when it fails, so a half-written model folder never appears."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise OutputError(
             f"cannot create {out}: {e.strerror or e} ({e.filename or out.parent}); "
             "choose another output folder with -o"
         ) from e
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def convert(
@@ -141,8 +154,7 @@ def convert(
         k[: -len(".scales")] for k, _ in tree_flatten(model.parameters()) if k.endswith(".scales")
     }
 
-    tmp = _make_temp_dir(out)
-    try:
+    with staging_folder(out) as tmp:
         writer = ShardWriter(tmp, options.max_shard_bytes)
         seen: set[str] = set()
         bar = _progress(len(float_shapes), progress)
@@ -172,12 +184,6 @@ def convert(
             json.dumps(_output_config(config, model, dtype_name, quant), indent=2)
         )
         copy_tokenizer(tokenizer, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import hub
-from .convert.convert import ShardWriter
+from .convert.convert import ShardWriter, staging_folder
 from .convert.tokenizer_files import copy_tokenizer
 from .errors import OutputError
 from .loader import load_model, quantization_of
@@ -69,23 +67,12 @@ def fuse(
     elif quant := quantization_of(config):
         config["quantization"] = config["quantization_config"] = quant
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write to {out.parent}: {e.strerror or e}") from e
-    try:
+    with staging_folder(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, tensor in tree_flatten(loaded.model.parameters()):
             writer.add(name, tensor)
         writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer(model_dir, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     mx.clear_cache()
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from helpers import train_spm_tokenizer
 from mlx.utils import tree_flatten
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
@@ -71,27 +72,7 @@ def train_bpe(folder: Path, chat_template: str | None) -> tuple[int, int]:
 
 def train_spm(folder: Path) -> tuple[int, int]:
     """A Llama-style SentencePiece tokenizer (BOS 1 prepended, EOS 2); returns (EOS, vocab)."""
-    import sentencepiece as spm
-    from elm_mlx.convert.tokenizer_files import SPM_TOKENIZER_CONFIG
-
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 10))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=300,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (folder / "tokenizer.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(SPM_TOKENIZER_CONFIG))
+    train_spm_tokenizer(folder, 300, "\n".join(CORPUS * 10))
     return 2, 300
 
 

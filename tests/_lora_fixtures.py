@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from helpers import train_spm_tokenizer
+
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 
 # isort: split
 import mlx.core as mx
-from elm_mlx.convert.tokenizer_files import SPM_TOKENIZER_CONFIG
 from mlx.utils import tree_flatten
 
 from elm_mlx.loader import apply_quantization, build_model
@@ -69,27 +70,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def make_tokenizer(folder: Path) -> None:
     """A 400-piece BPE SentencePiece model (BOS 1, EOS 2) with its tokenizer_config.json."""
-    import sentencepiece as spm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    text = folder / "corpus.txt"
-    text.write_text("\n".join(CORPUS * 20) + "\n<|user|> <|assistant|> <|system|>\n")
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    text.unlink()
-    (folder / "tokenizer.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(SPM_TOKENIZER_CONFIG))
+    text = "\n".join(CORPUS * 20) + "\n<|user|> <|assistant|> <|system|>\n"
+    train_spm_tokenizer(folder, 400, text)
 
 
 def make_model(

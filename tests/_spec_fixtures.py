@@ -13,11 +13,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from helpers import train_spm_tokenizer
+
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 
 # isort: split
 import mlx.core as mx
-from elm_mlx.convert.tokenizer_files import SPM_TOKENIZER_CONFIG
 from mlx.utils import tree_flatten
 
 from elm_mlx.loader import apply_quantization, build_model
@@ -100,27 +101,7 @@ def save_model(model: CausalLM, family: str, folder: Path, tokenizer_dir: Path) 
 
 def make_tokenizer(folder: Path, vocab: int = VOCAB) -> Path:
     """A BPE SentencePiece model (UNK 0, BOS 1, EOS 2) and its tokenizer_config.json."""
-    import sentencepiece as spm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    text = folder / "corpus.txt"
-    text.write_text("\n".join(CORPUS * 20) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(text),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=vocab,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    text.unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(SPM_TOKENIZER_CONFIG))
-    return folder
+    return train_spm_tokenizer(folder, vocab, "\n".join(CORPUS * 20) + "\n")
 
 
 def chi2_sf(x: float, dof: int) -> float:

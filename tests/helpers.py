@@ -41,15 +41,18 @@ INIT_STD = 0.1
 # ---------------------------------------------------------------------------- tokenizers
 
 
-def train_spm_tokenizer(folder: Path, vocab_size: int = 400) -> Path:
+def train_spm_tokenizer(folder: Path, vocab_size: int = 400, text: str | None = None) -> Path:
     """A Llama-style SentencePiece BPE tokenizer (unk 0, BOS 1, EOS 2, byte fallback) plus the
-    tokenizer_config.json a Llama repo ships; BOS is prepended on encode."""
+    tokenizer_config.json a Llama repo ships; BOS is prepended on encode. `text` is the
+    training corpus (default: this module's CORPUS and the Zephyr role markers)."""
     import sentencepiece as spm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 20) + "\n<|user|> <|assistant|> <|system|>\n")
+    if text is None:
+        text = "\n".join(CORPUS * 20) + "\n<|user|> <|assistant|> <|system|>\n"
+    corpus.write_text(text)
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(folder / "tokenizer"),

@@ -16,6 +16,7 @@ import typer
 
 from ..generate import GenerationConfig
 from ..model_cache import DEFAULT_BITS
+from .options import MaxNgram, MinP, PromptLookup, RepetitionPenalty, Seed, Temp, TopK, TopP
 
 if TYPE_CHECKING:
     from ..chat import ChatSession
@@ -292,21 +293,14 @@ def command(
         typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = D.max_tokens,
-    temp: Annotated[float, typer.Option(help="Temperature; 0 is greedy.")] = D.temperature,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = D.top_p,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = D.top_k,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p * p_max.")] = D.min_p,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help="Hugging Face repetition penalty (1.0: none).")
-    ] = D.repetition_penalty,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = D.seed,
-    prompt_lookup: Annotated[
-        int | None,
-        typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step."),
-    ] = D.prompt_lookup,
-    max_ngram: Annotated[
-        int, typer.Option(help="Longest n-gram prompt lookup matches.")
-    ] = D.max_ngram,
+    temp: Temp = D.temperature,
+    top_p: TopP = D.top_p,
+    top_k: TopK = D.top_k,
+    min_p: MinP = D.min_p,
+    repetition_penalty: RepetitionPenalty = D.repetition_penalty,
+    seed: Seed = D.seed,
+    prompt_lookup: PromptLookup = D.prompt_lookup,
+    max_ngram: MaxNgram = D.max_ngram,
     max_context: Annotated[
         int | None,
         typer.Option(help="Context length in tokens (default: the model's); older turns drop."),

@@ -10,6 +10,7 @@ import typer
 
 from ..errors import GenerationError
 from ..generate import GenerationConfig
+from .options import MaxNgram, MinP, PromptLookup, RepetitionPenalty, Seed, Temp, TopK, TopP
 
 D = GenerationConfig()
 
@@ -34,24 +35,17 @@ def command(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat format.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens.")] = D.max_tokens,
-    temp: Annotated[float, typer.Option(help="Temperature; 0 is greedy.")] = D.temperature,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = D.top_p,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = D.top_k,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p * p_max.")] = D.min_p,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help="Hugging Face repetition penalty (1.0: none).")
-    ] = D.repetition_penalty,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = D.seed,
+    temp: Temp = D.temperature,
+    top_p: TopP = D.top_p,
+    top_k: TopK = D.top_k,
+    min_p: MinP = D.min_p,
+    repetition_penalty: RepetitionPenalty = D.repetition_penalty,
+    seed: Seed = D.seed,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop at this string (repeatable).")
     ] = None,
-    prompt_lookup: Annotated[
-        int | None,
-        typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step."),
-    ] = D.prompt_lookup,
-    max_ngram: Annotated[
-        int, typer.Option(help="Longest n-gram prompt lookup matches.")
-    ] = D.max_ngram,
+    prompt_lookup: PromptLookup = D.prompt_lookup,
+    max_ngram: MaxNgram = D.max_ngram,
     draft_model: Annotated[
         str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
     ] = None,

@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
+
+# isort: split
 import mlx.core as mx
 from elm_mlx.convert import ConvertOptions, convert
 from mlx.utils import tree_flatten, tree_map
 
-import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
 from elm_mlx import _blas
 from elm_mlx.generate import stream_generate as elm_stream
 from elm_mlx.loader import load as elm_load

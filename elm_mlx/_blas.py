@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 from pathlib import Path
 
 OPENBLAS_CANDIDATES = (
@@ -28,22 +29,34 @@ def use_openblas() -> str | None:
     global _loaded
     if _loaded or sys.platform != "linux" or os.environ.get("ELM_BLAS") == "reference":
         return _loaded
+    candidate = next((c for c in OPENBLAS_CANDIDATES if Path(c).exists()), None)
+    if candidate is None:
+        return None
     if "mlx.core" in sys.modules:
-        return None  # too late: mlx already bound its BLAS
-    for candidate in OPENBLAS_CANDIDATES:
-        if Path(candidate).exists():
-            ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
-            _loaded = candidate
-            return candidate
-    return None
+        # Too late: mlx already bound the bundled BLAS (loading OpenBLAS now changes nothing).
+        if not _openblas_mapped():
+            warnings.warn(
+                "mlx was imported before elm_mlx, so MLX keeps its bundled reference BLAS "
+                "(matmuls ~20-100x slower on CPU). Import elm_mlx first, or run with "
+                f"LD_PRELOAD={candidate}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+    ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+    _loaded = candidate
+    return candidate
+
+
+def _openblas_mapped() -> bool:
+    maps = Path("/proc/self/maps")
+    return maps.exists() and "openblas" in maps.read_text()
 
 
 def describe() -> str:
     """Which BLAS the MLX CPU backend uses in this process, for --verbose output."""
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
-    maps = Path("/proc/self/maps")
-    libs = {line.split()[-1] for line in maps.read_text().splitlines() if "blas" in line}
-    if _loaded or any("openblas" in lib for lib in libs):
+    if _loaded or _openblas_mapped():
         return f"OpenBLAS ({_loaded or 'preloaded'})"
     return "reference BLAS bundled with mlx (slow: apt-get install libopenblas0-pthread)"

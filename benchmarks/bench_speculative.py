@@ -8,7 +8,7 @@ summarise a given text or code: the answer copies from the prompt) and open-ende
 
 - smollm2: the real SmolLM2-135M-Instruct (fp32), greedy, so every method must produce the same
   tokens (checked). There is no smaller model of its tokenizer, so the draft model is its own
-  8-bit quantization (--smollm2-draft).
+  8-bit quantization, or with --smollm2-draft layersN its own first N blocks.
 - openelm-270m: OpenELM-270M's true dimensions with random weights, sampled at temperature 1:
   its text is noise that no proposer predicts, which shows the overhead speculation costs when
   it cannot help (the adaptive proposal length should bring it back to plain decoding). Its
@@ -116,7 +116,14 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     if name == "smollm2":
         draft_precision = args.smollm2_draft
     model, tokenizer = load(prepare(name, target_precision, args.root))
-    draft, _ = load(prepare(name, draft_precision, args.root))
+    if draft_precision.startswith("layers"):
+        # A self-draft (LayerSkip-style): the target's own first N blocks, final norm and head.
+        # On the CPU backend the quantized drafts are slower than the fp32 target, so this is
+        # the one draft here that is cheaper than the model it drafts for.
+        draft, _ = load(prepare(name, target_precision, args.root))
+        draft.model.layers = draft.model.layers[: int(draft_precision.removeprefix("layers"))]
+    else:
+        draft, _ = load(prepare(name, draft_precision, args.root))
     vocab = vocab_size(model)
     base = GenerationConfig(max_tokens=args.max_tokens, temperature=temperature, seed=0)
     methods = {
@@ -171,7 +178,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--prompt-lookup", type=int, default=10)
     parser.add_argument("--num-draft", type=int, default=4)
-    parser.add_argument("--smollm2-draft", default="q8", help="precision of SmolLM2's draft")
+    parser.add_argument(
+        "--smollm2-draft",
+        default="q8",
+        help="SmolLM2's draft: a precision (q8, q4) or layersN (its first N blocks)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--root", type=Path, default=smollm2.default_cache_dir().parent / "bench")
     parser.add_argument("--json", type=Path)

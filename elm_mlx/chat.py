@@ -283,7 +283,12 @@ class ChatSession:
             mx.reset_peak_memory()
             tic = time.perf_counter()
             stream = stream_generate(
-                self.model, self.tokenizer, tokens[reused:], config, prompt_cache=self.cache
+                self.model,
+                self.tokenizer,
+                tokens[reused:],
+                config,
+                prompt_cache=self.cache,
+                history=tokens[:reused],  # prompt lookup also copies from earlier turns
             )
             for last in stream:
                 if not generated:

@@ -175,12 +175,13 @@ def _token_stream(
     config: GenerationConfig,
     cache: list[KVCache],
     stats: SpeculativeStats | None = None,
+    history: Sequence[int] = (),
 ) -> Iterator[tuple[int, bool]]:
     """(token, came from a proposal) pairs, from plain or speculative decoding."""
     if config.speculative:
         from .speculative import speculative_generate_step
 
-        yield from speculative_generate_step(prompt, model, config, cache, stats)
+        yield from speculative_generate_step(prompt, model, config, cache, stats, history=history)
         return
     for token, _ in generate_step(
         prompt,
@@ -200,11 +201,13 @@ def stream_generate(
     prompt: str | Sequence[int] | mx.array,
     config: GenerationConfig | None = None,
     prompt_cache: list[KVCache] | None = None,
+    history: Sequence[int] = (),
     **options,
 ) -> Iterator[GenerationResponse]:
     """Yield one `GenerationResponse` per new token. `options` are `GenerationConfig` fields
     (max_tokens=, temperature=, top_p=, top_k=, min_p=, repetition_penalty=, seed=, stop=,
-    prompt_lookup=, max_ngram=, draft_model=, num_draft=)."""
+    prompt_lookup=, max_ngram=, draft_model=, num_draft=). `history`: the tokens that
+    `prompt_cache` already holds before `prompt`; speculative decoding proposes from them too."""
     try:
         config = replace(config or GenerationConfig(), **options)
     except TypeError as e:
@@ -219,6 +222,10 @@ def stream_generate(
     if not isinstance(prompt, mx.array):
         prompt = mx.array(list(prompt), dtype=mx.uint32)
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    if history and cache[0].offset != len(history):
+        raise GenerationError(
+            f"history has {len(history)} tokens but the cache holds {cache[0].offset}"
+        )
     stats = None
     if config.speculative:
         from .speculative import SpeculativeStats
@@ -232,7 +239,7 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     n = 0
-    tokens = _token_stream(prompt, model, config, cache, stats)
+    tokens = _token_stream(prompt, model, config, cache, stats, history)
     for n, (token, from_draft) in enumerate(tokens, 1):
         if n == 1:
             prompt_time = time.perf_counter() - tic

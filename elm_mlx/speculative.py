@@ -206,9 +206,12 @@ def speculative_generate_step(
     cache: list[KVCache],
     stats: SpeculativeStats | None = None,
     lengths: ProposalLength | None = None,
+    history: Sequence[int] = (),
 ) -> Iterator[tuple[int, bool]]:
     """Yield (token, whether it was a proposed token) up to `config.max_tokens` times.
-    `stats` receives running counts; `lengths` decides how many tokens to propose per step.
+    `stats` receives running counts; `lengths` decides how many tokens to propose per step;
+    `history` are the tokens already in `cache` before the prompt (a chat's earlier turns): the
+    proposer sees them too, the logits processors see the prompt on, as plain decoding does.
 
     Between steps, and whenever the caller stops early, `cache` holds everything it held before,
     the prompt, and every yielded token but the last (which is the next input), as after
@@ -223,7 +226,8 @@ def speculative_generate_step(
     proposer, default_lengths = make_proposer(model, config, transform)
     lengths = lengths or default_lengths
 
-    tokens = prompt.tolist()  # what the proposer and the logits processors see
+    tokens = prompt.tolist()  # what the logits processors see
+    seen = [*history, *tokens]  # what the proposer sees
     start = cache[0].offset if cache else 0
 
     def rewind() -> None:  # forget the rejected drafts: keep all tokens but the last
@@ -231,12 +235,12 @@ def speculative_generate_step(
             c.trim(c.offset - (start + len(tokens) - 1))
 
     prefill(model, prompt, cache, config.prefill_step_size)
-    proposer.start(tokens)
+    proposer.start(seen)
     try:
         while (left := config.max_tokens - (len(tokens) - prompt.size)) > 0:
             tic = time.perf_counter()
             k = min(lengths.next_k(), left - 1)  # a run is at most k + 1 tokens
-            draft, q = proposer.propose(tokens, k)
+            draft, q = proposer.propose(seen, k)
             inputs = mx.array(tokens[-1:] + draft, mx.uint32)
             logits = model(inputs[None], cache=cache)[0]  # (m + 1, V)
             accept, choice = verify(logits, tokens, draft, q, processors, transform)
@@ -250,6 +254,7 @@ def speculative_generate_step(
             stats.plain_step_s = lengths.plain_s
             for i, token in enumerate([*draft[:n], choice[n]]):
                 tokens.append(token)
+                seen.append(token)
                 stats.tokens += 1
                 yield token, i < n
             rewind()

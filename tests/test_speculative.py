@@ -222,6 +222,41 @@ def test_draft_cache_rewinds_to_history():
     assert_cache_equals_prefill(draft.model, draft.cache, history[:-1])
 
 
+def test_prompt_lookup_searches_the_cached_history():
+    """A chat's earlier turns sit in the cache; passed as `history`, prompt lookup copies from
+    them, while the tokens stay those of plain decoding over history + prompt."""
+    model = tiny_model("llama", seed=0)
+    rng = random.Random(7)
+    history = [rng.randrange(3, VOCAB) for _ in range(24)]
+    prompt = [history[5]]  # occurs only in the history
+    config = GenerationConfig(max_tokens=2, prompt_lookup=4)
+    expected = plain(model, history + prompt, config)
+    for searched in (True, False):
+        cache = make_cache(model)
+        mx.eval(model(mx.array(history, mx.uint32)[None], cache=cache))
+        stats = SpeculativeStats()
+        steps = speculative_generate_step(
+            mx.array(prompt, mx.uint32),
+            model,
+            config,
+            cache,
+            stats,
+            FixedLength(4),
+            history=history if searched else (),
+        )
+        assert [token for token, _ in steps] == expected
+        # k = 1 at the first step (2 tokens left); only the history holds a match for it
+        assert stats.proposed == (1 if searched else 0)
+
+
+def test_history_must_match_the_cache(tiny_folder):
+    model, tokenizer = load(tiny_folder)
+    cache = make_cache(model)
+    mx.eval(model(mx.array([[5, 6, 7]], mx.uint32), cache=cache))
+    with pytest.raises(GenerationError, match="history has 2 tokens but the cache holds 3"):
+        next(stream_generate(model, tokenizer, [8], prompt_cache=cache, history=[5, 6]))
+
+
 # --- sampling: the distribution of plain sampling ----------------------------------------------
 
 

@@ -86,16 +86,23 @@ class DecodeDetokenizer:
 
 def load_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
     from mlx_lm.tokenizer_utils import load as load_wrapper
+    from transformers.utils import logging as hf_logging
 
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         raise TokenizerError(
             f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model); "
             "re-run `elm convert` with --tokenizer PATH_OR_REPO"
         )
+    # transformers reads config.json too and warns on model types it does not know (openelm):
+    # noise for our users, whose model type we check ourselves.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         wrapper = load_wrapper(model_dir, eos_token_ids=eos_token_ids)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
     wrapper._detokenizer = DecodeDetokenizer(wrapper._tokenizer)  # copied per `.detokenizer`
     return wrapper
 

@@ -74,10 +74,11 @@ def test_convert_quantized_through_the_cli(tiny, tmp_path):
     assert config["quantization"] == {"group_size": 32, "bits": 8, "mode": "affine"}
 
 
-def test_elm_generate_in_a_real_process(tiny):
+@pytest.mark.parametrize("family", ["llama", "openelm"])
+def test_elm_generate_in_a_real_process(tiny, family):
     """stdout holds exactly the generated text; stats and --verbose details go to stderr."""
-    folder = tiny.converted("llama")
-    model, tokenizer = tiny.load("llama")
+    folder = tiny.converted(family)
+    model, tokenizer = tiny.load(family)
     expected = generate(model, tokenizer, PROMPT, max_tokens=12, temperature=1.0, seed=5)
     args = ["-m", str(folder), "-p", PROMPT, "--max-tokens", "12", "--temp", "1.0"]
     proc = subprocess.run(
@@ -91,6 +92,7 @@ def test_elm_generate_in_a_real_process(tiny):
     assert f"BLAS: {_blas.describe()}" in proc.stderr
     for word in ("tokens/s", "peak memory", "BLAS"):
         assert word not in proc.stdout
+    assert "[transformers]" not in proc.stderr  # its warning on model types it does not know
 
 
 def test_generate_options_reach_the_library(tiny):

@@ -22,7 +22,7 @@ from elm_mlx.convert import ConvertOptions, convert
 
 from elm_mlx import _blas  # importing elm_mlx selects OpenBLAS before mlx loads
 from elm_mlx.chat import ChatSession
-from elm_mlx.generate import GenerationConfig
+from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

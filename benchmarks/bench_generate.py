@@ -31,7 +31,7 @@ from elm_mlx.convert import ConvertOptions, convert
 from mlx.utils import tree_flatten, tree_map
 
 from elm_mlx import _blas
-from elm_mlx.generate import stream_generate as elm_stream
+from elm_mlx.generation import stream_generate as elm_stream
 from elm_mlx.loader import load as elm_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -58,7 +58,7 @@ def openelm_270m_hf(root: Path) -> Path:
         return folder
     from elm_mlx.models import get_family
 
-    refs = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openelm-configs.json"
+    refs = Path(__file__).resolve().parents[1] / "tests" / "data" / "openelm-configs.json"
     config = json.loads(refs.read_text())["apple/OpenELM-270M"]["config.json"]
     family = get_family("openelm")
     model = family.Model(family.ModelArgs.from_dict(config))

@@ -36,9 +36,10 @@ import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
 import mlx.core as mx
 
 from elm_mlx import _blas
-from elm_mlx.generate import GenerationConfig, stream_generate
+from elm_mlx.generation import stream_generate
+from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load
-from elm_mlx.proposers import vocab_size
+from elm_mlx.models import vocab_size
 from elm_mlx.tokenizer import render_chat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

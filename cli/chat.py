@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import shutil
-import signal
 import sys
-import unicodedata
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
-from ..generate import GenerationConfig
-from ..model_cache import DEFAULT_BITS
-from .options import MaxNgram, MinP, PromptLookup, RepetitionPenalty, Seed, Temp, TopK, TopP
+from ..convert.cache import DEFAULT_BITS, cache_root, ensure_model
+from ..errors import ChatError, ElmError, OptionError
+from .options import (
+    GENERATION,
+    MaxNgram,
+    MinP,
+    PromptLookup,
+    RepetitionPenalty,
+    Seed,
+    Temp,
+    TopK,
+    TopP,
+    generation_config,
+)
+from .terminal import Printer, StopOnInterrupt, Style, read_message, setup_readline
 
 if TYPE_CHECKING:
     from ..chat import ChatSession
-
-D = GenerationConfig()
 HELP = '''commands:
   /help              this list
   /reset             forget the conversation (the system prompt stays)
@@ -34,56 +41,17 @@ HELP = '''commands:
 Ctrl-C stops an answer. A paste of several lines is one message; so is text between two
 lines holding only """.'''
 COMMANDS = ("/help", "/reset", "/system", "/save", "/load", "/stats", "/set", "/quit", "/exit")
-
-
-class Style:
-    def __init__(self, enabled: bool):
-        self.dim, self.bold, self.off = ("\x1b[2m", "\x1b[1m", "\x1b[0m") if enabled else ("",) * 3
-
-
-class Printer:
-    """Streams an answer; on a terminal the running tokens/s trail the text, dimmed, and are
-    erased before the next piece (saved and restored cursor, so only on the current line)."""
-
-    def __init__(self, out: TextIO, style: Style, live: bool):
-        self.out, self.style, self.live = out, style, live
-        self.width = shutil.get_terminal_size().columns
-        self.column = 0  # display cells since the last newline
-        self.shown = False
-
-    def write(self, text: str, rate: float = 0.0) -> None:
-        if self.shown:
-            self.out.write("\x1b[K")
-            self.shown = False
-        self.out.write(text)
-        for ch in text:
-            if ch == "\n":
-                self.column = 0
-            elif not unicodedata.combining(ch):
-                self.column += 2 if unicodedata.east_asian_width(ch) in "WF" else 1
-        at = self.column % self.width
-        label = f"  {rate:.1f} tok/s"
-        if self.live and rate > 0 and (at or not self.column) and at + len(label) < self.width:
-            self.out.write(f"\x1b7{self.style.dim}{label}{self.style.off}\x1b8")
-            self.shown = True
-        self.out.flush()
-
-
-class StopOnInterrupt:
-    """Ctrl-C asks the answer to stop at the next token; a second Ctrl-C interrupts at once."""
-
-    def __enter__(self) -> StopOnInterrupt:
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+# `/set NAME VALUE`: the GenerationConfig fields a chat may change, and how to read the value.
+SETTINGS: dict[str, tuple[str, type]] = {
+    "temp": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "min_p": ("min_p", float),
+    "max_tokens": ("max_tokens", int),
+    "repetition_penalty": ("repetition_penalty", float),
+    "seed": ("seed", int),
+}
+NULLABLE = {"repetition_penalty", "seed"}  # these also take "none"
 
 
 def answer(session: ChatSession, text: str, printer: Printer, notices: TextIO) -> None:
@@ -148,6 +116,25 @@ def stats_text(session: ChatSession) -> str:
     return "\n".join(lines)
 
 
+def set_option(session: ChatSession, name: str, value: str) -> None:
+    """`/set NAME VALUE`: the session's generation options, changed only if the value is valid."""
+    if name not in SETTINGS:
+        raise ChatError(f"/set knows {', '.join(SETTINGS)}, not {name!r}")
+    field, kind = SETTINGS[name]
+    try:
+        parsed = None if name in NULLABLE and value.lower() == "none" else kind(value)
+    except ValueError as e:
+        raise ChatError(f"/set {name}: {value!r} is not a {kind.__name__}") from e
+    config = replace(session.config, **{field: parsed})
+    try:
+        config.validate()
+    except OptionError as e:
+        raise ChatError(f"/set {name} {e.problem}") from e
+    if config.max_tokens < 1:
+        raise ChatError("/set max_tokens must be at least 1")
+    session.config = config
+
+
 def run_command(session: ChatSession, line: str, out: TextIO) -> bool:
     """One /command; False means leave."""
     name, _, arg = line.strip().partition(" ")
@@ -178,62 +165,16 @@ def run_command(session: ChatSession, line: str, out: TextIO) -> bool:
         if len(arg.split()) != 2:
             out.write("usage: /set temp|top_p|top_k|min_p|max_tokens|... VALUE\n")
         else:
-            session.set(*arg.split())
+            set_option(session, *arg.split())
             out.write(f"({' = '.join(arg.split())})\n")
     else:
         out.write(f"unknown command {line.strip()!r}; /help lists them\n")
     return True
 
 
-def pending_input(fd: int) -> bool:
-    """Whether more typed or pasted bytes are waiting (a paste without bracketed-paste mode
-    arrives as several lines at once). Checked in non-canonical mode so that a last pasted
-    line without its newline counts too."""
-    try:
-        import termios
-    except ImportError:  # no termios (Windows): no paste detection
-        return False
-    old = termios.tcgetattr(fd)
-    raw = list(old)
-    raw[3] &= ~termios.ICANON
-    termios.tcsetattr(fd, termios.TCSANOW, raw)
-    try:
-        return bool(select.select([fd], [], [], 0.03)[0])
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, old)
-
-
-def read_message(prompt: str) -> str:
-    lines = [input(prompt)]
-    if lines[0].strip() == '"""':
-        lines = []
-        while (line := input("... ")).strip() != '"""':
-            lines.append(line)
-    while pending_input(sys.stdin.fileno()):
-        lines.append(input(""))
-    return "\n".join(lines)
-
-
-def setup_readline(history: Path) -> object | None:
-    try:
-        import readline
-    except ImportError:  # no readline (Windows): plain input() still works
-        return None
-    with contextlib.suppress(OSError):  # no history yet
-        readline.read_history_file(history)
-    readline.set_history_length(1000)
-    readline.set_completer(
-        lambda text, i: ([c for c in COMMANDS if c.startswith(text)] + [None])[i]
-    )
-    readline.set_completer_delims(" ")
-    libedit = "libedit" in (readline.__doc__ or "")
-    readline.parse_and_bind("bind ^I rl_complete" if libedit else "tab: complete")
-    return readline
-
-
 def interactive(session: ChatSession, title: str, history: Path) -> None:
     style = Style(sys.stdout.isatty() and "NO_COLOR" not in os.environ)
-    readline = setup_readline(history)
+    readline = setup_readline(history, COMMANDS)
     # \001 \002 tell readline the escapes take no room, so line editing stays aligned
     prompt = f"\001{style.bold}\002>>> \001{style.off}\002" if style.bold else ">>> "
     print(f"{title}\n/help lists the commands; Ctrl-C stops an answer, Ctrl-D leaves.")
@@ -269,8 +210,6 @@ def scripted(session: ChatSession, lines: TextIO) -> None:
 def turn(session: ChatSession, text: str, printer: Printer, notices: TextIO) -> bool:
     """A command or a message; a library error (a bad value, an unreadable file) is reported
     and the chat goes on. False means leave."""
-    from ..errors import ElmError
-
     try:
         if text.startswith("/"):
             return run_command(session, text, notices)
@@ -292,15 +231,17 @@ def command(
         Path | None,
         typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = D.max_tokens,
-    temp: Temp = D.temperature,
-    top_p: TopP = D.top_p,
-    top_k: TopK = D.top_k,
-    min_p: MinP = D.min_p,
-    repetition_penalty: RepetitionPenalty = D.repetition_penalty,
-    seed: Seed = D.seed,
-    prompt_lookup: PromptLookup = D.prompt_lookup,
-    max_ngram: MaxNgram = D.max_ngram,
+    max_tokens: Annotated[
+        int, typer.Option(help="Most new tokens per answer.")
+    ] = GENERATION.max_tokens,
+    temp: Temp = GENERATION.temperature,
+    top_p: TopP = GENERATION.top_p,
+    top_k: TopK = GENERATION.top_k,
+    min_p: MinP = GENERATION.min_p,
+    repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
+    seed: Seed = GENERATION.seed,
+    prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
+    max_ngram: MaxNgram = GENERATION.max_ngram,
     max_context: Annotated[
         int | None,
         typer.Option(help="Context length in tokens (default: the model's); older turns drop."),
@@ -321,11 +262,10 @@ def command(
     answers go to stdout."""
     from ..chat import ChatSession, load_template
     from ..loader import load
-    from ..model_cache import cache_root, ensure_model
 
-    config = GenerationConfig(
+    config = generation_config(
         max_tokens=max_tokens,
-        temperature=temp,
+        temp=temp,
         top_p=top_p,
         top_k=top_k,
         min_p=min_p,
@@ -334,7 +274,6 @@ def command(
         prompt_lookup=prompt_lookup,
         max_ngram=max_ngram,
     )
-    config.validate()
     template = load_template(chat_template) if chat_template else None
     try:
         path = ensure_model(model, quantize=quantize, bits=bits, token=hf_token)

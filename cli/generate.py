@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import GenerationError
-from ..generate import GenerationConfig
-from .options import MaxNgram, MinP, PromptLookup, RepetitionPenalty, Seed, Temp, TopK, TopP
-
-D = GenerationConfig()
+from .options import (
+    GENERATION,
+    MaxNgram,
+    MaxTokens,
+    MinP,
+    PromptLookup,
+    RepetitionPenalty,
+    Seed,
+    Temp,
+    TopK,
+    TopP,
+    generation_config,
+)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -34,24 +44,24 @@ def command(
     ] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat format.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most new tokens.")] = D.max_tokens,
-    temp: Temp = D.temperature,
-    top_p: TopP = D.top_p,
-    top_k: TopK = D.top_k,
-    min_p: MinP = D.min_p,
-    repetition_penalty: RepetitionPenalty = D.repetition_penalty,
-    seed: Seed = D.seed,
+    max_tokens: MaxTokens = GENERATION.max_tokens,
+    temp: Temp = GENERATION.temperature,
+    top_p: TopP = GENERATION.top_p,
+    top_k: TopK = GENERATION.top_k,
+    min_p: MinP = GENERATION.min_p,
+    repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
+    seed: Seed = GENERATION.seed,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop at this string (repeatable).")
     ] = None,
-    prompt_lookup: PromptLookup = D.prompt_lookup,
-    max_ngram: MaxNgram = D.max_ngram,
+    prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
+    max_ngram: MaxNgram = GENERATION.max_ngram,
     draft_model: Annotated[
         str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
     ] = None,
     num_draft: Annotated[
         int, typer.Option(help="Tokens the draft model proposes per step.")
-    ] = D.num_draft,
+    ] = GENERATION.num_draft,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print backend and speculation details.")
@@ -61,7 +71,7 @@ def command(
     import mlx.core as mx
 
     from .. import _blas
-    from ..generate import stream_generate
+    from ..generation import stream_generate
     from ..loader import load
     from ..tokenizer import render_chat
 
@@ -69,8 +79,24 @@ def command(
         text = sys.stdin.read()
     else:
         text = read_prompt(prompt, prompt_file)
+    config = generation_config(  # checked before anything is loaded
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        prompt_lookup=prompt_lookup,
+        max_ngram=max_ngram,
+        num_draft=num_draft,
+    )
+    if draft_model and prompt_lookup:
+        raise GenerationError("give --prompt-lookup or --draft-model, not both")
     lm, tokenizer = load(model, adapter_path=adapter)
-    draft = load(draft_model)[0] if draft_model else None
+    if draft_model:
+        config = replace(config, draft_model=load(draft_model)[0])
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
@@ -78,20 +104,6 @@ def command(
         text = render_chat(tokenizer, messages, lm.model_type)
     if verbose:
         typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)
-    config = GenerationConfig(
-        max_tokens=max_tokens,
-        temperature=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=tuple(stop or ()),
-        prompt_lookup=prompt_lookup,
-        max_ngram=max_ngram,
-        draft_model=draft,
-        num_draft=num_draft,
-    )
     last = None
     for last in stream_generate(lm, tokenizer, text, config):
         sys.stdout.write(last.text)

@@ -9,8 +9,9 @@ from typing import Any
 
 import typer
 
-from ..errors import ElmError
+from ..errors import ElmError, OptionError
 from . import chat, convert, finetune, fuse, generate
+from .options import flag
 
 app = typer.Typer(
     name="elm",
@@ -28,6 +29,9 @@ def translate_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except OptionError as e:  # the library names the field; the user typed a flag
+            typer.echo(f"error: {flag(e.option)} {e.problem}", err=True)
+            raise typer.Exit(1) from e
         except ElmError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from e

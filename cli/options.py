@@ -1,4 +1,5 @@
-"""Sampling options shared by `elm generate` and `elm chat` (defaults stay in GenerationConfig)."""
+"""What several commands share: sampling options (their defaults stay in GenerationConfig), the
+one place a GenerationConfig is built from flags, and the flag that names a library option."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from typing import Annotated
 
 import typer
 
+from ..generation_config import GenerationConfig
+from ..models import CausalLM
+
+GENERATION = GenerationConfig()  # the defaults the options show
+
+MaxTokens = Annotated[int, typer.Option(help="Most new tokens.")]
 Temp = Annotated[float, typer.Option(help="Temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
 TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")]
@@ -18,3 +25,45 @@ PromptLookup = Annotated[
     int | None, typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step.")
 ]
 MaxNgram = Annotated[int, typer.Option(help="Longest n-gram prompt lookup matches.")]
+
+# Library option names whose flag is not `--` + the name with dashes.
+RENAMED_FLAGS = {"temperature": "--temp"}
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a library option (a dataclass field name)."""
+    return RENAMED_FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def generation_config(
+    *,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    seed: int | None,
+    prompt_lookup: int | None,
+    max_ngram: int,
+    stop: list[str] | None = None,
+    draft_model: CausalLM | None = None,
+    num_draft: int = GENERATION.num_draft,
+) -> GenerationConfig:
+    """The GenerationConfig of the sampling flags (validated: an OptionError names the field)."""
+    config = GenerationConfig(
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+        prompt_lookup=prompt_lookup,
+        max_ngram=max_ngram,
+        draft_model=draft_model,
+        num_draft=num_draft,
+    )
+    config.validate()
+    return config

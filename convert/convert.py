@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +11,19 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import hub
-from ..errors import ConfigError, OutputError, WeightsError
-from ..loader import apply_quantization, build_model, read_config
+from ..errors import OptionError, WeightsError
+from ..loader import apply_quantization, build_model
+from ..model_folder import (
+    ShardWriter,
+    check_output,
+    copy_tokenizer,
+    read_config,
+    staging_folder,
+    write_config,
+)
+from ..models import family_of
 from .checkpoint import checkpoint_files, iter_tensors
-from .tokenizer_files import copy_tokenizer, find_tokenizer
+from .tokenizer_files import find_tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 BITS = (4, 8)
@@ -30,7 +34,7 @@ GROUP_SIZES = (32, 64, 128)
 class ConvertOptions:
     """Every conversion option and its default (the CLI reads its defaults from here)."""
 
-    dtype: str | None = None  # None: float16, or bfloat16 for OpenELM-3B as Apple advises
+    dtype: str | None = None  # None: the family's default (float16; bfloat16 for OpenELM-3B)
     quantize: bool = False
     bits: int = 4
     group_size: int = 64
@@ -42,79 +46,11 @@ class ConvertOptions:
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+            raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.bits not in BITS:
-            raise ConfigError(f"--bits must be one of {BITS}, not {self.bits}")
+            raise OptionError("bits", f"must be one of {BITS}, not {self.bits}")
         if self.group_size not in GROUP_SIZES:
-            raise ConfigError(f"--group-size must be one of {GROUP_SIZES}, not {self.group_size}")
-
-
-def default_dtype(config: dict[str, Any]) -> str:
-    if config.get("model_type") == "openelm" and config.get("model_dim", 0) >= 3072:
-        return "bfloat16"
-    return "float16"
-
-
-class ShardWriter:
-    """Writes tensors in arrival order into shards of at most `max_bytes`."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, mx.array] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: mx.array) -> None:
-        if self.pending and self.pending_bytes + tensor.nbytes > self.max_bytes:
-            self.flush()
-        mx.eval(tensor)
-        self.pending[name] = tensor
-        self.pending_bytes += tensor.nbytes
-        self.total += tensor.nbytes
-
-    def flush(self) -> None:
-        path = self.folder / f"shard-{len(self.shards)}.safetensors"
-        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
-        self.shards.append(sorted(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending or not self.shards:
-            self.flush()
-        n = len(self.shards)
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"shard-{i}.safetensors", self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {
-            "metadata": {"total_size": self.total},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-
-
-@contextmanager
-def staging_folder(out: Path) -> Iterator[Path]:
-    """A hidden temporary sibling of `out` to write into; renamed to `out` when the block
-    succeeds, removed when it fails, so a half-written model folder never appears."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise OutputError(
-            f"cannot create {out}: {e.strerror or e} ({e.filename or out.parent}); "
-            "choose another output folder with -o"
-        ) from e
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
 
 
 def convert(
@@ -131,17 +67,17 @@ def convert(
     options = options or ConvertOptions()
     options.validate()
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.force:
-        raise OutputError(f"{out} already exists; choose another -o or pass --force")
+    check_output(out, options.force)
 
     source = hub.resolve(src, options.revision, options.hf_token)
     config = read_config(source)
     model = build_model(config, source / "config.json")
+    family = family_of(model)
     tokenizer = find_tokenizer(
-        source, config["model_type"], options.tokenizer, options.revision, options.hf_token
+        source, family, options.tokenizer, options.revision, options.hf_token
     )
     files = checkpoint_files(source)
-    dtype_name = options.dtype or default_dtype(config)
+    dtype_name = options.dtype or family.default_dtype(model.args)
     dtype = DTYPES[dtype_name]
 
     # The model skeleton is the name/shape table: its parameters are lazy, never computed.
@@ -180,9 +116,7 @@ def convert(
                 f"e.g. {', '.join(missing[:3])}; is the download complete?"
             )
         writer.close()
-        (tmp / "config.json").write_text(
-            json.dumps(_output_config(config, model, dtype_name, quant), indent=2)
-        )
+        write_config(tmp, _output_config(config, model, dtype_name, quant))
         copy_tokenizer(tokenizer, tmp)
     return out
 

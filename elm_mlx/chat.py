@@ -18,34 +18,18 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import ChatError, OutputError
-from .generate import GenerationConfig, GenerationResponse, stream_generate
-from .models import CausalLM, make_cache
+from .generation import GenerationResponse, stream_generate
+from .generation_config import GenerationConfig
+from .models import CausalLM, family_of, make_cache
 from .tokenizer import Tokenizer, encode_prompt, render_chat
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
-DEFAULT_CONTEXT = 2048  # for a model whose config names no context length
-# `/set NAME VALUE`: the GenerationConfig fields a chat may change, and how to read the value.
-OPTIONS: dict[str, tuple[str, type]] = {
-    "temp": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "min_p": ("min_p", float),
-    "max_tokens": ("max_tokens", int),
-    "repetition_penalty": ("repetition_penalty", float),
-    "seed": ("seed", int),
-}
-OPTIONAL = {"repetition_penalty", "seed"}  # these also take "none"
 
 
 def context_length(model: CausalLM) -> int:
-    """The longest sequence the model was trained for (llama/olmo and openelm config keys)."""
-    args = getattr(model, "args", None)
-    for key in ("max_position_embeddings", "max_context_length"):
-        value = getattr(args, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_CONTEXT
+    """The longest sequence the model was trained for."""
+    return family_of(model).context_length(model.args)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -201,21 +185,6 @@ class ChatSession:
     def load(self, path: str | Path) -> None:
         """Replace the conversation with a saved one; the next turn reuses the common prefix."""
         self.messages = read_messages(path)
-
-    def set(self, name: str, value: str) -> None:
-        """`/set NAME VALUE` for the names in `OPTIONS` (validated before it takes effect)."""
-        if name not in OPTIONS:
-            raise ChatError(f"/set knows {', '.join(OPTIONS)}, not {name!r}")
-        field, kind = OPTIONS[name]
-        try:
-            parsed = None if name in OPTIONAL and value.lower() == "none" else kind(value)
-        except ValueError as e:
-            raise ChatError(f"/set {name}: {value!r} is not a {kind.__name__}") from e
-        config = replace(self.config, **{field: parsed})
-        config.validate()
-        if config.max_tokens < 1:
-            raise ChatError("max_tokens must be at least 1")
-        self.config = config
 
     # ------------------------------------------------------------------ prompt
 

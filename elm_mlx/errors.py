@@ -49,3 +49,16 @@ class TrainingError(ElmError):
 
 class ChatError(ElmError):
     """A chat command, conversation file or chat template is invalid."""
+
+
+class OptionError(ElmError):
+    """An option has a value it cannot take. `option` is the field of the options dataclass
+    (GenerationConfig, ConvertOptions, TrainConfig, LoRAConfig, ...); the CLI names the flag."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")
+
+
+class EvaluationError(ElmError):
+    """Perplexity or benchmark evaluation was given text, tasks or options it cannot use."""

@@ -3,7 +3,6 @@ layout `elm convert` writes). A quantized base is re-quantized, or dequantized t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,11 +11,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import hub
-from .convert.convert import ShardWriter, staging_folder
-from .convert.tokenizer_files import copy_tokenizer
-from .errors import OutputError
-from .loader import load_model, quantization_of
+from .loader import load_model
 from .lora import dequantized_weight, load_adapters, merge_lora
+from .model_folder import (
+    ShardWriter,
+    check_output,
+    copy_tokenizer,
+    quantization_of,
+    staging_folder,
+    write_config,
+)
 
 
 def dequantize_model(model: nn.Module) -> int:
@@ -52,10 +56,7 @@ def fuse(
     """Write base + adapter as one model folder at `out` and return its path."""
     out = Path(out).expanduser()
     model_dir = hub.resolve(model)
-    if out.exists() and out.resolve() == model_dir.resolve():
-        raise OutputError(f"-o {out} is the base model's folder; write the fused model elsewhere")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OutputError(f"{out} already exists; choose another -o or pass --force")
+    check_output(out, force, source=model_dir)
     loaded = load_model(model_dir, compute_dtype=None)  # keep the stored dtypes
     load_adapters(loaded.model, Path(adapter))
     merge_lora(loaded.model, dequantize)
@@ -72,7 +73,7 @@ def fuse(
         for name, tensor in tree_flatten(loaded.model.parameters()):
             writer.add(name, tensor)
         writer.close()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_config(tmp, config)
         copy_tokenizer(model_dir, tmp)
     mx.clear_cache()
     return out

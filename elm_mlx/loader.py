@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ import mlx.nn as nn
 
 from . import hub
 from .errors import ConfigError, UnsupportedModelError, WeightsError
+from .lora import load_adapters
+from .model_folder import quantization_of, read_config, read_weights
 from .models import CausalLM, get_family
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -24,19 +25,6 @@ class LoadedModel:
     path: Path
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{path} is missing: is {model_dir} a model folder?")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-convert") from e
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return config
-
-
 def build_model(config: dict[str, Any], source: Path | str = "config.json") -> CausalLM:
     """An uninitialised model for a config (weights random, quantization not applied)."""
     try:
@@ -44,14 +32,10 @@ def build_model(config: dict[str, Any], source: Path | str = "config.json") -> C
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{source}: {e}") from e
     try:
-        args = family.ModelArgs.from_dict(config)
+        args = family.args(config)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{source}: invalid {config.get('model_type')} config: {e}") from e
     return family.Model(args)
-
-
-def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
-    return config.get("quantization") or config.get("quantization_config") or None
 
 
 def apply_quantization(
@@ -80,25 +64,6 @@ def apply_quantization(
         return True
 
     nn.quantize(model, group_size=group, bits=bits, mode=mode, class_predicate=predicate)
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise WeightsError(
-            f"{model_dir} holds no *.safetensors weights; convert the checkpoint with `elm convert`"
-        )
-    return files
-
-
-def read_weights(model_dir: Path) -> dict[str, mx.array]:
-    weights: dict[str, mx.array] = {}
-    for f in weight_files(model_dir):
-        try:
-            weights.update(mx.load(str(f)))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise WeightsError(f"{f} cannot be read ({e}); the file is corrupt or truncated") from e
-    return weights
 
 
 def default_compute_dtype() -> mx.Dtype | None:
@@ -148,7 +113,5 @@ def load(
     eos = loaded.config.get("eos_token_id")
     tokenizer = load_tokenizer(model_dir, [eos] if isinstance(eos, int) else eos)
     if adapter_path is not None:
-        from .lora import load_adapters
-
         load_adapters(loaded.model, Path(adapter_path))
     return loaded.model, tokenizer

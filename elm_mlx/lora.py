@@ -17,25 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import AdapterError
+from .errors import AdapterError, OptionError
+from .models import family_of
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
-
-# The linear layers of each family, relative to a transformer block.
-TARGETS = {
-    "openelm": ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2"),
-    "llama": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
-}
-TARGETS["olmo"] = TARGETS["llama"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +40,11 @@ class LoRAConfig:
 
     def validate(self) -> None:
         if self.rank < 1:
-            raise AdapterError(f"--rank must be >= 1, got {self.rank}")
+            raise OptionError("rank", f"must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise OptionError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.num_layers == 0 or self.num_layers < -1:
-            raise AdapterError(f"--num-layers must be >= 1 or -1 (all), got {self.num_layers}")
+            raise OptionError("num_layers", f"must be >= 1 or -1 (all), got {self.num_layers}")
 
 
 class LoRALinear(nn.Module):
@@ -117,9 +103,7 @@ def dequantized_weight(layer: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.
 
 def resolve_targets(model: nn.Module, targets: tuple[str, ...] | None) -> tuple[str, ...]:
     """Targets as paths inside a block; a short name such as `q_proj` matches its last part."""
-    family = TARGETS.get(model.model_type)
-    if family is None:
-        raise AdapterError(f"LoRA has no target list for model_type {model.model_type!r}")
+    family = family_of(model).lora_targets
     if targets is None:
         return family
     resolved = []
@@ -127,8 +111,9 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...] | None) -> tuple[
         matches = [t for t in family if t == name or t.split(".")[-1] == name]
         if not matches:
             short = ", ".join(t.split(".")[-1] for t in family)
-            raise AdapterError(
-                f"no layer {name!r} in a {model.model_type} block; choose among {short}"
+            raise OptionError(
+                "targets",
+                f"names no layer {name!r} of a {model.model_type} block; choose among {short}",
             )
         resolved += [m for m in matches if m not in resolved]
     return tuple(resolved)
@@ -140,7 +125,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     keys = resolve_targets(model, config.targets)
     n_blocks = len(model.layers)
     if config.num_layers > n_blocks:
-        raise AdapterError(f"--num-layers {config.num_layers}: the model has only {n_blocks}")
+        raise OptionError("num_layers", f"is {config.num_layers} but the model has only {n_blocks}")
     first = 0 if config.num_layers == -1 else n_blocks - config.num_layers
     model.freeze()
     wrapped = []

@@ -16,17 +16,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-# model_type -> the attribute holding the transformer body (whose output is normalized)
-BODIES = {"llama": "model", "olmo": "model", "openelm": "transformer"}
+from .models import family_of
+
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, Callable[[mx.array], mx.array]]:
     """(body, head module, head function): model(x) == head_fn(body(x, None))."""
-    body = getattr(model, BODIES[model.model_type])
+    body, embedding = family_of(model).body_and_embedding(model)
     if "lm_head" in model:
         return body, model.lm_head, model.lm_head
-    embedding = body.embed_tokens if "embed_tokens" in body else body.token_embeddings
     return body, embedding, embedding.as_linear
 
 

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .draft import DraftModel
 from .errors import GenerationError
-from .generate import GenerationConfig, prefill
-from .models import CausalLM, KVCache
-from .proposers import DraftModel, PromptLookup, vocab_size
+from .generation_config import GenerationConfig
+from .lookup import PromptLookup
+from .models import CausalLM, KVCache, vocab_size
 from .sample import LogitsProcessor, Transform, make_transform
+from .step import generation_stream, prefill
 
 
 @dataclass
@@ -134,12 +136,13 @@ def verify(
     q: mx.array | None,
     processors: Sequence[LogitsProcessor],
     transform: Transform | None,
-) -> tuple[list[bool], list[int]]:
+) -> tuple[list[bool], list[int], mx.array]:
     """Score a proposal. logits (m + 1, V) are the model's at the last history token and at
     each of the m drafts; q (m, V) the drafts' proposal logprobs (None: one-hot).
 
-    Returns whether each draft is accepted and, for each position, the token to emit if the
-    run stops there: a resampled token after a rejection, or the bonus token after all m."""
+    Returns whether each draft is accepted; for each position, the token to emit if the run
+    stops there (a resampled token after a rejection, or the bonus token after all m); and the
+    model's logprobs (m + 1, V) after the logits processors, as plain decoding reports them."""
     if processors:  # each position sees the history plus the drafts before it
         seen = mx.array(history + draft, mx.uint32)
         rows = []
@@ -157,7 +160,7 @@ def verify(
         choice = mx.argmax(logp, axis=-1)
         accept = choice[:m] == x
         mx.eval(accept, choice)
-        return accept.tolist(), choice.tolist()
+        return accept.tolist(), choice.tolist(), logp
     p = mx.exp(transform(logp))  # (m + 1, V)
     one_hot = (mx.arange(p.shape[-1])[None] == x[:, None]).astype(p.dtype)
     q = one_hot if q is None else mx.exp(q)  # (m, V)
@@ -170,21 +173,15 @@ def verify(
     fallback = mx.concatenate([residual, p[m:]], axis=0)  # the last row: the bonus token
     choice = mx.random.categorical(mx.log(fallback), axis=-1)
     mx.eval(accept, choice)
-    return accept.tolist(), choice.tolist()
+    return accept.tolist(), choice.tolist(), logp
 
 
 def make_proposer(
     model: CausalLM, config: GenerationConfig, transform: Transform | None
 ) -> tuple[PromptLookup | DraftModel, ProposalLength]:
-    """The proposer the config asks for, and how many tokens it proposes per step."""
-    if config.prompt_lookup and config.draft_model is not None:
-        raise GenerationError("use prompt lookup or a draft model, not both")
+    """The proposer the config (validated) asks for, and how many tokens it proposes per step."""
     if config.draft_model is None:
-        if config.prompt_lookup < 1:
-            raise GenerationError(f"prompt_lookup must be >= 1, got {config.prompt_lookup}")
         return PromptLookup(config.max_ngram), ProposalLength(config.prompt_lookup)
-    if config.num_draft < 1:
-        raise GenerationError(f"num_draft must be >= 1, got {config.num_draft}")
     target_vocab, draft_vocab = vocab_size(model), vocab_size(config.draft_model)
     if draft_vocab != target_vocab:
         raise GenerationError(
@@ -207,8 +204,9 @@ def speculative_generate_step(
     stats: SpeculativeStats | None = None,
     lengths: ProposalLength | None = None,
     history: Sequence[int] = (),
-) -> Iterator[tuple[int, bool]]:
-    """Yield (token, whether it was a proposed token) up to `config.max_tokens` times.
+) -> Iterator[tuple[int, mx.array, bool]]:
+    """Yield (token, logprobs (V,), whether it was a proposed token) up to `config.max_tokens`
+    times; the logprobs are the model's after the logits processors, as in `generate_step`.
     `stats` receives running counts; `lengths` decides how many tokens to propose per step;
     `history` are the tokens already in `cache` before the prompt (a chat's earlier turns): the
     proposer sees them too, the logits processors see the prompt on, as plain decoding does.
@@ -218,6 +216,7 @@ def speculative_generate_step(
     `prefill`."""
     if prompt.size == 0:
         raise GenerationError("the prompt is empty: give at least one token")
+    config.validate()
     stats = stats if stats is not None else SpeculativeStats()
     transform = None
     if config.temperature > 0:
@@ -240,10 +239,11 @@ def speculative_generate_step(
         while (left := config.max_tokens - (len(tokens) - prompt.size)) > 0:
             tic = time.perf_counter()
             k = min(lengths.next_k(), left - 1)  # a run is at most k + 1 tokens
-            draft, q = proposer.propose(seen, k)
-            inputs = mx.array(tokens[-1:] + draft, mx.uint32)
-            logits = model(inputs[None], cache=cache)[0]  # (m + 1, V)
-            accept, choice = verify(logits, tokens, draft, q, processors, transform)
+            with mx.stream(generation_stream()):
+                draft, q = proposer.propose(seen, k)
+                inputs = mx.array(tokens[-1:] + draft, mx.uint32)
+                logits = model(inputs[None], cache=cache)[0]  # (m + 1, V)
+                accept, choice, logprobs = verify(logits, tokens, draft, q, processors, transform)
             n = accept.index(False) if False in accept else len(draft)
             seconds = time.perf_counter() - tic
             lengths.update(len(draft), n, seconds)
@@ -256,7 +256,7 @@ def speculative_generate_step(
                 tokens.append(token)
                 seen.append(token)
                 stats.tokens += 1
-                yield token, i < n
+                yield token, logprobs[i], i < n
             rewind()
     finally:
         rewind()

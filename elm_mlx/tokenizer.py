@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerError
+from .models import get_family
 
-# OpenELM-Instruct was tuned on Zephyr-style turns whose role markers are plain text.
-ZEPHYR_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 # Documented fallback for models without a template (OLMo, base models): plain text turns.
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
@@ -108,10 +104,10 @@ def load_tokenizer(model_dir: Path, eos_token_ids: list[int] | None = None) -> T
 
 
 def default_chat_template(tokenizer: Tokenizer, model_type: str) -> str | None:
-    """The template a model gets when its tokenizer has none."""
+    """The template a model gets when its tokenizer has none: its family's, or plain turns."""
     if getattr(tokenizer, "chat_template", None):
         return None
-    return ZEPHYR_TEMPLATE if model_type == "openelm" else PLAIN_TEMPLATE
+    return get_family(model_type).chat_template or PLAIN_TEMPLATE
 
 
 def render_chat(

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from .data import Example, Splits, collate, eval_batches, train_batches
-from .errors import TrainingError
+from .errors import OptionError, TrainingError
 from .lora import (
     ADAPTER_FILE,
     LoRAConfig,
@@ -65,24 +65,25 @@ class TrainConfig:
     plot: bool = False
 
     def validate(self, world: int = 1) -> None:
-        positive = ("iters", "batch_size", "grad_accum", "max_seq_len")
-        for name in positive:
+        for name in ("iters", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1")
+                raise OptionError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise TrainingError(f"--learning-rate must be > 0, got {self.learning_rate}")
+            raise OptionError("learning_rate", f"must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup < self.iters:
-            raise TrainingError(f"--warmup must be in [0, --iters), got {self.warmup}")
-        if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise TrainingError("--weight-decay must be >= 0 and min_lr_ratio in [0, 1]")
+            raise OptionError("warmup", f"must be in [0, iters = {self.iters}), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise OptionError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise OptionError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("val_every", "save_every"):
             if getattr(self, name) < 0:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 0 (0: never)")
+                raise OptionError(name, f"must be >= 0 (0: never), got {getattr(self, name)}")
         if self.val_batches < -1:
-            raise TrainingError(f"--val-batches must be >= 0 or -1 (all), got {self.val_batches}")
+            raise OptionError("val_batches", f"must be >= 0 or -1 (all), got {self.val_batches}")
         if self.batch_size % world:
-            raise TrainingError(
-                f"--batch-size {self.batch_size} must be divisible by the {world} processes"
+            raise OptionError(
+                "batch_size", f"{self.batch_size} must be divisible by the {world} processes"
             )
 
     # Options a resumed run must share with the saved one, or the data order and the

@@ -1,11 +1,11 @@
 """Tiny checkpoints and tokenizers shared by the tests.
 
 Every `write_hf_*` writes a random checkpoint in the exact Hugging Face layout of its family
-(tensor names, shapes and config keys of the public repos, see formats.md): Llama and OLMo
-through transformers' own `save_pretrained` (or `torch.save` for a pickled `.bin`), OpenELM by
-hand from formats.md's table, since its modeling code is remote. Weights are drawn with a
-larger spread than HF's init (std 0.1, norm weights around 1) so that a wrong rotation, norm
-or clamp changes the logits by far more than the comparison tolerance.
+(tensor names, shapes and config keys of the public repos): Llama and OLMo through
+transformers' own `save_pretrained` (or `torch.save` for a pickled `.bin`), OpenELM by hand
+from the tensor table of Apple's repos (`openelm_shapes`), since its modeling code is remote.
+Weights are drawn with a larger spread than HF's init (std 0.1, norm weights around 1) so that
+a wrong rotation, norm or clamp changes the logits by far more than the comparison tolerance.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 from elm_mlx.convert import ConvertOptions, convert
-from elm_mlx.convert.tokenizer_files import SPM_TOKENIZER_CONFIG
+
+from elm_mlx.model_folder import SPM_TOKENIZER_CONFIG
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -204,7 +205,8 @@ def openelm_config(
 
 
 def openelm_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """formats.md's tensor table for an OpenELM config with per-layer lists."""
+    """The tensors of Apple's OpenELM checkpoints (no biases, [out, in] layout) for a config with
+    per-layer lists."""
     from elm_mlx.models.openelm import make_divisible
 
     dim, d = config["model_dim"], config["head_dim"]
@@ -278,11 +280,13 @@ def _save_torch_model(model: Any, folder: Path, dtype: str, sharded: bool, fmt: 
 
 def _legacy_config(folder: Path, dtype: str) -> None:
     """Rewrite config.json with transformers-4 keys, as the public repos hold them
-    (`torch_dtype`, top-level `rope_theta`) instead of transformers-5 ones."""
+    (`torch_dtype`, top-level `rope_theta`, `rope_scaling`) instead of transformers-5 ones."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
     rope = config.pop("rope_parameters", None) or {}
-    config["rope_theta"] = rope.get("rope_theta", 10000.0)
+    config["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = rope  # e.g. Llama 3.1's {"rope_type": "llama3", ...}
     config.pop("dtype", None)
     config["torch_dtype"] = dtype
     config["transformers_version"] = "4.40.0"
@@ -378,7 +382,7 @@ def write_hf_openelm(
     tokenizer: Path | None = None,
     layout: dict[str, Any] | None = None,
 ) -> Path:
-    """A random OpenELM checkpoint from formats.md's table (no tokenizer: Apple ships none).
+    """A random OpenELM checkpoint from `openelm_shapes` (no tokenizer: Apple ships none).
     `layout`: the config whose per-layer lists give the shapes, when `config` lacks them."""
     import torch
 

@@ -5,6 +5,7 @@ answer is plain greedy decoding of the whole rendered conversation without any c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,15 +13,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from _chat_fixtures import CORPUS, KINDS, write_tiny_chat_model
+from elm_mlx.cli.chat import set_option
 from elm_mlx.cli.main import app
+from elm_mlx.convert.cache import cached_model_dir, ensure_model
 from typer.testing import CliRunner
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 from elm_mlx.chat import ChatSession, common_prefix, load_template
-from elm_mlx.errors import ChatError, ElmError, ModelNotFoundError
-from elm_mlx.generate import GenerationConfig
+from elm_mlx.errors import ChatError, ModelNotFoundError
+from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load, read_config
-from elm_mlx.model_cache import cached_model_dir, ensure_model
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
 SYSTEM = "you are a helpful assistant who answers briefly"
@@ -241,7 +243,7 @@ def test_openelm_gets_the_zephyr_format(folders):
     model, tokenizer = load(folders["zephyr"])
     session = ChatSession(model, tokenizer, system="Be brief.")
     session.messages.append({"role": "user", "content": "hi"})
-    # formats.md: the format OpenELM-Instruct was tuned with
+    # the Zephyr format OpenELM-Instruct was tuned with (Apple's model card)
     assert session.render() == "<|system|>\nBe brief.</s>\n<|user|>\nhi</s>\n<|assistant|>\n"
     tokens = session.tokens()
     assert tokens[0] == 1  # BOS
@@ -298,14 +300,20 @@ def test_system_reset_and_set(folders):
     session.set_system(None)
     assert session.messages == []
 
-    session.set("temp", "0.7")
-    session.set("max_tokens", "12")
-    session.set("seed", "none")
+    set_option(session, "temp", "0.7")
+    set_option(session, "max_tokens", "12")
+    set_option(session, "seed", "none")
     assert (session.config.temperature, session.config.max_tokens) == (0.7, 12)
     assert session.config.seed is None
-    for name, value in [("top_p", "2"), ("max_tokens", "x"), ("colour", "1"), ("max_tokens", "0")]:
-        with pytest.raises(ElmError):
-            session.set(name, value)
+    bad = {
+        ("top_p", "2"): "/set top_p must be in (0, 1], got 2.0",
+        ("max_tokens", "x"): "/set max_tokens: 'x' is not a int",
+        ("colour", "1"): "/set knows temp, top_p",
+        ("max_tokens", "0"): "/set max_tokens must be at least 1",
+    }
+    for (name, value), message in bad.items():
+        with pytest.raises(ChatError, match=re.escape(message)):
+            set_option(session, name, value)
     assert session.config.top_p == 1.0 and session.config.max_tokens == 12
 
 

@@ -14,7 +14,7 @@ from helpers import logits_of, random_ids, torch_logits, write_hf_llama
 from typer.testing import CliRunner
 
 from elm_mlx import _blas, generate
-from elm_mlx.generate import GenerationConfig
+from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load_model
 from elm_mlx.tokenizer import render_chat
 

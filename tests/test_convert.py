@@ -10,7 +10,6 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from elm_mlx.convert.convert import default_dtype
 from helpers import (
     convert_tiny,
     dequantize_np,
@@ -27,9 +26,11 @@ from safetensors import safe_open
 
 from elm_mlx import load
 from elm_mlx.loader import load_model
+from elm_mlx.models import get_family
 
 ATOL = 1e-4
-OPENELM_CONFIGS = Path("/work/shared/reference/openelm-configs.json")
+# The config.json of each OpenELM size as published by Apple, with derived dimensions.
+OPENELM_CONFIGS = Path(__file__).parent / "data" / "openelm-configs.json"
 # Wide enough (128) for every group size to apply to most layers.
 WIDE = {
     "llama": {"hidden_size": 128, "intermediate_size": 256},
@@ -112,8 +113,10 @@ def test_default_dtype(tiny):
     out = tiny.converted("llama", dtype=None)
     assert {v.dtype for v in _tensors(out).values()} == {mx.float16}
     configs = json.loads(OPENELM_CONFIGS.read_text())
-    assert default_dtype(configs["apple/OpenELM-3B"]["config.json"]) == "bfloat16"
-    assert default_dtype(configs["apple/OpenELM-1_1B"]["config.json"]) == "float16"
+    openelm = get_family("openelm")
+    for size, dtype in (("3B", "bfloat16"), ("1_1B", "float16")):
+        args = openelm.args(configs[f"apple/OpenELM-{size}"]["config.json"])
+        assert openelm.default_dtype(args) == dtype
 
 
 # ---------------------------------------------------------------------------- quantization

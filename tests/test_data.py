@@ -13,7 +13,8 @@ from _lora_fixtures import make_tokenizer, write_jsonl
 
 from elm_mlx.data import Example, epoch_batches, load_splits, train_batches
 from elm_mlx.errors import DataError
-from elm_mlx.tokenizer import ZEPHYR_TEMPLATE, load_tokenizer
+from elm_mlx.models.openelm import ZEPHYR_TEMPLATE
+from elm_mlx.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

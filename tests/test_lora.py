@@ -21,9 +21,9 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from elm_mlx.data import load_splits
-from elm_mlx.errors import AdapterError, TrainingError
+from elm_mlx.errors import AdapterError, OptionError, TrainingError
 from elm_mlx.fuse import fuse
-from elm_mlx.generate import generate
+from elm_mlx.generation import generate
 from elm_mlx.loader import load
 from elm_mlx.lora import (
     LoRAConfig,
@@ -97,9 +97,9 @@ def test_targets_and_last_layers(root):
     model, _ = lora_model(root / "llama", LoRAConfig(num_layers=1, targets=("q_proj", "v_proj")))
     wrapped = sorted(k for k, m in model.named_modules() if isinstance(m, LoRALinear))
     assert wrapped == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-    with pytest.raises(AdapterError, match="no layer 'qkv_proj'"):
+    with pytest.raises(OptionError, match="targets names no layer 'qkv_proj'"):
         lora_model(root / "llama", LoRAConfig(targets=("qkv_proj",)))
-    with pytest.raises(AdapterError, match="has only 2"):
+    with pytest.raises(OptionError, match="num_layers is 3 but the model has only 2"):
         lora_model(root / "llama", LoRAConfig(num_layers=3))
 
 

@@ -19,11 +19,13 @@ from helpers import (
 )
 from mlx.utils import tree_flatten
 
+from elm_mlx.errors import ConfigError
 from elm_mlx.loader import build_model, load_model
 from elm_mlx.models.openelm import ModelArgs as OpenELMArgs
 
 ATOL = 1e-4  # fp32 on both sides; observed differences are ~2e-6
-OPENELM_CONFIGS = Path("/work/shared/reference/openelm-configs.json")
+# The config.json of each OpenELM size as published by Apple, with derived dimensions.
+OPENELM_CONFIGS = Path(__file__).parent / "data" / "openelm-configs.json"
 
 CHECKPOINTS = [
     ("llama", {}),  # fp32, one model.safetensors, untied, transformers-4 config keys
@@ -63,6 +65,47 @@ def test_converted_logits_match_oracles(tiny, case):
         np.testing.assert_allclose(ours, logits_of(oracle, ids), atol=ATOL, rtol=0)
         checked += 1
     assert checked
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    },
+}
+
+
+@pytest.mark.parametrize("legacy_config", [True, False], ids=["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("kind", ROPE_SCALINGS)
+def test_llama_rope_scaling_matches_transformers(tiny, kind, legacy_config):
+    """Llama 3.x (`llama3`) and fine-tunes that stretch the context (`linear`, `dynamic`), with
+    the keys of transformers 4 (`rope_scaling`) or 5 (`rope_parameters`); 40 tokens pass the
+    16 positions the config names, so the dynamic base grows."""
+    hf = {"rope_scaling": ROPE_SCALINGS[kind], "max_position_embeddings": 16}
+    src = tiny.hf("llama", legacy_config=legacy_config, **hf)
+    written = json.loads((src / "config.json").read_text())
+    assert ("rope_scaling" in written) is legacy_config
+    ids = random_ids(40)
+    model = load_model(tiny.converted("llama", {"legacy_config": legacy_config, **hf})).model
+    ours = logits_of(model, ids)
+    np.testing.assert_allclose(ours, torch_logits(src, ids), atol=ATOL, rtol=0)
+    # the scaling matters: without it transformers' own logits differ
+    default = {"rope_type": "default", "rope_theta": 10000.0}
+    plain = torch_logits(src, ids, rope_scaling=None, rope_parameters=default)
+    assert np.abs(plain - ours).max() > 1e-2
+
+
+def test_unknown_rope_scaling_is_refused(tiny, tmp_path):
+    src = tiny.hf("llama")
+    config = json.loads((src / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not supported"):
+        build_model(config)
 
 
 def test_olmo_clip_qkv_is_exercised(tiny):

@@ -125,7 +125,7 @@ def test_quantized_perplexity_cost(converted):
         model, tokenizer = load(folder)
         ppl[name] = perplexity(model, tokenizer.encode(TEXT))
     print(f"\nperplexity on the fixed text: {json.dumps(ppl)}")
-    # Known from real-model.md: 8-bit costs ~0.04%, 4-bit ~30% (on top of the Q4_1 source).
+    # Measured with transformers on this model: 8-bit costs ~0.04%, 4-bit ~30% (on top of its Q4_1 source).
     assert 3 < ppl["fp32"] < 60
     assert abs(ppl["q8"] / ppl["fp32"] - 1) < 0.02
     assert 1.0 < ppl["q4"] / ppl["fp32"] < 2.0

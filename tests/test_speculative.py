@@ -12,13 +12,16 @@ from _spec_fixtures import VOCAB, chi2_sf, make_tokenizer, save_model, tiny_mode
 from elm_mlx.cli.main import app
 from typer.testing import CliRunner
 
-from elm_mlx.errors import GenerationError
-from elm_mlx.generate import GenerationConfig, generate_step, stream_generate
+from elm_mlx.draft import DraftModel
+from elm_mlx.errors import GenerationError, OptionError
+from elm_mlx.generation import stream_generate
+from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load
+from elm_mlx.lookup import PromptLookup, lookup
 from elm_mlx.models import make_cache
-from elm_mlx.proposers import DraftModel, PromptLookup, lookup
 from elm_mlx.sample import make_transform
 from elm_mlx.speculative import ProposalLength, SpeculativeStats, speculative_generate_step
+from elm_mlx.step import generate_step
 
 FAMILIES = ["llama", "olmo", "openelm"]
 
@@ -52,7 +55,7 @@ def plain(model, prompt: list[int], config: GenerationConfig) -> list[int]:
         logits_processors=config.logits_processors(),
         prefill_step_size=config.prefill_step_size,
     )
-    return [token for token, _ in steps]
+    return [token for token, *_ in steps]
 
 
 def speculative(model, prompt, config, lengths=None, cache=None):
@@ -61,7 +64,7 @@ def speculative(model, prompt, config, lengths=None, cache=None):
     steps = speculative_generate_step(
         mx.array(prompt, mx.uint32), model, config, cache, stats, lengths
     )
-    return [token for token, _ in steps], stats
+    return [token for token, *_ in steps], stats
 
 
 # --- the prompt-lookup proposer, pure Python ---------------------------------------------------
@@ -161,11 +164,12 @@ def test_refuses_draft_with_another_vocabulary():
 def test_refuses_bad_options():
     model = tiny_model("llama")
     both = GenerationConfig(prompt_lookup=3, draft_model=tiny_model("llama", seed=1))
-    with pytest.raises(GenerationError, match="not both"):
+    with pytest.raises(OptionError, match="prompt_lookup and a draft model cannot be combined"):
         speculative(model, [5, 6], both)
-    with pytest.raises(GenerationError, match="num_draft"):
+    with pytest.raises(OptionError, match="num_draft must be >= 1") as e:
         speculative(model, [5, 6], GenerationConfig(draft_model=model, num_draft=0))
-    with pytest.raises(GenerationError, match="max_ngram"):
+    assert e.value.option == "num_draft"
+    with pytest.raises(OptionError, match="max_ngram must be >= 1"):
         speculative(model, [5, 6], GenerationConfig(prompt_lookup=3, max_ngram=0))
 
 
@@ -201,7 +205,7 @@ def test_cache_after_rejections_equals_fresh_prefill(family):
                 mx.array(prompt, mx.uint32), model, config, cache, stats, FixedLength(5)
             )
             out = []
-            for token, _ in steps:
+            for token, *_ in steps:
                 out.append(token)
                 if len(out) == stop_after:
                     break
@@ -244,7 +248,7 @@ def test_prompt_lookup_searches_the_cached_history():
             FixedLength(4),
             history=history if searched else (),
         )
-        assert [token for token, _ in steps] == expected
+        assert [token for token, *_ in steps] == expected
         # k = 1 at the first step (2 tokens left); only the history holds a match for it
         assert stats.proposed == (1 if searched else 0)
 

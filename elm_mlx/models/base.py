@@ -1,8 +1,10 @@
-"""What every model family shares: the model contract, the KV cache and attention helpers."""
+"""What every model family shares: the model contract, the family contract, the KV cache and
+attention helpers."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -61,6 +63,11 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
+    def make_mask(self, length: int) -> str | None:
+        """The attention mask for `length` new queries: every row of the batch holds the same
+        positions, so the kernel's bottom-right aligned causal mask fits (None for one query)."""
+        return "causal" if length > 1 else None
+
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
         if self.keys is None:
@@ -98,9 +105,13 @@ class CausalLM(Protocol):
         ...
 
 
-def causal_mask(h: mx.array, cache: list[KVCache] | None) -> str | None:
-    # mx.fast.scaled_dot_product_attention aligns "causal" to the bottom right, which is what
-    # a cached prefix needs; a single query attends to everything.
+def causal_mask(h: mx.array, cache: list[KVCache] | None) -> str | mx.array | None:
+    """The mask of a forward pass over h (B, L, D). The cache decides, since only it knows
+    where each row's positions are (a batch cache of rows of different lengths gives an array);
+    without one, the causal mask ("causal": mx.fast.scaled_dot_product_attention aligns it to the
+    bottom right, which is also what a cached prefix needs)."""
+    if cache:
+        return cache[0].make_mask(h.shape[1])
     return "causal" if h.shape[1] > 1 else None
 
 
@@ -109,9 +120,46 @@ def attention(
     keys: mx.array,
     values: mx.array,
     scale: float,
-    mask: str | None,
+    mask: str | mx.array | None,
 ) -> mx.array:
     """(B, Hq, L, D) x (B, Hkv, S, D) -> (B, L, Hq*D); GQA is handled by the kernel."""
     out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     batch, _, length, _ = queries.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where a family's tokenizer comes from when its checkpoints ship none: a file found in
+    any of `repos` (tried in order) whose sha256 is `sha256`."""
+
+    filename: str
+    sha256: str
+    repos: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the rest of elm needs to know about a model family, declared once in the
+    family's module as `FAMILY` (adding a family means adding one module)."""
+
+    model_type: str  # config.json's model_type
+    ModelArgs: type[BaseModelArgs]  # the names mlx-lm gives them
+    Model: type[nn.Module]
+    context_key: str  # the ModelArgs field holding the context length it was trained for
+    lora_targets: tuple[str, ...]  # its linear layers, as paths inside one block
+    body: str  # Model attribute: embedding -> blocks -> final norm, (B, L) -> (B, L, D)
+    embedding: str  # body attribute: the token embedding (the output layer too when tied)
+    chat_template: str | None = None  # Jinja, for tokenizers without one (None: plain turns)
+    tokenizer: TokenizerSource | None = None  # for checkpoints that ship no tokenizer
+    default_dtype: Callable[[Any], str] = lambda args: "float16"  # ModelArgs -> dtype name
+
+    def args(self, config: dict[str, Any]) -> BaseModelArgs:
+        return self.ModelArgs.from_dict(config)
+
+    def context_length(self, args: Any) -> int:
+        return int(getattr(args, self.context_key))
+
+    def body_and_embedding(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        body = getattr(model, self.body)
+        return body, getattr(body, self.embedding)

@@ -1,6 +1,7 @@
-"""Llama architecture (LlamaForCausalLM): OpenLLaMA, SmolLM2 and friends.
+"""Llama architecture (LlamaForCausalLM): OpenLLaMA, SmolLM2, Llama 3 and friends.
 
-Module attributes mirror the HF tensor names, so weights load without renaming.
+Module attributes mirror the HF tensor names, so weights load without renaming. RoPE scaling
+(`linear`, `dynamic`, `llama3`) as declared in config.json, see rope.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, KVCache, attention, causal_mask
+from .base import BaseModelArgs, Family, KVCache, attention, causal_mask
+from .rope import check_scaling, make_rope, rope_config
 
 
 @dataclass
@@ -38,19 +40,11 @@ class ModelArgs(BaseModelArgs):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        # transformers >= 5 may keep rope_theta inside rope_parameters only
-        if self.rope_scaling and self.rope_scaling.get("rope_type", "default") not in (
-            "default",
-            None,
-        ):
-            raise ValueError(f"rope_scaling {self.rope_scaling} is not supported yet")
+        check_scaling(self.rope_scaling)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
-        rope = config.get("rope_parameters") or {}
-        if "rope_theta" not in config and "rope_theta" in rope:
-            config = {**config, "rope_theta": rope["rope_theta"]}
-        return super().from_dict(config)
+        return super().from_dict(rope_config(config))
 
 
 class Attention(nn.Module):
@@ -64,7 +58,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
-        self.rope = nn.RoPE(hd, traditional=args.rope_traditional, base=args.rope_theta)
+        self.rope = make_rope(
+            hd, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
+            args.rope_traditional,
+        )  # fmt: skip
 
     def __call__(self, x: mx.array, mask: str | None, cache: KVCache | None) -> mx.array:
         B, L, _ = x.shape
@@ -144,3 +141,22 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
+
+
+FAMILY = Family(
+    model_type="llama",
+    ModelArgs=ModelArgs,
+    Model=Model,
+    context_key="max_position_embeddings",
+    lora_targets=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
+    body="model",
+    embedding="embed_tokens",
+)

@@ -12,8 +12,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, KVCache, attention, causal_mask
+from .base import BaseModelArgs, Family, KVCache, attention, causal_mask
+from .llama import FAMILY as LLAMA
 from .llama import MLP
+from .rope import check_scaling, make_rope, rope_config
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ModelArgs(BaseModelArgs):
     vocab_size: int
     num_key_value_heads: int | None = None
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
     clip_qkv: float | None = None
     max_position_embeddings: int = 2048
     attention_bias: bool = False
@@ -35,13 +38,11 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        check_scaling(self.rope_scaling)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
-        rope = config.get("rope_parameters") or {}
-        if "rope_theta" not in config and "rope_theta" in rope:
-            config = {**config, "rope_theta": rope["rope_theta"]}
-        return super().from_dict(config)
+        return super().from_dict(rope_config(config))
 
 
 class LayerNorm(nn.Module):
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
-        self.rope = nn.RoPE(hd, traditional=False, base=args.rope_theta)
+        self.rope = make_rope(hd, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, mask: str | None, cache: KVCache | None) -> mx.array:
         B, L, _ = x.shape
@@ -138,3 +139,15 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
+
+
+# Llama's tensor names, so Llama's LoRA targets and body; no chat template of its own.
+FAMILY = Family(
+    model_type="olmo",
+    ModelArgs=ModelArgs,
+    Model=Model,
+    context_key="max_position_embeddings",
+    lora_targets=LLAMA.lora_targets,
+    body="model",
+    embedding="embed_tokens",
+)

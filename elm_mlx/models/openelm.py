@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, KVCache, attention, causal_mask
+from .base import BaseModelArgs, Family, KVCache, TokenizerSource, attention, causal_mask
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -167,3 +167,40 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[TransformerLayer]:
         return self.transformer.layers
+
+
+# OpenELM-Instruct was tuned on Zephyr-style turns whose role markers are plain text.
+ZEPHYR_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# Apple's repos ship no tokenizer: OpenELM uses Llama-2's SentencePiece model, which some
+# ungated repos carry too (the file is checked by its hash).
+LLAMA2_TOKENIZER = TokenizerSource(
+    filename="tokenizer.model",
+    sha256="9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
+    repos=(
+        "meta-llama/Llama-2-7b-hf",
+        "mlx-community/OpenELM-1_1B-4bit",
+        "Xenova/OpenELM-270M-Instruct",
+    ),
+)
+
+
+def default_dtype(args: ModelArgs) -> str:
+    """bfloat16 for OpenELM-3B, as Apple advises (its activations overflow float16)."""
+    return "bfloat16" if args.model_dim >= 3072 else "float16"
+
+
+FAMILY = Family(
+    model_type="openelm",
+    ModelArgs=ModelArgs,
+    Model=Model,
+    context_key="max_context_length",
+    lora_targets=("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2"),
+    body="transformer",
+    embedding="token_embeddings",
+    chat_template=ZEPHYR_TEMPLATE,
+    tokenizer=LLAMA2_TOKENIZER,
+    default_dtype=default_dtype,
+)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import hub
+from safetensors import safe_open
+
+from .. import hub
+from ..model_folder import quantization_of, read_config
+from .convert import ConvertOptions, convert
 
 DEFAULT_BITS = 4
 
@@ -26,10 +30,6 @@ def cached_model_dir(repo_id: str, quantize: bool = True, bits: int = DEFAULT_BI
 
 def is_mlx_folder(folder: Path) -> bool:
     """A folder `elm` can load as is: ours or mlx-lm's (mlx-lm writes `format: mlx` too)."""
-    from safetensors import safe_open
-
-    from .loader import quantization_of, read_config
-
     if quantization_of(read_config(folder)):
         return True
     files = sorted(folder.glob("*.safetensors"))
@@ -50,8 +50,6 @@ def ensure_model(
     (`elm convert --quantize --bits BITS`, or float16 without `quantize`) into
     `cached_model_dir`, then reused. A hub repo that already holds MLX weights is used as
     downloaded. Hub failures (unreachable, gated, missing) raise ModelNotFoundError."""
-    from .convert import ConvertOptions, convert
-
     path = Path(model).expanduser()
     if path.exists() or not hub.looks_like_repo_id(model):
         return hub.resolve(model)

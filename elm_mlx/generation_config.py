@@ -1,0 +1,67 @@
+"""Every generation option and its default, in one place: the library, `elm generate`,
+`elm chat` and `elm serve` all fill this dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import OptionError
+from .models import CausalLM
+from .sample import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Generation options. `validate()` names the first field whose value cannot be used."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    prefill_step_size: int = 512
+    # speculative decoding: prompt lookup (n-gram) or a draft model
+    prompt_lookup: int | None = None
+    max_ngram: int = 3
+    draft_model: CausalLM | None = field(default=None, compare=False, repr=False)
+    num_draft: int = 4
+
+    def validate(self) -> None:
+        checks = (
+            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0: all tokens)"),
+            ("min_p", 0.0 <= self.min_p < 1.0, "must be in [0, 1)"),
+            (
+                "repetition_penalty",
+                self.repetition_penalty is None or self.repetition_penalty > 0,
+                "must be > 0",
+            ),
+            ("prefill_step_size", self.prefill_step_size >= 1, "must be >= 1"),
+            (
+                "prompt_lookup",
+                self.prompt_lookup is None or self.prompt_lookup >= 0,
+                "must be >= 0",
+            ),
+            ("max_ngram", self.max_ngram >= 1, "must be >= 1"),
+            ("num_draft", self.num_draft >= 1, "must be >= 1"),
+        )
+        for name, ok, problem in checks:
+            if not ok:
+                raise OptionError(name, f"{problem}, got {getattr(self, name)}")
+        if self.prompt_lookup and self.draft_model is not None:
+            raise OptionError("prompt_lookup", "and a draft model cannot be combined: use one")
+
+    @property
+    def speculative(self) -> bool:
+        return bool(self.prompt_lookup) or self.draft_model is not None
+
+    def sampler(self) -> Sampler:
+        return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
+
+    def logits_processors(self) -> list[LogitsProcessor]:
+        return make_logits_processors(self.repetition_penalty)

@@ -1,0 +1,132 @@
+"""The house, one way down: models <- engine <- training and evaluation <- cli, with convert
+beside the engine. Checked on the import graph read from the source (imports inside functions
+included) and on what real processes load."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {
+    "elm_mlx": ROOT / "elm_mlx",
+    "elm_mlx.convert": ROOT / "convert",
+    "elm_mlx.cli": ROOT / "cli",
+}
+ENGINE = {
+    "elm_mlx.generation",
+    "elm_mlx.generation_config",
+    "elm_mlx.step",
+    "elm_mlx.speculative",
+    "elm_mlx.draft",
+    "elm_mlx.sample",
+    "elm_mlx.chat",
+}
+TRAINING = {"elm_mlx.train", "elm_mlx.finetune", "elm_mlx.data", "elm_mlx.losses"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its source."""
+    known = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                # `from pkg import mod` imports the submodule when there is one
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for target in targets:
+                while target and target not in known:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_graph_is_read():
+    graph = import_graph()
+    assert "elm_mlx.generation" in graph["elm_mlx.chat"]
+    assert "elm_mlx.step" in graph["elm_mlx.speculative"]
+    assert {"elm_mlx.models.base", "elm_mlx.models"} & graph["elm_mlx.models.llama"]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert sorted(name for name in graph if name in reachable(graph, name)) == []
+
+
+def test_nothing_imports_the_cli():
+    graph = import_graph()
+    for name, edges in graph.items():
+        if not name.startswith("elm_mlx.cli"):
+            assert not {e for e in edges if e.startswith("elm_mlx.cli")}, name
+
+
+def test_models_and_convert_stay_below_the_engine():
+    graph = import_graph()
+    for name in graph:
+        if name.startswith(("elm_mlx.models", "elm_mlx.convert")) or name == "elm_mlx.model_folder":
+            above = reachable(graph, name) & (ENGINE | TRAINING)
+            assert not above, f"{name} reaches {sorted(above)}"
+
+
+def run(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_importing_convert_loads_no_engine_or_training():
+    loaded = run("import sys, elm_mlx.convert; print(' '.join(sorted(sys.modules)))").split()
+    assert not set(loaded) & (ENGINE | TRAINING)
+    assert "elm_mlx.convert.convert" in loaded
+
+
+@pytest.mark.parametrize("module", ["elm_mlx.lookup", "elm_mlx.stopping"])
+def test_pure_python_modules_load_without_mlx(module):
+    loaded = run(f"import sys, {module}; print(' '.join(sorted(sys.modules)))").split()
+    assert module in loaded and "mlx" not in loaded and "mlx.core" not in loaded
+
+
+def test_public_names_resolve_lazily():
+    out = run(
+        "import sys, elm_mlx; before = 'elm_mlx.generation' in sys.modules; "
+        "from elm_mlx import generate, load, GenerationConfig; "
+        "print(before, callable(generate), generate.__module__, load.__module__)"
+    )
+    assert out.split() == ["False", "True", "elm_mlx.generation", "elm_mlx.loader"]

@@ -9,7 +9,7 @@ import typer
 
 from ..convert import ConvertOptions, convert
 
-D = ConvertOptions()
+DEFAULTS = ConvertOptions()
 
 
 def command(
@@ -20,24 +20,28 @@ def command(
         typer.Option(
             help="float16, bfloat16 or float32 [default: float16; bfloat16 for OpenELM-3B]"
         ),
-    ] = D.dtype,
+    ] = DEFAULTS.dtype,
     quantize: Annotated[
         bool, typer.Option("--quantize", "-q", help="Quantize weights.")
-    ] = D.quantize,
-    bits: Annotated[int, typer.Option(help="Bits per weight when quantizing: 4 or 8.")] = D.bits,
+    ] = DEFAULTS.quantize,
+    bits: Annotated[
+        int, typer.Option(help="Bits per weight when quantizing: 4 or 8.")
+    ] = DEFAULTS.bits,
     group_size: Annotated[
         int, typer.Option(help="Quantization group size: 32, 64 or 128.")
-    ] = D.group_size,
+    ] = DEFAULTS.group_size,
     tokenizer: Annotated[
         str | None, typer.Option(help="Folder, tokenizer.model or hub id of the tokenizer to ship.")
-    ] = D.tokenizer,
+    ] = DEFAULTS.tokenizer,
     revision: Annotated[
         str | None, typer.Option(help="Hub revision (branch, tag, commit).")
-    ] = D.revision,
+    ] = DEFAULTS.revision,
     hf_token: Annotated[
         str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
-    ] = D.hf_token,
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = D.force,
+    ] = DEFAULTS.hf_token,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing output folder.")
+    ] = DEFAULTS.force,
 ) -> None:
     """Convert a Hugging Face checkpoint into an MLX model folder (fp16/bf16/fp32, or 4/8-bit).
 

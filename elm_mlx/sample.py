@@ -26,7 +26,9 @@ def make_transform(
     def transform(logprobs: mx.array) -> mx.array:
         x = logprobs / temperature if temperature > 0 else logprobs
         if top_k and top_k < x.shape[-1]:
-            kth = mx.sort(x, axis=-1)[..., -top_k][..., None]
+            # the k-th largest value by a partition (linear time), not a full sort; ties with it
+            # are kept
+            kth = mx.partition(x, -top_k, axis=-1)[..., -top_k][..., None]
             x = mx.where(x < kth, -mx.inf, x)
         if min_p > 0.0:
             # keep tokens with p >= min_p * p_max, i.e. logp >= log(min_p) + logp_max

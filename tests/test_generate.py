@@ -275,3 +275,60 @@ def test_detokenizer_streams_real_text_exactly(tiny, family, text):
     pieces.append(detokenizer.last_segment)
     assert "".join(pieces) == tokenizer.decode(tokens)
     assert sum(bool(p) for p in pieces) > len(tokens) // 3  # it streams, not all at the end
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+@pytest.mark.parametrize("speculative", [{}, {"prompt_lookup": 4}], ids=["plain", "lookup"])
+def test_responses_carry_the_models_logprobs(tiny, speculative):
+    """Each response's logprobs are log-softmax of the model's logits at its position (one
+    forward pass over the whole sequence as the oracle), after the repetition penalty."""
+    model, tokenizer = tiny.load("llama")
+    prompt = encode_prompt(tokenizer, PROMPT + " " + PROMPT)
+    options = {"max_tokens": 10, "repetition_penalty": 1.3, **speculative}
+    responses = list(stream_generate(model, tokenizer, prompt, **options))
+    ids = prompt + [r.token for r in responses]
+    logits = model(mx.array(ids)[None])[0]  # (L, V)
+    penalty = repetition_penalty(1.3)
+    for i, r in enumerate(responses):
+        at = len(prompt) - 1 + i
+        row = penalty(mx.array(ids[: at + 1]), logits[at : at + 1])
+        expected = row - mx.logsumexp(row, axis=-1, keepdims=True)
+        assert r.logprobs.shape == (logits.shape[-1],)
+        np.testing.assert_allclose(np.array(r.logprobs), np.array(expected[0]), atol=1e-4)
+        assert int(mx.argmax(r.logprobs)) == r.token  # greedy
+
+
+def test_each_response_has_its_own_statistics(tiny):
+    model, tokenizer = tiny.load("llama")
+    responses = list(
+        stream_generate(model, tokenizer, PROMPT + " " + PROMPT, max_tokens=12, prompt_lookup=4)
+    )
+    stats = [r.speculative for r in responses]
+    assert len({id(s) for s in stats}) == len(stats)  # not one shared object
+    assert [s.tokens for s in stats] == sorted(s.tokens for s in stats)
+    assert stats[0].tokens < stats[-1].tokens == len(responses)
+    assert [r.generation_tokens for r in responses] == list(range(1, len(responses) + 1))
+
+
+def test_generation_stream_does_not_leak_into_the_caller(tiny):
+    """Generation runs on its own stream (on Metal it overlaps with the caller's work); between
+    two tokens the caller's default stream is its own again. The wired limit is a no-op off
+    Metal."""
+    from elm_mlx.step import generation_stream, wired_limit
+
+    model, tokenizer = tiny.load("llama")
+    device = mx.default_device()
+    mine = mx.default_stream(device)
+    stream = stream_generate(model, tokenizer, PROMPT, max_tokens=3)
+    next(stream)
+    assert mx.default_stream(device) == mine
+    assert generation_stream() is generation_stream()
+    list(stream)
+    assert mx.default_stream(device) == mine
+    assert not mx.metal.is_available()
+    with wired_limit(model):
+        assert generate(model, tokenizer, PROMPT, max_tokens=3) == "".join(
+            r.text for r in stream_generate(model, tokenizer, PROMPT, max_tokens=3)
+        )

@@ -424,3 +424,61 @@ def test_cli_prints_statistics_and_refuses_other_vocabulary(tmp_path, tiny_folde
     result = runner.invoke(app, [*args, "--draft-model", str(other)])
     assert result.exit_code == 1
     assert "error:" in result.stderr and "same tokenizer" in result.stderr
+
+
+# --- the adaptive proposal length ------------------------------------------------------------
+
+
+def feed(lengths: ProposalLength, steps: int, accept_rate: float, cost: float) -> list[int]:
+    """Run the controller against a proposer whose tokens are each accepted with `accept_rate`
+    (deterministically: the expected run length) and a step costing 1 + cost * k plain steps."""
+    ks = []
+    for _ in range(steps):
+        k = lengths.next_k()
+        ks.append(k)
+        accepted = int(sum(accept_rate**i for i in range(1, k + 1)) + 1e-9) if k else 0
+        lengths.update(k, min(accepted, k), 0.01 * (1 + cost * k))
+    return ks
+
+
+def test_controller_times_a_plain_step_first():
+    lengths = ProposalLength(max_k=8)
+    assert lengths.next_k() == 0
+    lengths.update(0, 0, 0.01)
+    assert lengths.plain_s == 0.01 and lengths.next_k() > 0
+
+
+def test_controller_picks_the_k_of_the_best_expected_speedup():
+    """next_k is the argmax over k of (1 + a + ... + a^k) / (1 + c k), by brute force."""
+    for a, c in [(0.9, 0.02), (0.6, 0.05), (0.5, 0.3), (0.95, 0.0)]:
+        lengths = ProposalLength(max_k=10, min_gain=1.0)
+        lengths.plain_s = 0.01
+        lengths.hits, lengths.misses = a, 1 - a
+        lengths.costs.extend([c] * 3)
+        gains = {k: sum(a**i for i in range(k + 1)) / (1 + c * k) for k in range(11)}
+        assert lengths.next_k() == max(gains, key=gains.get)
+
+
+def test_controller_grows_on_acceptance_and_stops_on_rejection():
+    good = feed(ProposalLength(max_k=8), 40, accept_rate=0.95, cost=0.01)
+    assert good[-1] == 8  # nearly free and nearly always right: propose the most
+    bad = ProposalLength(max_k=8, probe_budget=0.02)
+    ks = feed(bad, 300, accept_rate=0.0, cost=0.5)
+    # stopped proposing runs; one token now and then notices if proposals become good again,
+    # spending at most the probe budget of the time (a probe costs 0.5 of a plain step here)
+    probes = [k for k in ks[100:] if k]
+    assert probes and set(probes) == {1}
+    assert len(probes) * 0.5 <= 0.02 * 200 + 0.5
+
+
+def test_controller_cost_is_robust_to_an_outlier_step():
+    lengths = ProposalLength(max_k=8)
+    lengths.update(0, 0, 0.01)
+    for seconds in [0.011, 0.011, 0.5, 0.011, 0.011]:  # one step hit by a busy machine
+        lengths.update(1, 1, seconds)
+    assert lengths.cost == pytest.approx(0.1, abs=1e-6)  # the median, not the mean
+
+
+def test_no_probes_for_a_draft_model():
+    lengths = ProposalLength(max_k=4, probe_budget=0.0)
+    assert set(feed(lengths, 200, accept_rate=0.0, cost=0.5)[20:]) == {0}

@@ -16,8 +16,10 @@ use_openblas()
 
 __version__ = "0.1.0"
 _EXPORTS = {
+    "BatchGenerator": "batch",
     "GenerationConfig": "generation_config",
     "GenerationResponse": "generation",
+    "batch_generate": "batch",
     "generate": "generation",
     "stream_generate": "generation",
     "load": "loader",

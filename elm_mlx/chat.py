@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from .errors import ChatError, OutputError
 from .generation import GenerationResponse, stream_generate
 from .generation_config import GenerationConfig
 from .models import CausalLM, family_of, make_cache
+from .prompt_cache import common_prefix
 from .tokenizer import Tokenizer, encode_prompt, render_chat
 
 Message = dict[str, str]
@@ -30,15 +31,6 @@ ROLES = ("system", "user", "assistant")
 def context_length(model: CausalLM) -> int:
     """The longest sequence the model was trained for."""
     return family_of(model).context_length(model.args)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def read_messages(path: str | Path) -> list[Message]:

@@ -14,7 +14,7 @@ from .generation_config import GenerationConfig
 from .models import CausalLM, KVCache, make_cache
 from .speculative import SpeculativeStats, speculative_generate_step
 from .step import generate_step, wired_limit
-from .stopping import StopMatcher
+from .stopping import TextStream
 from .tokenizer import Tokenizer, encode_prompt
 
 __all__ = ["GenerationConfig", "GenerationResponse", "generate", "stream_generate"]
@@ -107,9 +107,9 @@ def _responses(
     history: Sequence[int],
 ) -> Iterator[GenerationResponse]:
     """Tokens -> text pieces (stop strings held back and cut) with running statistics."""
-    detokenizer = tokenizer.detokenizer
-    stops = StopMatcher(config.stop)
-    eos = tokenizer.eos_token_ids
+    text = TextStream(
+        tokenizer.detokenizer, config.stop, tokenizer.eos_token_ids, config.max_tokens
+    )
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -120,22 +120,7 @@ def _responses(
             prompt_time = time.perf_counter() - tic
             prompt_tps = prompt.size / prompt_time
             tic = time.perf_counter()
-        finish = None
-        if token in eos:
-            finish = "stop"
-            detokenizer.finalize()
-            piece, _ = stops.feed(detokenizer.last_segment)
-            piece += stops.flush()
-        else:
-            detokenizer.add_token(token)
-            piece, hit = stops.feed(detokenizer.last_segment)
-            if hit:
-                finish = "stop"
-            elif n == config.max_tokens:
-                finish = "length"
-                detokenizer.finalize()
-                more, hit = stops.feed(detokenizer.last_segment)
-                piece += more + ("" if hit else stops.flush())
+        piece, finish = text.add(token)
         elapsed = time.perf_counter() - tic
         yield GenerationResponse(
             text=piece,

@@ -117,14 +117,20 @@ class ProposalLength:
             return 1
         return 0
 
-    def update(self, proposed: int, accepted: int, seconds: float) -> None:
+    def observe(self, proposed: int, accepted: int) -> None:
+        """Count a step's outcome into the acceptance rate (or the idle steps)."""
         if proposed == 0:
             self.idle += 1
-            self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
             return
         self.idle = 0
         self.hits = self.decay * self.hits + accepted
         self.misses = self.decay * self.misses + (accepted < proposed)
+
+    def update(self, proposed: int, accepted: int, seconds: float) -> None:
+        self.observe(proposed, accepted)
+        if proposed == 0:
+            self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
+            return
         if self.plain_s:
             self.costs.append(max(seconds / self.plain_s - 1.0, 0.0) / proposed)
 

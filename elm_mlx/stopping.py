@@ -1,9 +1,10 @@
-"""Stop strings in streamed text (pure Python): text that may be the beginning of a stop string
-is held back until the next piece shows whether it is."""
+"""When a generation stops and what text it shows (pure Python): stop strings in streamed text
+(text that may be the beginning of a stop string is held back until the next piece shows
+whether it is), EOS and the token limit."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 
 class StopMatcher:
@@ -37,3 +38,35 @@ class StopMatcher:
         """The text held back (the stream ended without completing a stop string)."""
         out, self.emitted = self.text[self.emitted :], len(self.text)
         return out
+
+
+class TextStream:
+    """One generation's tokens -> text pieces and its finish reason: the streaming detokenizer
+    (mlx-lm's interface: `add_token`, `finalize`, `last_segment`), stop strings held back and
+    cut, EOS tokens (never shown) and the token limit. `stream_generate` and the batch engine
+    both use it, so a request gives the same text alone or in a batch."""
+
+    def __init__(self, detokenizer, stops: Sequence[str], eos: Collection[int], max_tokens: int):
+        self.detokenizer = detokenizer  # a fresh one (`tokenizer.detokenizer` gives one)
+        self.stops = StopMatcher(stops)
+        self.eos = eos
+        self.max_tokens = max_tokens
+        self.count = 0
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """The text this token releases and the finish reason it causes: "stop" (EOS or a stop
+        string), "length" (the limit reached) or None."""
+        self.count += 1
+        if token in self.eos:
+            self.detokenizer.finalize()
+            piece, _ = self.stops.feed(self.detokenizer.last_segment)
+            return piece + self.stops.flush(), "stop"
+        self.detokenizer.add_token(token)
+        piece, hit = self.stops.feed(self.detokenizer.last_segment)
+        if hit:
+            return piece, "stop"
+        if self.count >= self.max_tokens:
+            self.detokenizer.finalize()
+            more, hit = self.stops.feed(self.detokenizer.last_segment)
+            return piece + more + ("" if hit else self.stops.flush()), "length"
+        return piece, None

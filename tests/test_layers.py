@@ -25,6 +25,12 @@ ENGINE = {
     "elm_mlx.draft",
     "elm_mlx.sample",
     "elm_mlx.chat",
+    "elm_mlx.batch",
+    "elm_mlx.batch_cache",
+    "elm_mlx.batch_prefill",
+    "elm_mlx.batch_spec",
+    "elm_mlx.batch_step",
+    "elm_mlx.prompt_cache",
 }
 TRAINING = {"elm_mlx.train", "elm_mlx.finetune", "elm_mlx.data", "elm_mlx.losses"}
 

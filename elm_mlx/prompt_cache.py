@@ -1,0 +1,102 @@
+"""A prompt cache shared across requests: the KV entries of finished requests (prompt + answer),
+kept so that a request which starts the same way (a chat client re-sending the conversation
+with one more turn) prefills only what is new.
+
+Matching is by token ids: a new prompt reuses the longest common prefix it has with any entry
+(not only whole entries, since a chat template closes the answer's turn with tokens that the
+model did not generate), leaving at least its last token to be fed. Entries are bounded by
+bytes and evicted least recently used first; an entry that a newer one extends is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import count
+
+import mlx.core as mx
+
+from .models import KVCache
+
+
+@dataclass
+class _Entry:
+    tokens: list[int]  # the positions the layers hold
+    layers: list[tuple[mx.array, mx.array]]  # per layer keys, values: (1, H, len(tokens), D)
+    nbytes: int
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case (a chat re-sent): one comparison in C
+        return n
+    lo, hi = 0, n  # the prefix of length lo agrees, that of length hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class PromptCache:
+    """LRU store of KV entries keyed by the tokens they hold, bounded by `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self.nbytes = 0
+        self._keys = count()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def fetch(self, prompt: Sequence[int]) -> tuple[int, list[KVCache] | None]:
+        """(n, a model's list of `KVCache`s holding the first n tokens of `prompt`): the longest
+        prefix any entry shares with it, at most all tokens but the last; (0, None) if none."""
+        prompt = list(prompt)
+        best, n = None, 0
+        for key, entry in self.entries.items():
+            m = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+            if m > n:
+                best, n = key, m
+        if best is None:
+            return 0, None
+        self.entries.move_to_end(best)
+        caches = []
+        for keys, values in self.entries[best].layers:
+            cache = KVCache()
+            cache.state = (keys[..., :n, :], values[..., :n, :])
+            caches.append(cache)
+        return n, caches
+
+    def insert(self, tokens: Sequence[int], layers: list[tuple[mx.array, mx.array]]) -> None:
+        """Keep the entries (per layer keys, values (1, H, len(tokens), D), copies the cache may
+        own) of `tokens`, evicting least recently used entries to stay within `max_bytes`."""
+        tokens = list(tokens)
+        if not tokens:
+            return
+        for key, entry in list(self.entries.items()):
+            shared = common_prefix(entry.tokens, tokens)
+            if shared == len(tokens):  # an entry already holds all of it
+                self.entries.move_to_end(key)
+                return
+            if shared == len(entry.tokens):  # the new entry extends this one
+                self._drop(key)
+        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        if nbytes > self.max_bytes:
+            return
+        self.entries[next(self._keys)] = _Entry(tokens, layers, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self.entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0

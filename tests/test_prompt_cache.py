@@ -1,0 +1,101 @@
+"""The prompt cache shared across requests: a conversation re-sent turn after turn reuses more
+and more KV entries and still answers as an uncached run; longest-prefix matching, LRU
+eviction by bytes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from helpers import random_ids
+
+from elm_mlx import generate
+from elm_mlx.batch import BatchGenerator, Request
+from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.prompt_cache import PromptCache, common_prefix
+from elm_mlx.tokenizer import encode_prompt
+
+QUESTIONS = [
+    "hello there",
+    "what is the capital of france",
+    "and of italy",
+    "to be or not to be",
+    "one two three four",
+]
+
+
+def test_conversation_reuses_the_cache_and_answers_as_uncached(tiny, family):
+    model, tokenizer = tiny.load(family)
+    cache = PromptCache()
+    gen = BatchGenerator(model, tokenizer, max_batch=4, prompt_cache=cache)
+    config = GenerationConfig(max_tokens=12)
+    history, cached, lengths = "", [], []
+    for turn, question in enumerate(QUESTIONS):
+        history += f"User: {question}\nAssistant:"
+        prompt = encode_prompt(tokenizer, history)
+        neighbour = Request(random_ids(6 + turn, vocab=300, seed=turn), config)
+        ids = [gen.add(Request(prompt, config)), gen.add(neighbour)]
+        events: dict[int, list] = {i: [] for i in ids}
+        while gen.has_work:
+            for e in gen.step():
+                events[e.request_id].append(e)
+        answer = "".join(e.text for e in events[ids[0]])
+        assert answer == generate(model, tokenizer, prompt, config)  # alone, no cache
+        cached.append(events[ids[0]][-1].usage.cached_tokens)
+        assert events[ids[1]][-1].usage.cached_tokens == 0
+        lengths.append(len(prompt))
+        history += answer + "\n"
+    assert cached[0] == 0
+    for turn in range(1, len(QUESTIONS)):
+        # at least the previous prompt (the answer may re-encode differently) and growing
+        assert lengths[turn - 1] <= cached[turn] < lengths[turn]
+        assert cached[turn] > cached[turn - 1]
+
+
+def _layers(tokens: list[int], n_layers: int = 2) -> list[tuple[mx.array, mx.array]]:
+    """Per layer keys/values (1, 1, len, 2) whose entries name their position and token."""
+    pos = mx.arange(len(tokens), dtype=mx.float32)
+    tok = mx.array(tokens, mx.float32)
+    kv = mx.stack([pos, tok], axis=-1)[None, None]  # (1, 1, L, 2)
+    return [(kv + layer, -kv - layer) for layer in range(n_layers)]
+
+
+def test_fetch_gives_the_longest_common_prefix():
+    cache = PromptCache()
+    cache.insert([1, 2, 3, 4, 5], _layers([1, 2, 3, 4, 5]))
+    cache.insert([1, 2, 7, 8], _layers([1, 2, 7, 8]))
+    n, caches = cache.fetch([1, 2, 3, 9, 9])
+    assert n == 3 and len(caches) == 2
+    keys, values = caches[1].state
+    np.testing.assert_array_equal(np.array(keys[0, 0]), [[1, 2], [2, 3], [3, 4]])
+    np.testing.assert_array_equal(np.array(values), -np.array(keys))
+    assert caches[0].offset == 3
+    assert cache.fetch([1, 2, 3, 4, 5])[0] == 4  # at least one token is left to feed
+    assert cache.fetch([1, 2, 7, 8, 1])[0] == 4
+    assert cache.fetch([9, 1, 2]) == (0, None)
+    assert cache.fetch([1]) == (0, None)
+
+
+def test_entries_are_bounded_by_bytes_least_recently_used_first():
+    entry = sum(k.nbytes + v.nbytes for k, v in _layers([1] * 4))
+    cache = PromptCache(max_bytes=int(2.5 * entry))
+    cache.insert([1, 2, 3, 4], _layers([1, 2, 3, 4]))
+    cache.insert([5, 6, 7, 8], _layers([5, 6, 7, 8]))
+    cache.insert([1, 2], _layers([1, 2]))  # held by an entry already: nothing added
+    assert len(cache) == 2 and cache.nbytes == 2 * entry
+    cache.fetch([1, 2, 3, 0])  # [1, 2, 3, 4] is now the most recently used
+    cache.insert([9, 9, 9, 9], _layers([9, 9, 9, 9]))
+    assert [e.tokens for e in cache.entries.values()] == [[1, 2, 3, 4], [9, 9, 9, 9]]
+    cache.insert([1, 2, 3, 4, 5], _layers([1, 2, 3, 4, 5]))  # extends an entry: replaces it
+    assert [e.tokens for e in cache.entries.values()] == [[9, 9, 9, 9], [1, 2, 3, 4, 5]]
+    cache.insert(list(range(20)), _layers(list(range(20))))  # larger than the bound: skipped
+    assert cache.nbytes <= cache.max_bytes and len(cache) == 2
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3], [1, 5, 3]) == 1
+    assert common_prefix([], [1]) == 0
+    for n in range(12):
+        a = list(range(12))
+        b = [*a[:n], -1, *a[n + 1 :]]
+        assert common_prefix(a, b) == n

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from ..errors import ElmError, OptionError
-from . import chat, convert, eval, finetune, fuse, generate
+from . import chat, convert, eval, finetune, fuse, generate, serve
 from .options import flag
 
 app = typer.Typer(
@@ -42,9 +42,10 @@ def translate_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 app.command("convert")(translate_errors(convert.command))
 app.command("generate")(translate_errors(generate.command))
 app.command("chat")(translate_errors(chat.command))
-app.command("eval")(translate_errors(eval.command))
 app.command("finetune")(translate_errors(finetune.command))
 app.command("fuse")(translate_errors(fuse.command))
+app.command("eval")(translate_errors(eval.command))
+app.command("serve")(translate_errors(serve.command))
 
 
 def main() -> None:

@@ -60,5 +60,9 @@ class OptionError(ElmError):
         super().__init__(f"{option} {problem}")
 
 
+class ServeError(ElmError):
+    """`elm serve` cannot start: the address is taken or an option has no valid value."""
+
+
 class EvaluationError(ElmError):
     """Perplexity or benchmark evaluation was given text, tasks or options it cannot use."""

@@ -1,0 +1,121 @@
+"""`elm serve`: an OpenAI-compatible HTTP server for one model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..convert.cache import DEFAULT_BITS, ensure_model
+from ..errors import GenerationError
+from ..server.options import ServeOptions
+from .options import (
+    GENERATION,
+    MaxNgram,
+    MaxTokens,
+    MinP,
+    PromptLookup,
+    RepetitionPenalty,
+    Temp,
+    TopK,
+    TopP,
+    generation_config,
+)
+
+SERVE = ServeOptions()  # the defaults the options show
+
+
+def served_id(model: str) -> str:
+    """The model's name in the API: a folder's name, or the hub id as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def command(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
+    ],
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
+    draft_model: Annotated[
+        str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
+    ] = None,
+    num_draft: Annotated[
+        int, typer.Option(help="Tokens the draft model proposes per step.")
+    ] = GENERATION.num_draft,
+    prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
+    max_ngram: MaxNgram = GENERATION.max_ngram,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = SERVE.host,
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = SERVE.port,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="ELM_API_KEY", help="Require `Authorization: Bearer KEY`."),
+    ] = SERVE.api_key,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = SERVE.max_batch,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests waiting for a slot; more are refused (429).")
+    ] = SERVE.max_queue,
+    max_context: Annotated[
+        int | None, typer.Option(help="Context length in tokens (default: the model's).")
+    ] = SERVE.max_context,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
+    ] = None,
+    max_tokens: MaxTokens = GENERATION.max_tokens,
+    temp: Temp = GENERATION.temperature,
+    top_p: TopP = GENERATION.top_p,
+    top_k: TopK = GENERATION.top_k,
+    min_p: MinP = GENERATION.min_p,
+    repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
+    bits: Annotated[
+        int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")
+    ] = DEFAULT_BITS,
+    quantize: Annotated[
+        bool, typer.Option(help="For a hub id: --no-quantize keeps float16 weights.")
+    ] = True,
+    hf_token: Annotated[
+        str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
+    ] = None,
+) -> None:
+    """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models) until Ctrl-C. The sampling options are the defaults of requests that do not
+    set them; a request's `prompt_lookup` field overrides --prompt-lookup and --draft-model."""
+    from ..chat import load_template
+    from ..loader import load
+    from ..server.run import serve
+
+    defaults = generation_config(  # checked before anything is loaded
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=None,
+        prompt_lookup=prompt_lookup,
+        max_ngram=max_ngram,
+        num_draft=num_draft,
+    )
+    if draft_model and prompt_lookup:
+        raise GenerationError("give --prompt-lookup or --draft-model, not both")
+    options = ServeOptions(
+        host=host,
+        port=port,
+        api_key=api_key or None,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        template=load_template(chat_template) if chat_template else None,
+    )
+    options.validate()
+    try:
+        path = ensure_model(model, quantize=quantize, bits=bits, token=hf_token)
+        lm, tokenizer = load(path, adapter_path=adapter)
+        if draft_model:
+            draft_path = ensure_model(draft_model, quantize=quantize, bits=bits, token=hf_token)
+            defaults = replace(defaults, draft_model=load(draft_path)[0])
+    except KeyboardInterrupt:  # while converting or loading
+        raise typer.Exit(130) from None
+    serve(lm, tokenizer, served_id(model), defaults, options)

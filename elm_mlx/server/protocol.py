@@ -1,0 +1,311 @@
+"""Request bodies of /v1/chat/completions and /v1/completions: parsed with strict types
+(pydantic), checked against the served model, and turned into a `Job` for the engine. Every
+problem is an `APIError` that names the JSON field, as the OpenAI API does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ElmError, OptionError
+from ..generation_config import GenerationConfig
+from ..tokenizer import Tokenizer, encode_prompt, render_chat
+
+MAX_TOP_LOGPROBS = 20
+DEFAULT_MODEL = "default"  # the name that always means the served model
+
+
+class APIError(ElmError):
+    """An error the client gets as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind,
+        )  # fmt: skip
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.kind, "param": self.param}
+        return {"error": {**error, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------ bodies
+
+
+class _Strict(BaseModel):
+    # strict: "10" is not an int and 1 is not a bool; unknown fields are ignored, as vendors'
+    # extra fields are by most OpenAI-compatible servers
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # elm's own options, as extra fields
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    prompt_lookup: int | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# what a field of a union type must be, said once instead of once per member
+EXPECTED = {
+    "stop": "a string or a list of strings",
+    "prompt": "a string, a list of token ids, or a list holding one of these",
+    "content": "a string or a list of text parts",
+}
+
+
+_FIELDS = {
+    name
+    for body in (ChatBody, CompletionBody, Message, TextPart, StreamOptions)
+    for name in body.model_fields
+}
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    error = e.errors()[0]
+    # the path to the field, without pydantic's names of union members ("str", "list[int]")
+    loc = [p for p in error["loc"] if isinstance(p, int) or p in _FIELDS]
+    union = next((i for i, p in enumerate(loc) if p in EXPECTED), None)
+    if union is not None and error["type"] != "missing":
+        loc = loc[: union + 1]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if error["type"] == "missing":
+        return APIError(400, f"{param} is required", param)
+    if union is not None:
+        return APIError(400, f"{param} must be {EXPECTED[loc[-1]]}", param)
+    return APIError(400, f"{param}: {error['msg']}", param)
+
+
+def read_body(raw: bytes, schema: type[_Strict]) -> Any:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from e
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+@dataclass(frozen=True)
+class Served:
+    """What requests are checked against: the served model and the server's defaults."""
+
+    model_id: str
+    tokenizer: Tokenizer
+    model_type: str
+    context_length: int
+    vocab_size: int
+    defaults: GenerationConfig
+    template: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked request: the prompt's token ids and everything about the answer."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    logprobs: int | None  # None: none; k: the chosen token's and the k most likely
+    stream: bool
+    include_usage: bool
+
+
+def _refuse_unsupported(body: _Sampling) -> None:
+    if body.n not in (None, 1):
+        raise APIError(400, "n must be 1: this server returns one choice per request", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0):
+            raise APIError(
+                400, f"{name} is not supported; use repetition_penalty (an extra field)", name
+            )
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+
+
+def _check_model(body: _Sampling, served: Served) -> None:
+    if body.model not in (None, DEFAULT_MODEL, served.model_id):
+        raise APIError(
+            404,
+            f"the model {body.model!r} does not exist: this server serves {served.model_id!r} "
+            f"(also called {DEFAULT_MODEL!r})",
+            "model",
+            "model_not_found",
+        )
+
+
+def _config(
+    body: _Sampling, served: Served, max_tokens_field: str, max_tokens: int | None
+) -> GenerationConfig:
+    """The server's defaults with the request's fields on top, validated."""
+    given = {
+        name: getattr(body, name)
+        for name in ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty")
+        if getattr(body, name) is not None
+    }
+    if isinstance(body.stop, str):
+        given["stop"] = (body.stop,)
+    elif body.stop is not None:
+        given["stop"] = tuple(body.stop)
+    if any(s == "" for s in given.get("stop", ())):
+        raise APIError(400, "stop strings must not be empty", "stop")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise APIError(400, f"{max_tokens_field} must be at least 1", max_tokens_field)
+        given["max_tokens"] = max_tokens
+    if body.prompt_lookup is not None:  # 0: no speculation; K: prompt lookup instead of a draft
+        given.update(prompt_lookup=body.prompt_lookup, draft_model=None)
+    config = replace(served.defaults, **given)
+    try:
+        config.validate()
+    except OptionError as e:
+        param = max_tokens_field if e.option == "max_tokens" else e.option
+        raise APIError(400, f"{param} {e.problem}", param) from e
+    return config
+
+
+def _fit(
+    prompt: list[int], config: GenerationConfig, served: Served, field: str
+) -> GenerationConfig:
+    """Refuse a prompt the context cannot hold; cut max_tokens to the room that is left."""
+    if not prompt:
+        raise APIError(400, f"{field} is empty", field)
+    room = served.context_length - len(prompt)
+    if room < 1:
+        raise APIError(
+            400,
+            f"the prompt is {len(prompt)} tokens and the context holds {served.context_length}: "
+            "send a shorter prompt",
+            field,
+            "context_length_exceeded",
+        )
+    return replace(config, max_tokens=min(config.max_tokens, room))
+
+
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n".join(part.text for part in content)
+
+
+def chat_job(raw: bytes, served: Served) -> Job:
+    body = read_body(raw, ChatBody)
+    _check_model(body, served)
+    _refuse_unsupported(body)
+    if body.tools:
+        raise APIError(400, "tools are not supported by this server", "tools")
+    if body.response_format and body.response_format.get("type") != "text":
+        raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+    if not body.messages:
+        raise APIError(400, "messages must hold at least one message", "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    config = _config(body, served, field, getattr(body, field))
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        for m in body.messages
+    ]
+    from jinja2 import TemplateError
+
+    try:
+        text = render_chat(served.tokenizer, messages, served.model_type, served.template)
+    except TemplateError as e:
+        raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
+    prompt = encode_prompt(served.tokenizer, text)
+    return Job(
+        prompt=prompt,
+        config=_fit(prompt, config, served, "messages"),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+def completion_job(raw: bytes, served: Served) -> Job:
+    body = read_body(raw, CompletionBody)
+    _check_model(body, served)
+    _refuse_unsupported(body)
+    if body.echo:
+        raise APIError(400, "echo is not supported", "echo")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", "suffix")
+    if body.best_of not in (None, 1):
+        raise APIError(400, "best_of must be 1", "best_of")
+    prompt: Any = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise APIError(400, "prompt must be one prompt: this server answers one", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        tokens = encode_prompt(served.tokenizer, prompt) if prompt else []
+    else:
+        if any(not 0 <= t < served.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {served.vocab_size})", "prompt")
+        tokens = list(prompt)
+    config = _config(body, served, "max_tokens", body.max_tokens)
+    return Job(
+        prompt=tokens,
+        config=_fit(tokens, config, served, "prompt"),
+        logprobs=body.logprobs,
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )

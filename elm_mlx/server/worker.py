@@ -1,0 +1,226 @@
+"""The worker thread: the only thread that touches the `BatchGenerator` (and so MLX).
+
+The event loop submits `Ticket`s and cancels them through an inbox; the worker hands waiting
+requests to the generator as slots free up (at most `max_batch` at once, so that the waiting
+ones can be counted and refused here), steps it and passes each event to its ticket's asyncio
+queue. An exception fails the requests it touched, never the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from ..batch import BatchGenerator, Event, Request
+from ..errors import ElmError, OptionError
+from ..step import wired_limit
+from .protocol import APIError
+
+log = logging.getLogger("elm_mlx.server")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a ticket gets instead of events when its request cannot go on."""
+
+    error: APIError
+
+
+@dataclass(eq=False)
+class Ticket:
+    request: Request
+    events: asyncio.Queue[Event | Failure] = field(default_factory=asyncio.Queue)
+    uid: int | None = None  # the generator's request id, once admitted
+    done: bool = False
+
+
+_STOP = object()
+
+
+class Worker:
+    def __init__(self, engine: BatchGenerator, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self.counts: Counter[str] = Counter()  # completed, cancelled, failed
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted
+        self._active = 0
+        self._closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once started
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ event-loop side
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread = threading.Thread(target=self._run, name="elm-serve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fail what is left (503) and end the thread."""
+        with self._lock:
+            self._closed = True
+        self._inbox.put((_STOP, None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def drain(self, seconds: float) -> None:
+        """Refuse new requests (503) now and fail those still running after `seconds`."""
+        with self._lock:
+            self._closed = True
+        timer = threading.Timer(seconds, self._inbox.put, args=((_STOP, None),))
+        timer.daemon = True
+        timer.start()
+
+    def submit(self, request: Request) -> Ticket:
+        """Queue a request (called on the event loop); a full queue is a 429."""
+        with self._lock:
+            if self._closed:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            if self._queued >= self.max_queue:
+                raise APIError(
+                    429,
+                    f"the server is busy: {self._active} requests running and {self._queued} "
+                    "waiting; retry later",
+                    code="queue_full",
+                    kind="rate_limit_error",
+                )
+            self._queued += 1
+        ticket = Ticket(request)
+        self._inbox.put(("add", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop a request now (its client left); nothing happens if it is done."""
+        if not ticket.done:
+            self._inbox.put(("cancel", ticket))
+
+    def stats(self) -> dict[str, int]:
+        cache = self.engine.prompt_cache
+        return {
+            "active": self._active,
+            "queued": self._queued,
+            "max_batch": self.engine.max_batch,
+            **{k: self.counts[k] for k in ("completed", "cancelled", "failed")},
+            "prompt_cache_entries": len(cache) if cache is not None else 0,
+            "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
+        }
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _run(self) -> None:
+        with wired_limit(self.engine.model):
+            self._loop()
+
+    def _loop(self) -> None:
+        waiting: deque[Ticket] = deque()
+        active: dict[int, Ticket] = {}
+        while True:
+            messages = [self._inbox.get()] if not waiting and not active else []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    messages.append(self._inbox.get_nowait())
+            for kind, ticket in messages:
+                if kind is _STOP:
+                    closing = APIError(503, "the server is shutting down", kind="server_error")
+                    self._unqueue(len(waiting))
+                    self._fail([*waiting, *active.values()], closing)
+                    self._active = 0
+                    return
+                if kind == "add":
+                    waiting.append(ticket)
+                elif ticket.done:
+                    continue
+                elif ticket in waiting:
+                    waiting.remove(ticket)
+                    self._unqueue(1)
+                    self._retire(ticket, "cancelled")
+                elif ticket.uid in active:
+                    del active[ticket.uid]
+                    self._retire(ticket, "cancelled")
+                    self._engine_cancel(ticket)
+            self._admit(waiting, active)
+            self._active = len(active)
+            if active:
+                self._step(active)
+                self._active = len(active)
+
+    def _admit(self, waiting: deque[Ticket], active: dict[int, Ticket]) -> None:
+        while waiting and len(active) < self.engine.max_batch:
+            ticket = waiting.popleft()
+            self._unqueue(1)
+            try:
+                ticket.uid = self.engine.add(ticket.request)
+            except OptionError as e:  # the engine's own checks: the request's fault
+                error = APIError(400, f"{e.option} {e.problem}", e.option)
+            except ElmError as e:
+                error = APIError(400, str(e))
+            except Exception as e:
+                log.exception("a request could not start")
+                error = _internal(e)
+            else:
+                active[ticket.uid] = ticket
+                continue
+            self._fail([ticket], error)
+
+    def _step(self, active: dict[int, Ticket]) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as e:  # the requests of this step fail; the worker goes on
+            log.exception("a generation step failed")
+            failed = list(active.values())
+            active.clear()
+            self._fail(failed, _internal(e))
+            for ticket in failed:
+                self._engine_cancel(ticket)
+            return
+        deliveries = []
+        for event in events:
+            ticket = active.get(event.request_id)
+            if ticket is None:  # cancelled meanwhile
+                continue
+            deliveries.append((ticket, event))
+            if event.finish_reason is not None:
+                del active[event.request_id]
+                self._retire(ticket, "completed")
+        self._deliver(deliveries)
+
+    def _engine_cancel(self, ticket: Ticket) -> None:
+        try:
+            if ticket.uid is not None:
+                self.engine.cancel(ticket.uid)
+        except Exception:
+            log.exception("cancelling a request failed")
+
+    def _unqueue(self, n: int) -> None:
+        with self._lock:
+            self._queued -= n
+
+    def _retire(self, ticket: Ticket, outcome: str) -> None:
+        ticket.done = True
+        self.counts[outcome] += 1
+
+    def _fail(self, tickets: list[Ticket], error: APIError) -> None:
+        for ticket in tickets:
+            self._retire(ticket, "failed")
+        self._deliver([(t, Failure(error)) for t in tickets])
+
+    def _deliver(self, deliveries: list[tuple[Ticket, Event | Failure]]) -> None:
+        if not deliveries or self.loop is None:
+            return
+
+        def put_all() -> None:
+            for ticket, item in deliveries:
+                ticket.events.put_nowait(item)
+
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            self.loop.call_soon_threadsafe(put_all)
+
+
+def _internal(e: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")

@@ -7,6 +7,10 @@ own), with OpenBLAS selected in both. The first --skip steps (compilation) are n
 
     python benchmarks/bench_lora.py                        # fp32, batch 4, 256 tokens
     python benchmarks/bench_lora.py --precisions fp32 --steps 20 --json out.json
+    python benchmarks/bench_lora.py --engines elm --learning-rate 2e-3 --max-grad-norm 0
+
+The table also shows each run's training loss at a few steps (and elm's gradient norm before
+clipping): with a high --learning-rate, whether training diverges. mlx-lm does not clip.
 
 tokens/s counts trained (loss) tokens as each trainer reports them: mlx-lm counts L per row
 of L tokens, elm L - 1 (the first token is never a target), a 1/L difference. The table shows
@@ -16,8 +20,10 @@ the median of --repeats alternating runs; on a shared machine, compare several r
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -79,9 +85,10 @@ def run_elm(args: argparse.Namespace) -> dict:
     import mlx.core as mx
 
     from elm_mlx.data import load_splits
+    from elm_mlx.errors import TrainingError
     from elm_mlx.loader import load
     from elm_mlx.lora import LoRAConfig, apply_lora
-    from elm_mlx.train import TrainConfig, Trainer
+    from elm_mlx.train import LOG_FILE, TrainConfig, Trainer
 
     # the stored dtype, as mlx-lm computes (elm's CPU default would upcast half to float32)
     model, tokenizer = load(args.model, compute_dtype=None)
@@ -90,16 +97,26 @@ def run_elm(args: argparse.Namespace) -> dict:
     lora = LoRAConfig(rank=args.rank, alpha=args.scale * args.rank, num_layers=-1)
     apply_lora(model, lora)
     config = TrainConfig(
-        iters=args.skip + args.steps, batch_size=args.batch_size, learning_rate=1e-5,
+        iters=args.skip + args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm,
         max_seq_len=args.max_seq_len, val_every=0, save_every=0,
         grad_checkpoint=args.grad_checkpoint,
     )  # fmt: skip
     marks = []
+    stopped = None
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, splits, Path(out), config, lora, progress=False)
-        trainer.run(on_step=lambda t: marks.append((*clocks(), t.tokens)))
-    return measure(marks, args.skip, mx.get_peak_memory())
+        try:
+            trainer.run(on_step=lambda t: marks.append((*clocks(), t.tokens)))
+        except TrainingError as e:  # a diverged run stops: report its losses
+            stopped = str(e)
+        with (Path(out) / LOG_FILE).open(newline="") as f:
+            log = [row for row in csv.DictReader(f) if row["loss"]]
+    result = measure(marks, args.skip, mx.get_peak_memory()) if len(marks) > args.skip else {}
+    losses = [float(row["loss"]) for row in log]
+    norms = [float(row["grad_norm"]) for row in log]
+    return {**result, "losses": losses, "grad_norms": norms, "stopped": stopped}
 
 
 def run_mlx_lm(args: argparse.Namespace) -> dict:
@@ -120,11 +137,12 @@ def run_mlx_lm(args: argparse.Namespace) -> dict:
     model.freeze()
     params = {"rank": args.rank, "scale": args.scale, "dropout": 0.0}
     linear_to_lora_layers(model, len(model.layers), params)
-    marks = []
+    marks, losses = [], []
 
     class Marks(TrainingCallback):
         def on_train_loss_report(self, info: dict) -> None:
             marks.append((*clocks(), info["trained_tokens"]))
+            losses.append(info["train_loss"])
 
     iters = args.skip + args.steps
     training = TrainingArgs(
@@ -137,12 +155,17 @@ def run_mlx_lm(args: argparse.Namespace) -> dict:
         training.adapter_file = str(Path(out) / "adapters.safetensors")
         train(
             model=model,
-            optimizer=optim.AdamW(learning_rate=1e-5),
+            optimizer=optim.AdamW(learning_rate=args.learning_rate),
             train_dataset=CacheDataset(TextDataset(rows, tokenizer)),
             args=training,
             training_callback=Marks(),
         )
-    return measure(marks, args.skip, mx.get_peak_memory())
+    return {**measure(marks, args.skip, mx.get_peak_memory()), "losses": losses}
+
+
+def speed(result: dict) -> float:
+    """tokens/s (nan for a run that diverged before the timed steps)."""
+    return result.get("tokens_per_sec", math.nan)
 
 
 def clocks() -> tuple[float, float]:
@@ -167,6 +190,7 @@ def worker(engine: str, args: argparse.Namespace) -> dict:
         "--data", str(args.data), "--batch-size", str(args.batch_size),
         "--max-seq-len", str(args.max_seq_len), "--rank", str(args.rank),
         "--scale", str(args.scale), "--steps", str(args.steps), "--skip", str(args.skip),
+        "--learning-rate", str(args.learning_rate), "--max-grad-norm", str(args.max_grad_norm),
     ] + (["--grad-checkpoint"] if args.grad_checkpoint else [])  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -175,6 +199,11 @@ def worker(engine: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
+
+    # isort: split
+    from elm_mlx.train import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,bf16,q4")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -185,6 +214,10 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="untimed first steps")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per engine")
     parser.add_argument("--grad-checkpoint", action="store_true")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm,
+                        help="elm's gradient clipping (0: off); mlx-lm does not clip")  # fmt: skip
+    parser.add_argument("--engines", default="elm,mlx_lm", help="comma-separated: elm,mlx_lm")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "elm-bench")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=("elm", "mlx_lm"), help=argparse.SUPPRESS)
@@ -205,23 +238,35 @@ def main() -> None:
         # rows a little under --max-seq-len, which re-tokenizing the text may lengthen a bit
         rows = text_rows(args.model, 64, args.max_seq_len - 16)
         (args.data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        runs: dict[str, list[dict]] = {"elm": [], "mlx_lm": []}
+        runs: dict[str, list[dict]] = {engine: [] for engine in args.engines.split(",")}
         for _ in range(args.repeats):
             for engine in runs:
                 runs[engine].append(worker(engine, args))
         for engine, measured in runs.items():
             # the median run by tokens/s (its own memory and CPU time), and every run's speed
-            median = sorted(measured, key=lambda r: r["tokens_per_sec"])[len(measured) // 2]
-            speeds = [round(r["tokens_per_sec"], 1) for r in measured]
-            results.append({"precision": precision, "engine": engine, **median, "runs": speeds})
+            median = sorted(measured, key=speed)[len(measured) // 2]
+            speeds = [round(speed(r), 1) for r in measured]
+            results.append({"precision": precision, "engine": engine, **median, "runs": speeds,
+                            "every_run": measured})  # fmt: skip
     print(f"{'precision':<10}{'engine':<8}{'tokens/s':>10}{'s/step':>9}{'CPU s/step':>11}"
           f"{'peak GB':>9}  tokens/s of each run")  # fmt: skip
+    nan = math.nan
     for r in results:
         print(
-            f"{r['precision']:<10}{r['engine']:<8}{r['tokens_per_sec']:>10.1f}"
-            f"{r['sec_per_step']:>9.3f}{r['cpu_sec_per_step']:>11.3f}{r['peak_memory_gb']:>9.3f}"
-            f"  {r['runs']}"
+            f"{r['precision']:<10}{r['engine']:<8}{r.get('tokens_per_sec', nan):>10.1f}"
+            f"{r.get('sec_per_step', nan):>9.3f}{r.get('cpu_sec_per_step', nan):>11.3f}"
+            f"{r.get('peak_memory_gb', nan):>9.3f}  {r['runs']}"
         )
+    print(f"learning rate {args.learning_rate:g}, elm's max gradient norm {args.max_grad_norm:g}")
+    for r in results:
+        for i, run in enumerate(r["every_run"]):
+            losses = ", ".join(f"{x:.3f}" for x in run["losses"])
+            print(f"{r['precision']} {r['engine']} run {i + 1}: loss at steps 1.. [{losses}]")
+            if "grad_norms" in run:
+                norms = ", ".join(f"{x:.3g}" for x in run["grad_norms"])
+                print(f"  gradient norm before clipping [{norms}]")
+            if run.get("stopped"):
+                print(f"  stopped: {run['stopped']}")
     summary = {
         "benchmark": "lora",
         "platform": platform.platform(),
@@ -230,6 +275,8 @@ def main() -> None:
         "rank": args.rank,
         "steps": args.steps,
         "grad_checkpoint": args.grad_checkpoint,
+        "learning_rate": args.learning_rate,
+        "max_grad_norm": args.max_grad_norm,
         "results": results,
     }
     print(json.dumps(summary))

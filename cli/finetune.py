@@ -45,6 +45,9 @@ def command(
         int, typer.Option(help="Linear warmup steps before cosine decay.")
     ] = D.warmup,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = D.weight_decay,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Clip the gradient's global norm to this (0: no clipping).")
+    ] = D.max_grad_norm,
     grad_checkpoint: Annotated[
         bool, typer.Option(help="Recompute activations in the backward pass (less memory).")
     ] = D.grad_checkpoint,
@@ -93,6 +96,7 @@ def command(
         learning_rate=learning_rate,
         warmup=warmup,
         weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
         grad_checkpoint=grad_checkpoint,
         max_seq_len=max_seq_len,
         train_on_prompt=train_on_prompt,

@@ -9,10 +9,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .checkpoint import STATE_FILE
 from .data import load_splits
 from .errors import TrainingError
 from .lora import ADAPTER_FILE, LoRAConfig, apply_lora
-from .train import STATE_FILE, TrainConfig, Trainer, TrainResult
+from .train import TrainConfig, Trainer, TrainResult
 
 
 def finetune(

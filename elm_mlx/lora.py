@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import AdapterError, OptionError
+from .model_folder import replaced_file
 from .models import family_of
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -176,16 +177,20 @@ def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
 
 
 def save_adapters(
-    model: nn.Module, folder: Path, config: LoRAConfig, extra: dict[str, Any] | None = None
+    model: nn.Module,
+    folder: Path,
+    config: LoRAConfig,
+    extra: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write adapters.safetensors and adapter_config.json (plus `extra` keys, e.g. training)."""
+    """Write adapters.safetensors (with `metadata`) and adapter_config.json (plus `extra`
+    keys, e.g. training), each replaced whole so a crash never leaves a torn file."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights = adapter_weights(model)
-    tmp = folder / f".{ADAPTER_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    tmp.replace(folder / ADAPTER_FILE)  # a crash mid-write never leaves a torn file
+    with replaced_file(folder / ADAPTER_FILE) as tmp:
+        mx.save_safetensors(str(tmp), adapter_weights(model), {"format": "mlx", **(metadata or {})})
     config_json = {**adapter_config_dict(model, config), **(extra or {})}
-    (folder / CONFIG_FILE).write_text(json.dumps(config_json, indent=2))
+    with replaced_file(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config_json, indent=2))
     return folder / ADAPTER_FILE
 
 
@@ -216,6 +221,19 @@ def read_adapter_config(folder: Path) -> tuple[dict[str, Any], LoRAConfig]:
     return raw, config
 
 
+def adapter_mismatches(model: nn.Module, weights: dict[str, mx.array]) -> str | None:
+    """What differs between saved adapter weights and the model's LoRA layers (None: they fit)."""
+    expected = adapter_weights(model)
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" if k in expected else f"{k}: unknown"
+        for k, v in weights.items()
+        if k not in expected or v.shape != expected[k].shape
+    ]
+    if missing := sorted(set(expected) - set(weights)):
+        wrong.append(f"missing {len(missing)} tensors, e.g. {missing[0]}")
+    return "; ".join(wrong[:3]) or None
+
+
 def load_adapters(model: nn.Module, folder: Path) -> LoRAConfig:
     """Wrap the model's layers as the adapter config says and load the trained weights."""
     folder = Path(folder).expanduser()
@@ -230,18 +248,8 @@ def load_adapters(model: nn.Module, folder: Path) -> LoRAConfig:
         weights = mx.load(str(path))
     except (RuntimeError, ValueError, OSError) as e:
         raise AdapterError(f"{path} cannot be read ({e}); is the adapter folder complete?") from e
-    expected = adapter_weights(model)
-    wrong = [
-        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" if k in expected else f"{k}: unknown"
-        for k, v in weights.items()
-        if k not in expected or v.shape != expected[k].shape
-    ]
-    if missing := sorted(set(expected) - set(weights)):
-        wrong.append(f"missing {len(missing)} tensors, e.g. {missing[0]}")
-    if wrong:
-        raise AdapterError(
-            f"{path} does not fit this model (another base model?): " + "; ".join(wrong[:3])
-        )
+    if wrong := adapter_mismatches(model, weights):
+        raise AdapterError(f"{path} does not fit this model (another base model?): {wrong}")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return config

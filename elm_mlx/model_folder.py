@@ -120,6 +120,19 @@ def staging_folder(out: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def replaced_file(path: Path) -> Iterator[Path]:
+    """A hidden temporary sibling of the file `path` (same suffix, for writers that add one)
+    that replaces `path` when the block succeeds: a crash never leaves a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class ShardWriter:
     """Writes tensors in arrival order into safetensors shards of at most `max_bytes`, then
     names them as mlx-lm does and writes the index."""

@@ -11,8 +11,8 @@ from typing import Any
 import mlx.core as mx
 
 LOG_FILE = "train_log.csv"
-LOG_FIELDS = ("step", "loss", "val_loss", "learning_rate", "tokens", "tokens_per_sec",
-              "peak_memory_gb", "elapsed_s")  # fmt: skip
+LOG_FIELDS = ("step", "loss", "val_loss", "learning_rate", "grad_norm", "tokens",
+              "tokens_per_sec", "peak_memory_gb", "elapsed_s")  # fmt: skip
 
 
 class TrainLog:
@@ -22,7 +22,8 @@ class TrainLog:
         rows: list[list[str]] = []
         if resume_step and path.exists():  # a resumed run drops steps after its last save
             with path.open(newline="") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= resume_step]
+                rows = [[r.get(name) or "" for name in LOG_FIELDS] for r in csv.DictReader(f)
+                        if r["step"] and int(r["step"]) <= resume_step]  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("w", newline="")
         self.writer = csv.writer(self.file)
@@ -40,24 +41,36 @@ class TrainLog:
 
 
 class ProgressBar:
-    """One line: step, loss, validation loss, learning rate, tokens/s, peak memory, ETA."""
+    """One line: step, loss, latest validation loss, learning rate, tokens/s, peak memory, ETA."""
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, val_loss: float | None = None):
         from tqdm import tqdm
 
         self.bar = tqdm(
             total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
             bar_format="{n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}",
         )  # fmt: skip
+        self.val_loss = val_loss
+        self.stats: list[str] = ["loss -"]  # of the last step
+        self.show(refresh=True)
 
-    def update(self, loss: float, val_loss: float | None, lr: float, tokens_per_sec: float):
-        val = "-" if val_loss is None else f"{val_loss:.3f}"
-        self.bar.set_postfix_str(
-            f"loss {loss:.3f} | val {val} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "
-            f"peak {mx.get_peak_memory() / 1e9:.2f} GB",
-            refresh=False,
-        )
+    def update(self, loss: float, lr: float, tokens_per_sec: float) -> None:
+        """A training step is done."""
+        self.stats = [f"loss {loss:.3f}", f"lr {lr:.2e}", f"{tokens_per_sec:,.0f} tok/s"]
+        self.show(refresh=False)
         self.bar.update(1)
+
+    def validated(self, step: int, val_loss: float) -> None:
+        """A validation is done: print it, and show it until the next one."""
+        self.val_loss = val_loss
+        self.write(f"step {step}: validation loss {val_loss:.3f}")
+        self.show(refresh=True)
+
+    def show(self, refresh: bool) -> None:
+        val = "-" if self.val_loss is None else f"{self.val_loss:.3f}"
+        fields = [self.stats[0], f"val {val}", *self.stats[1:],
+                  f"peak {mx.get_peak_memory() / 1e9:.2f} GB"]  # fmt: skip
+        self.bar.set_postfix_str(" | ".join(fields), refresh=refresh)
 
     def write(self, message: str) -> None:
         self.bar.write(message, file=sys.stderr)

@@ -1,14 +1,16 @@
 """The LoRA training loop: AdamW with warmup and cosine decay, gradient accumulation and
-checkpointing, a compiled step, validation, save/resume, and data parallelism.
+checkpointing, gradient clipping, a compiled step, validation, save/resume, and data
+parallelism.
 
 Gradients are summed over every trained token of a global batch (across micro-batches and
-processes) and divided by the token count once, so N processes, or N accumulated
-micro-batches, give the same update as one process on the whole batch.
+processes) and divided by the token count once, then clipped by their global norm, so N
+processes, or N accumulated micro-batches, give the same update as one process on the whole
+batch. A step whose loss or gradient is not finite stops the run with the last good adapter.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,22 +22,15 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
+from .checkpoint import RunState, check_options, load_run, save_run
 from .data import Example, Splits, collate, eval_batches, train_batches
 from .errors import OptionError, TrainingError
-from .lora import (
-    ADAPTER_FILE,
-    LoRAConfig,
-    adapter_config_dict,
-    read_adapter_config,
-    save_adapters,
-)
+from .lora import LoRAConfig
 from .losses import cross_entropy_sum
 from .progress import LOG_FILE, ProgressBar, StopFlag, TrainLog
 
-STATE_FILE = "training_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 PLOT_FILE = "loss.png"
 
 
@@ -54,6 +49,7 @@ class TrainConfig:
     warmup: int = 0
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
     weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # clip the gradient's global norm to this (0: off), as HF does
     grad_checkpoint: bool = False
     max_seq_len: int = 2048
     train_on_prompt: bool = False
@@ -68,8 +64,10 @@ class TrainConfig:
         for name in ("iters", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise OptionError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
+        if not 0 < self.learning_rate < math.inf:
             raise OptionError("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 <= self.max_grad_norm < math.inf:
+            raise OptionError("max_grad_norm", f"must be >= 0 (0: off), got {self.max_grad_norm}")
         if not 0 <= self.warmup < self.iters:
             raise OptionError("warmup", f"must be in [0, iters = {self.iters}), got {self.warmup}")
         if self.weight_decay < 0:
@@ -106,7 +104,19 @@ def make_optimizer(config: TrainConfig) -> optim.Optimizer:
     if config.warmup:
         warmup = optim.linear_schedule(lr / config.warmup, lr, max(config.warmup - 1, 1))
         decay = optim.join_schedules([warmup, decay], [config.warmup])
-    return optim.AdamW(learning_rate=decay, weight_decay=config.weight_decay)
+    # Bias correction as in PyTorch's AdamW (Hugging Face's Trainer): without it, MLX's first
+    # updates are up to ~6x the learning rate (3.2x at step 1), which is what made LoRA on
+    # SmolLM2 diverge at 2e-3 (see BENCHMARKS.md); clipping cannot help there, as Adam's update
+    # does not depend on the gradient's scale.
+    return optim.AdamW(learning_rate=decay, weight_decay=config.weight_decay, bias_correction=True)
+
+
+def clip_by_global_norm(grads: Any, max_norm: float) -> tuple[Any, mx.array]:
+    """The gradients scaled down to a global norm of at most `max_norm` (0: unchanged), and
+    their norm before clipping."""
+    if max_norm:
+        return optim.clip_grad_norm(grads, max_norm)
+    return grads, mx.sqrt(tree_reduce(lambda acc, g: acc + g.square().sum(), grads, 0.0))
 
 
 def all_sum_tree(tree: Any, world: mx.distributed.Group) -> Any:
@@ -176,14 +186,19 @@ class Trainer:
         self.progress = progress
         self.log: TrainLog | None = None
         self.bar: ProgressBar | None = None
+        self.run_id = RunState.new_run_id()
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.val_loss: float | None = None  # the latest validation loss
         self.interrupted = False
 
     # ---- the compiled step ---------------------------------------------------------------
     def make_step(self) -> Callable[..., tuple[mx.array, mx.array, Any]]:
+        """step(inputs, targets, mask, acc, update) accumulates (loss sum, token count,
+        gradients); with update=True it applies them and returns (loss, count, grad norm)."""
         model, optimizer, world = self.model, self.optimizer, self.world
+        max_norm = self.config.max_grad_norm
         loss_and_grad = nn.value_and_grad(model, cross_entropy_sum)
         state = [model.state, optimizer.state, mx.random.state]
 
@@ -196,8 +211,17 @@ class Trainer:
                 return loss, ntok, grads
             if world.size() > 1:
                 grads, (loss, ntok) = all_sum_tree((grads, (loss, ntok)), world)
-            optimizer.update(model, tree_map(lambda g: g / mx.maximum(ntok, 1), grads))
-            return loss, ntok, None
+            grads = tree_map(lambda g: g / mx.maximum(ntok, 1), grads)  # of the mean loss
+            grads, norm = clip_by_global_norm(grads, max_norm)
+            # A step whose loss or gradient is not finite leaves the weights and the optimizer
+            # state as they were (the loop then stops the run).
+            ok = mx.isfinite(loss) & mx.isfinite(norm)
+            before = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+            optimizer.update(model, grads)
+            keep = partial(mx.where, ok)
+            model.update(tree_map(keep, model.trainable_parameters(), before[0]))
+            optimizer.state.update(tree_map(keep, optimizer.state, before[1]))  # in place
+            return loss, ntok, norm
 
         return step
 
@@ -220,9 +244,23 @@ class Trainer:
             total, ntok = mx.distributed.all_sum(mx.stack([total, ntok]), group=self.world)
         return (total / mx.maximum(ntok, 1)).item()
 
+    def validate(self) -> None:
+        val_loss = self.evaluate(self.splits.valid, self.config.val_batches)
+        if val_loss is None:
+            return
+        self.val_loss = val_loss
+        if self.log:
+            self.log.write(step=self.step, val_loss=val_loss, elapsed_s=self.elapsed)
+        if self.bar:
+            self.bar.validated(self.step, val_loss)
+
     # ---- the loop ------------------------------------------------------------------------
     def run(self, on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
-        """Train up to `config.iters` steps; `on_step(trainer)` is called after each one."""
+        """Train up to `config.iters` steps; `on_step(trainer)` is called after each one.
+
+        Raises TrainingError when the loss or the gradient stops being finite, after saving
+        the adapter of the last good step (every process stops at the same step: both are
+        computed after the gradients are summed over processes)."""
         c = self.config
         step_fn = self.make_step()
         batches = train_batches(
@@ -231,10 +269,11 @@ class Trainer:
         )  # fmt: skip
         first = self.rank == 0
         self.log = TrainLog(self.out / LOG_FILE, self.step) if first else None
-        self.bar = ProgressBar(c.iters, self.step) if first and self.progress else None
-        loss = val_loss = None
+        show = first and self.progress
+        self.bar = ProgressBar(c.iters, self.step, self.val_loss) if show else None
+        loss = diverged = None
         if c.val_every and self.step == 0:
-            val_loss = self.validate()
+            self.validate()
         self.model.train()
         with StopFlag() as stop, grad_checkpointing(self.model.layers, c.grad_checkpoint):
             while self.step < c.iters:
@@ -249,22 +288,25 @@ class Trainer:
                     acc = step_fn(*arrays, acc, micro == c.grad_accum - 1)
                     mx.eval(acc, self.model.state, self.optimizer.state)
                 dt = time.perf_counter() - tic
-                self.step, self.elapsed = self.step + 1, self.elapsed + dt
                 n = int(acc[1].item())
-                self.tokens += n
-                loss = acc[0].item() / max(n, 1)
+                loss, grad_norm = acc[0].item() / max(n, 1), acc[2].item()
                 lr = self.optimizer.learning_rate.item()  # the rate this update used
                 if self.log:
                     self.log.write(
-                        step=self.step, loss=loss, learning_rate=lr, tokens=self.tokens,
-                        tokens_per_sec=n / dt, peak_memory_gb=mx.get_peak_memory() / 1e9,
-                        elapsed_s=self.elapsed,
+                        step=self.step + 1, loss=loss, learning_rate=lr, grad_norm=grad_norm,
+                        tokens=self.tokens + n, tokens_per_sec=n / dt,
+                        peak_memory_gb=mx.get_peak_memory() / 1e9, elapsed_s=self.elapsed + dt,
                     )  # fmt: skip
+                if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                    diverged = (loss, grad_norm, lr)  # and the step left no update
+                    break
+                self.step, self.tokens = self.step + 1, self.tokens + n
+                self.elapsed += dt
                 if self.bar:
-                    self.bar.update(loss, val_loss, lr, n / dt)
+                    self.bar.update(loss, lr, n / dt)
                 at_end = self.step == c.iters
                 if c.val_every and (self.step % c.val_every == 0 or at_end):
-                    val_loss = self.validate()
+                    self.validate()
                 if on_step is not None:
                     on_step(self)
                 if stop.is_set(self.world):
@@ -273,48 +315,61 @@ class Trainer:
                 if c.save_every and self.step % c.save_every == 0 and not at_end:
                     self.save()
         self.save()
+        if diverged is not None and self.size > 1:  # the others wait for the save
+            mx.eval(mx.distributed.all_sum(mx.array(0.0), group=self.world))
         test_loss = None
-        if self.splits.test and not self.interrupted:
+        if self.splits.test and not self.interrupted and diverged is None:
             test_loss = self.evaluate(self.splits.test, c.val_batches)
         if self.bar:
             self.bar.close()
         if self.log:
             self.log.close()
-            if c.plot:
+            if c.plot and diverged is None:
                 from .plot import plot_log
 
                 plot_log(self.out / LOG_FILE, self.out / PLOT_FILE)
-        return TrainResult(self.step, loss, val_loss, test_loss, self.interrupted)
+        if diverged is not None:
+            raise TrainingError(self.divergence_message(*diverged))
+        return TrainResult(self.step, loss, self.val_loss, test_loss, self.interrupted)
 
-    def validate(self) -> float | None:
-        val_loss = self.evaluate(self.splits.valid, self.config.val_batches)
-        if val_loss is not None and self.log:
-            self.log.write(step=self.step, val_loss=val_loss, elapsed_s=self.elapsed)
-        if val_loss is not None and self.bar:
-            self.bar.write(f"step {self.step}: validation loss {val_loss:.3f}")
-        return val_loss
+    def divergence_message(self, loss: float, grad_norm: float, lr: float) -> str:
+        if math.isfinite(loss):
+            what = f"the gradient norm became {grad_norm}"
+        else:
+            what = f"the loss became {loss}"
+        clip = "" if self.config.max_grad_norm else " or clip gradients (--max-grad-norm 1.0)"
+        return (
+            f"step {self.step + 1}: {what}; stopped and kept the adapter of step {self.step} in "
+            f"{self.out}. Lower --learning-rate (this step used {lr:.3g}){clip} and train "
+            f"again, or --resume from step {self.step}"
+        )
 
     # ---- saving and resuming -------------------------------------------------------------
     def save(self) -> None:
         if self.rank != 0:
             return
         training = {k: v for k, v in asdict(self.config).items() if k != "plot"}
-        save_adapters(self.model, self.out, self.lora, {"training": training})
-        opt_state = dict(tree_flatten(self.optimizer.state))
-        tmp = self.out / f".{OPTIMIZER_FILE}.tmp.safetensors"
-        mx.save_safetensors(str(tmp), opt_state)
-        tmp.replace(self.out / OPTIMIZER_FILE)
-        state = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed}
-        (self.out / STATE_FILE).write_text(json.dumps(state, indent=2))
+        state = RunState(self.run_id, self.step, self.tokens, self.elapsed, self.val_loss)
+        save_run(self.out, self.model, self.lora, training, self.optimizer, state)
 
     def resume(self) -> None:
         """Continue from the last save: adapter weights, optimizer state, data position.
 
-        The first process reads the files and sends their contents to the others, which
-        may run on machines without them.
-        """
+        The first process reads and checks the files and sends their contents to the
+        others, which may run on machines without them; if they do not pass, every process
+        raises."""
+        failure: TrainingError | OptionError | None = None
         if self.rank == 0:
-            self.load_saved()
+            try:
+                self.load_saved()
+            except (TrainingError, OptionError) as e:
+                failure = e
+        if self.size > 1:
+            failed = mx.distributed.all_sum(mx.array(float(failure is not None)), group=self.world)
+            if failed.item() and failure is None:
+                raise TrainingError("--resume: the first process could not resume (see its error)")
+        if failure is not None:
+            raise failure
         if self.size > 1:
             params = self.model.trainable_parameters()
             saved = (params, self.optimizer.state, mx.array([self.step, self.tokens]))
@@ -326,34 +381,8 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def load_saved(self) -> None:
-        state_path = self.out / STATE_FILE
-        if not state_path.exists():
-            raise TrainingError(f"--resume: {state_path} is missing; nothing to resume")
-        raw, _ = read_adapter_config(self.out)
-        saved = raw.get("training", {})
-        diffs = [
-            f"{k} {getattr(self.config, k)!r} (saved run: {saved.get(k)!r})"
-            for k in TrainConfig.RESUME_KEYS
-            if saved.get(k) != getattr(self.config, k)
-        ]
-        mine = adapter_config_dict(self.model, self.lora)
-        mine = {"num_layers": mine["num_layers"], **mine["lora_parameters"]}
-        theirs = {"num_layers": raw["num_layers"], **raw["lora_parameters"]}
-        diffs += [
-            f"{k} {mine[k]!r} (saved run: {theirs.get(k)!r})"
-            for k in mine
-            if mine[k] != theirs.get(k)
-        ]
-        if diffs:
-            raise TrainingError(
-                "--resume needs the options of the saved run; these differ: " + ", ".join(diffs)
-            )
-        state = json.loads(state_path.read_text())
-        self.model.load_weights(str(self.out / ADAPTER_FILE), strict=False)
-        opt = mx.load(str(self.out / OPTIMIZER_FILE))
-        try:
-            self.optimizer.state = tree_map_with_path(lambda k, _: opt[k], self.optimizer.state)
-        except KeyError as e:
-            raise TrainingError(f"--resume: {self.out / OPTIMIZER_FILE} lacks {e}") from e
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.elapsed = state.get("elapsed_s", 0.0)
+        training = asdict(self.config)
+        check_options(self.out, self.model, self.lora, training, TrainConfig.RESUME_KEYS)
+        state = load_run(self.out, self.model, self.optimizer, self.config.iters)
+        self.run_id, self.step, self.tokens = state.run, state.step, state.tokens
+        self.elapsed, self.val_loss = state.elapsed_s, state.val_loss

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .prompt_cache import common_prefix
 from .tokenizer import Tokenizer, encode_prompt, render_chat
 
 SPLITS = ("train", "valid", "test")
@@ -51,14 +52,6 @@ class Splits:
 
 class RowError(ValueError):
     """One row cannot be used; the message says why."""
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _check_text(row: dict[str, Any], key: str, allow_empty: bool = False) -> str:
@@ -116,7 +109,7 @@ class Tokenize:
             prompt = _check_text(row, "prompt", allow_empty=True)
             ids = self.with_eos(self.encode(prompt + _check_text(row, "completion")))
             mask = np.zeros(len(ids), bool)
-            mask[_common_prefix(ids, self.encode(prompt)) :] = True
+            mask[common_prefix(ids, self.encode(prompt)) :] = True
         else:
             ids, mask = self.chat(_check_messages(row["messages"], self.train_on_prompt))
         if self.train_on_prompt:
@@ -138,9 +131,9 @@ class Tokenize:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = _common_prefix(ids, render(messages[:i], True))
+            start = common_prefix(ids, render(messages[:i], True))
             last = i == len(messages) - 1
-            end = len(ids) if last else _common_prefix(ids, render(messages[: i + 1], False))
+            end = len(ids) if last else common_prefix(ids, render(messages[: i + 1], False))
             mask[start:end] = True
         return ids, mask
 

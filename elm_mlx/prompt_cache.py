@@ -28,9 +28,11 @@ class _Entry:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token sequences."""
+    """The length of the longest common prefix of two token sequences (of any sequence
+    type: compared as lists)."""
     n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the usual case (a chat re-sent): one comparison in C
+    a, b = list(a[:n]), list(b[:n])
+    if a == b:  # the usual case (a chat re-sent): one comparison in C
         return n
     lo, hi = 0, n  # the prefix of length lo agrees, that of length hi does not
     while hi - lo > 1:

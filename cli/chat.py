@@ -15,6 +15,11 @@ from ..convert.cache import DEFAULT_BITS, cache_root, ensure_model
 from ..errors import ChatError, ElmError, OptionError
 from .options import (
     GENERATION,
+    Adapter,
+    ChatTemplate,
+    HfToken,
+    HubBits,
+    HubQuantize,
     MaxNgram,
     MinP,
     PromptLookup,
@@ -225,12 +230,9 @@ def command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
     ],
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
+    adapter: Adapter = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    chat_template: Annotated[
-        Path | None,
-        typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
-    ] = None,
+    chat_template: ChatTemplate = None,
     max_tokens: Annotated[
         int, typer.Option(help="Most new tokens per answer.")
     ] = GENERATION.max_tokens,
@@ -246,15 +248,9 @@ def command(
         int | None,
         typer.Option(help="Context length in tokens (default: the model's); older turns drop."),
     ] = None,
-    bits: Annotated[
-        int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")
-    ] = DEFAULT_BITS,
-    quantize: Annotated[
-        bool, typer.Option(help="For a hub id: --no-quantize keeps float16 weights.")
-    ] = True,
-    hf_token: Annotated[
-        str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
-    ] = None,
+    bits: HubBits = DEFAULT_BITS,
+    quantize: HubQuantize = True,
+    hf_token: HfToken = None,
 ) -> None:
     """Chat with a model in the terminal. The conversation's KV cache is kept, so each turn
     processes only its new tokens. A hub id is converted once into ~/.cache/elm-mlx (or

@@ -15,7 +15,7 @@ import typer
 from ..errors import EvaluationError
 from ..scoring import EvalConfig
 
-D = EvalConfig()
+DEFAULTS = EvalConfig()
 LONG_TEXT = 2048  # tokens: longer texts get a progress bar
 
 
@@ -83,11 +83,11 @@ def command(
     ] = None,
     window: Annotated[
         int | None, typer.Option(help="Perplexity window in tokens (default: the model's context).")
-    ] = D.window,
+    ] = DEFAULTS.window,
     stride: Annotated[
         int | None,
         typer.Option(help="Tokens between window starts; below --window, windows overlap."),
-    ] = D.stride,
+    ] = DEFAULTS.stride,
     tasks: Annotated[
         str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated.")
     ] = None,
@@ -96,13 +96,13 @@ def command(
     ] = None,
     limit: Annotated[
         float | None, typer.Option(help="Documents per task (a fraction if below 1).")
-    ] = D.limit,
+    ] = DEFAULTS.limit,
     num_fewshot: Annotated[
         int | None, typer.Option(help="Few-shot examples per prompt (default: the task's).")
-    ] = D.num_fewshot,
+    ] = DEFAULTS.num_fewshot,
     batch_size: Annotated[
         int, typer.Option(help="Continuations scored per forward pass.")
-    ] = D.batch_size,
+    ] = DEFAULTS.batch_size,
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON.")] = None,
     adapter: Annotated[
         Path | None, typer.Option(help="LoRA adapter folder (evaluated without fusing).")

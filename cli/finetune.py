@@ -10,7 +10,7 @@ import typer
 from ..lora import LoRAConfig
 from ..train import TrainConfig
 
-D, L = TrainConfig(), LoRAConfig()
+TRAINING, LORA = TrainConfig(), LoRAConfig()  # the defaults the options show
 
 
 def command(
@@ -19,61 +19,65 @@ def command(
         Path, typer.Option(help="Folder with train.jsonl (and valid.jsonl, test.jsonl).")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter folder to write.")],
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = L.rank,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = LORA.rank,
     alpha: Annotated[
         float, typer.Option(help="LoRA alpha; the update is scaled by alpha/rank.")
-    ] = L.alpha,
-    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = L.dropout,
+    ] = LORA.alpha,
+    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = LORA.dropout,
     num_layers: Annotated[
         int, typer.Option(help="Adapt the last N transformer blocks (-1: all).")
-    ] = L.num_layers,
+    ] = LORA.num_layers,
     targets: Annotated[
         str | None,
         typer.Option(help="Comma-separated layers to adapt, e.g. q_proj,v_proj (default: all)."),
     ] = None,
-    iters: Annotated[int, typer.Option(help="Optimizer steps.")] = D.iters,
+    iters: Annotated[int, typer.Option(help="Optimizer steps.")] = TRAINING.iters,
     batch_size: Annotated[
         int, typer.Option(help="Rows per batch (over all processes under mlx.launch).")
-    ] = D.batch_size,
+    ] = TRAINING.batch_size,
     grad_accum: Annotated[
         int, typer.Option(help="Batches whose gradients make one step.")
-    ] = D.grad_accum,
+    ] = TRAINING.grad_accum,
     learning_rate: Annotated[
         float, typer.Option(help="Peak AdamW learning rate.")
-    ] = D.learning_rate,
+    ] = TRAINING.learning_rate,
     warmup: Annotated[
         int, typer.Option(help="Linear warmup steps before cosine decay.")
-    ] = D.warmup,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = D.weight_decay,
+    ] = TRAINING.warmup,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay.")
+    ] = TRAINING.weight_decay,
     max_grad_norm: Annotated[
         float, typer.Option(help="Clip the gradient's global norm to this (0: no clipping).")
-    ] = D.max_grad_norm,
+    ] = TRAINING.max_grad_norm,
     grad_checkpoint: Annotated[
         bool, typer.Option(help="Recompute activations in the backward pass (less memory).")
-    ] = D.grad_checkpoint,
+    ] = TRAINING.grad_checkpoint,
     max_seq_len: Annotated[
         int, typer.Option(help="Longest row in tokens; longer rows are bad rows.")
-    ] = D.max_seq_len,
+    ] = TRAINING.max_seq_len,
     train_on_prompt: Annotated[
         bool, typer.Option(help="Also learn prompts and user turns, not only the answers.")
-    ] = D.train_on_prompt,
+    ] = TRAINING.train_on_prompt,
     skip_bad_rows: Annotated[
         bool, typer.Option(help="Skip bad rows (with a count) instead of stopping.")
-    ] = D.skip_bad_rows,
+    ] = TRAINING.skip_bad_rows,
     val_every: Annotated[
         int, typer.Option(help="Validation loss every N steps (0: never).")
-    ] = D.val_every,
+    ] = TRAINING.val_every,
     val_batches: Annotated[
         int, typer.Option(help="Validation batches per evaluation (-1: all).")
-    ] = D.val_batches,
+    ] = TRAINING.val_batches,
     save_every: Annotated[
         int, typer.Option(help="Save the adapter every N steps (0: only at the end).")
-    ] = D.save_every,
-    seed: Annotated[int, typer.Option(help="Seed for LoRA init, data order, dropout.")] = D.seed,
+    ] = TRAINING.save_every,
+    seed: Annotated[
+        int, typer.Option(help="Seed for LoRA init, data order, dropout.")
+    ] = TRAINING.seed,
     resume: Annotated[
         bool, typer.Option(help="Continue the run saved in --out (same options).")
     ] = False,
-    plot: Annotated[bool, typer.Option(help="Write loss.png of the loss curves.")] = D.plot,
+    plot: Annotated[bool, typer.Option(help="Write loss.png of the loss curves.")] = TRAINING.plot,
 ) -> None:
     """Fine-tune a LoRA adapter on local JSONL data (QLoRA when the base is quantized).
 

@@ -12,9 +12,12 @@ import typer
 from ..errors import GenerationError
 from .options import (
     GENERATION,
+    Adapter,
+    DraftModel,
     MaxNgram,
     MaxTokens,
     MinP,
+    NumDraft,
     PromptLookup,
     RepetitionPenalty,
     Seed,
@@ -56,13 +59,9 @@ def command(
     ] = None,
     prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
     max_ngram: MaxNgram = GENERATION.max_ngram,
-    draft_model: Annotated[
-        str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
-    ] = None,
-    num_draft: Annotated[
-        int, typer.Option(help="Tokens the draft model proposes per step.")
-    ] = GENERATION.num_draft,
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
+    draft_model: DraftModel = None,
+    num_draft: NumDraft = GENERATION.num_draft,
+    adapter: Adapter = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print backend and speculation details.")
     ] = False,

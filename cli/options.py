@@ -3,6 +3,7 @@ one place a GenerationConfig is built from flags, and the flag that names a libr
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,6 +26,23 @@ PromptLookup = Annotated[
     int | None, typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step.")
 ]
 MaxNgram = Annotated[int, typer.Option(help="Longest n-gram prompt lookup matches.")]
+DraftModel = Annotated[
+    str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
+]
+NumDraft = Annotated[int, typer.Option(help="Tokens the draft model proposes per step.")]
+Adapter = Annotated[Path | None, typer.Option(help="LoRA adapter folder.")]
+ChatTemplate = Annotated[
+    Path | None,
+    typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
+]
+# A hub id given as --model is converted once into the local cache (convert/cache.py).
+HubBits = Annotated[int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")]
+HubQuantize = Annotated[
+    bool, typer.Option(help="For a hub id: --no-quantize keeps float16 weights.")
+]
+HfToken = Annotated[
+    str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
+]
 
 # Library option names whose flag is not `--` + the name with dashes.
 RENAMED_FLAGS = {"temperature": "--temp"}

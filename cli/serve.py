@@ -13,9 +13,16 @@ from ..errors import GenerationError
 from ..server.options import ServeOptions
 from .options import (
     GENERATION,
+    Adapter,
+    ChatTemplate,
+    DraftModel,
+    HfToken,
+    HubBits,
+    HubQuantize,
     MaxNgram,
     MaxTokens,
     MinP,
+    NumDraft,
     PromptLookup,
     RepetitionPenalty,
     Temp,
@@ -37,13 +44,9 @@ def command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
     ],
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder.")] = None,
-    draft_model: Annotated[
-        str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
-    ] = None,
-    num_draft: Annotated[
-        int, typer.Option(help="Tokens the draft model proposes per step.")
-    ] = GENERATION.num_draft,
+    adapter: Adapter = None,
+    draft_model: DraftModel = None,
+    num_draft: NumDraft = GENERATION.num_draft,
     prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
     max_ngram: MaxNgram = GENERATION.max_ngram,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = SERVE.host,
@@ -59,25 +62,16 @@ def command(
     max_context: Annotated[
         int | None, typer.Option(help="Context length in tokens (default: the model's).")
     ] = SERVE.max_context,
-    chat_template: Annotated[
-        Path | None,
-        typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
-    ] = None,
+    chat_template: ChatTemplate = None,
     max_tokens: MaxTokens = GENERATION.max_tokens,
     temp: Temp = GENERATION.temperature,
     top_p: TopP = GENERATION.top_p,
     top_k: TopK = GENERATION.top_k,
     min_p: MinP = GENERATION.min_p,
     repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
-    bits: Annotated[
-        int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")
-    ] = DEFAULT_BITS,
-    quantize: Annotated[
-        bool, typer.Option(help="For a hub id: --no-quantize keeps float16 weights.")
-    ] = True,
-    hf_token: Annotated[
-        str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
-    ] = None,
+    bits: HubBits = DEFAULT_BITS,
+    quantize: HubQuantize = True,
+    hf_token: HfToken = None,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models) until Ctrl-C. The sampling options are the defaults of requests that do not

@@ -29,7 +29,7 @@ from .perplexity import context_length, score_tokens
 from .scoring import EvalConfig, loglikelihoods, owners, share
 from .tokenizer import Tokenizer, render_chat
 
-D = EvalConfig()
+DEFAULTS = EvalConfig()
 
 
 def _progress(total: int, desc: str, disable: bool) -> tuple[Callable[[int, int], None], Any]:
@@ -52,10 +52,10 @@ class ElmLM(TemplateLM):
         self,
         model: str | os.PathLike | None = None,
         adapter: str | os.PathLike | None = None,
-        batch_size: int | str | None = D.batch_size,
+        batch_size: int | str | None = DEFAULTS.batch_size,
         max_length: int | None = None,
         add_bos_token: bool | None = None,
-        max_gen_toks: int = D.max_gen_toks,
+        max_gen_toks: int = DEFAULTS.max_gen_toks,
         device: str | None = None,  # lm-eval passes it; MLX picks the device itself
         max_batch_size: int | None = None,  # lm-eval passes it; unused (no "auto" search)
         loaded: tuple[CausalLM, Tokenizer] | None = None,  # already loaded; `model` names it
@@ -195,7 +195,7 @@ class ElmLM(TemplateLM):
 def _batch_size(value: int | str | None) -> int:
     """lm-eval passes batch sizes as text too; "auto" means our default."""
     if value is None or str(value).startswith("auto"):
-        return D.batch_size
+        return DEFAULTS.batch_size
     try:
         size = int(value)
     except ValueError as e:
@@ -235,8 +235,8 @@ def run_tasks(
     lm: ElmLM,
     tasks: Sequence[str],
     manager: Any = None,
-    limit: float | None = D.limit,
-    num_fewshot: int | None = D.num_fewshot,
+    limit: float | None = DEFAULTS.limit,
+    num_fewshot: int | None = DEFAULTS.num_fewshot,
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` on `tasks` with this model; its result dictionary.
     `manager`: a `task_manager(...)` whose names were checked (default: lm-eval's tasks)."""

@@ -1,18 +1,29 @@
-"""Tiny checkpoints and tokenizers shared by the tests.
+"""The tiny models and data the tests build, one section per kind:
 
-Every `write_hf_*` writes a random checkpoint in the exact Hugging Face layout of its family
-(tensor names, shapes and config keys of the public repos): Llama and OLMo through
-transformers' own `save_pretrained` (or `torch.save` for a pickled `.bin`), OpenELM by hand
-from the tensor table of Apple's repos (`openelm_shapes`), since its modeling code is remote.
-Weights are drawn with a larger spread than HF's init (std 0.1, norm weights around 1) so that
-a wrong rotation, norm or clamp changes the logits by far more than the comparison tolerance.
+- HF checkpoints (`write_hf_*`, cached per session by `TinyModels`): a random checkpoint in the
+  exact Hugging Face layout of its family (tensor names, shapes and config keys of the public
+  repos): Llama and OLMo through transformers' own `save_pretrained` (or `torch.save` for a
+  pickled `.bin`), OpenELM by hand from the tensor table of Apple's repos (`openelm_shapes`),
+  since its modeling code is remote. Weights are drawn with a larger spread than HF's init (std
+  0.1, norm weights around 1) so that a wrong rotation, norm or clamp changes the logits by far
+  more than the comparison tolerance;
+- MLX folders written straight from our modules (whose parameter names are the HF ones): for
+  training (`write_lora_model`, `write_jsonl`), speculative decoding (`spec_model`) and chat
+  (`write_tiny_chat_model`); weights are seeded, so each builder gives the same model each time;
+- local lm-eval tasks (`write_eval_tasks`) and the real SmolLM2 example (`load_smollm2_example`).
+
+What the tests compare these with (transformers, mlx-lm, exact distributions) is in oracles.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
@@ -21,8 +32,13 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 from elm_mlx.convert import ConvertOptions, convert
+from mlx.utils import tree_flatten
 
+from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.loader import apply_quantization, build_model
 from elm_mlx.model_folder import SPM_TOKENIZER_CONFIG
+from elm_mlx.models import CausalLM
+from elm_mlx.sample import make_transform
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -111,7 +127,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
-# ---------------------------------------------------------------------------- configs
+# ---------------------------------------------------------------------------- HF configs
 
 
 def llama_config(**overrides: Any) -> dict[str, Any]:
@@ -231,7 +247,7 @@ def openelm_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# ---------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- HF checkpoints
 
 
 def _randomize(model: Any, seed: int, dtype: str) -> None:
@@ -402,64 +418,12 @@ def write_hf_openelm(
     return folder
 
 
-def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of an HF folder as fp32 numpy, read with torch/safetensors (not our reader)."""
-    import torch
-    from safetensors.torch import load_file
-
-    out: dict[str, np.ndarray] = {}
-    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
-    for f in files:
-        state = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f)
-        out |= {k: v.float().numpy() for k, v in state.items()}
-    return out
-
-
-# ---------------------------------------------------------------------------- models
+# ---------------------------------------------------------------------------- conversions
 
 
 def convert_tiny(src: Path, out: Path, dtype: str = "float32", **options: Any) -> Path:
     """`elm convert` through the Python API, quietly (fp32 unless told)."""
     return convert(src, out, ConvertOptions(dtype=dtype, **options), progress=False)
-
-
-def logits_of(model: Any, ids: list[int] | np.ndarray) -> np.ndarray:
-    """Full-sequence fp32 logits (L, V) of an MLX model (ours or mlx-lm's)."""
-    out = model(mx.array(np.asarray(ids, dtype=np.int32))[None])
-    return np.array(out[0].astype(mx.float32))
-
-
-def torch_model(folder: Path, **config: Any) -> Any:
-    """transformers' fp32 model of an HF Llama or OLMo folder (`config` overrides keys)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **config)
-    return model.eval()
-
-
-def torch_logits(folder: Path, ids: list[int] | np.ndarray, **config: Any) -> np.ndarray:
-    """transformers' fp32 logits (L, V) for an HF Llama or OLMo folder."""
-    import torch
-
-    model = torch_model(folder, **config)
-    with torch.no_grad():
-        out = model(torch.tensor(np.asarray(ids, dtype=np.int64))[None]).logits
-    return out[0].float().numpy()
-
-
-def mlx_lm_model(family: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> Any:
-    """mlx-lm's own implementation of `family` holding `tensors` (fp32)."""
-    import importlib
-
-    module = importlib.import_module(f"mlx_lm.models.{family}")
-    model = module.Model(module.ModelArgs.from_dict(config))
-    weights = {k: mx.array(v) for k, v in tensors.items()}
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    return model
 
 
 def random_ids(n: int, vocab: int = 400, seed: int = 0) -> list[int]:
@@ -521,15 +485,375 @@ class TinyModels:
         return self._loaded[path]
 
 
-def dequantize_np(
-    wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int
-) -> np.ndarray:
-    """mlx-lm's affine layout decoded with numpy alone: `bits`-bit codes packed little-end
-    first into uint32 words, value = code * scale + bias per group of `group_size` inputs."""
-    per_word = 32 // bits
-    shifts = np.arange(per_word, dtype=np.uint32) * bits
-    codes = (wq.astype(np.uint32)[..., None] >> shifts) & ((1 << bits) - 1)
-    codes = codes.reshape(*wq.shape[:-1], -1).astype(np.float32)
-    s = np.repeat(scales.astype(np.float32), group_size, axis=-1)
-    b = np.repeat(biases.astype(np.float32), group_size, axis=-1)
-    return codes * s + b
+# ---------------------------------------------------------------------------- MLX folders
+
+
+def _sharpen_head(model: CausalLM, factor: float) -> None:
+    """Scale the output head (the embedding when tied) by `factor`: sharper output logits."""
+    weights = dict(tree_flatten(model.parameters()))
+    head = (
+        "lm_head.weight" if "lm_head.weight" in weights else next(k for k in weights if "emb" in k)
+    )
+    model.load_weights([(head, weights[head] * factor)], strict=False)
+
+
+def _write_mlx_folder(
+    folder: Path, weights: dict[str, mx.array], config: dict[str, Any], indent: int | None = 2
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config, indent=indent))
+
+
+# ---------------------------------------------------------------------------- training data
+# Models of each family (fp32 unless told, the SentencePiece tokenizer of `train_spm_tokenizer`)
+# and JSONL data sets, for the LoRA, training, data and data-parallel tests.
+
+LORA_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 400,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "olmo": {
+        "model_type": "olmo",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "vocab_size": 400,
+        "tie_word_embeddings": True,
+        "clip_qkv": 8.0,
+        "eos_token_id": 2,
+    },
+    "openelm": {
+        "model_type": "openelm",
+        "head_dim": 16,
+        "num_transformer_layers": 2,
+        "model_dim": 64,
+        "vocab_size": 400,
+        "ffn_dim_divisor": 32,
+        "num_gqa_groups": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+}
+
+
+def write_lora_model(
+    folder: Path,
+    family: str,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    bits: int | None = None,
+    dtype: mx.Dtype = mx.float32,
+) -> Path:
+    """A random `family` model written as an MLX folder (optionally quantized, group 32)."""
+    mx.random.seed(seed)
+    model = build_model(dict(LORA_CONFIGS[family]))
+    _sharpen_head(model, 8)  # so that a tiny model can fit a few rows
+    model.set_dtype(dtype)
+    dtype_name = str(dtype).split(".")[-1]
+    config = {**LORA_CONFIGS[family], **model.args.to_dict(), "torch_dtype": dtype_name}
+    if bits:
+        quant = {"group_size": 32, "bits": bits, "mode": "affine"}
+        apply_quantization(model, quant)
+        config["quantization"] = config["quantization_config"] = quant
+    _write_mlx_folder(folder, dict(tree_flatten(model.parameters())), config)
+    copy_tokenizer_files(tokenizer_dir, folder)
+    return folder
+
+
+def write_jsonl(folder: Path, name: str, rows: list[Any]) -> Path:
+    """`folder/name.jsonl` with one row a line (dicts as JSON, strings as they are)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+# In-memory models of each family and a SentencePiece tokenizer over SPEC_VOCAB pieces. The
+# output heads are untied: a tiny random model whose head is its embedding only ever repeats the
+# last token (the residual stream is mostly that token's embedding), which no proposal misses.
+
+SPEC_VOCAB = 320
+SPEC_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": SPEC_VOCAB,
+        "tie_word_embeddings": False,
+    },
+    "olmo": {
+        "model_type": "olmo",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "vocab_size": SPEC_VOCAB,
+        "tie_word_embeddings": False,
+        "clip_qkv": 8.0,
+    },
+    "openelm": {
+        "model_type": "openelm",
+        "head_dim": 16,
+        "num_transformer_layers": 2,
+        "model_dim": 64,
+        "vocab_size": SPEC_VOCAB,
+        "ffn_dim_divisor": 32,
+        "num_gqa_groups": 2,
+        "share_input_output_layers": False,
+    },
+}
+SPEC_CORPUS = CORPUS[:3] + CORPUS[6:7]  # the fox, the journey, to be, one two three
+
+
+def spec_tokenizer(folder: Path, vocab: int = SPEC_VOCAB) -> Path:
+    """A BPE SentencePiece model (UNK 0, BOS 1, EOS 2) and its tokenizer_config.json."""
+    return train_spm_tokenizer(folder, vocab, "\n".join(SPEC_CORPUS * 20) + "\n")
+
+
+def spec_model(
+    family: str,
+    seed: int = 0,
+    bits: int | None = None,
+    vocab: int = SPEC_VOCAB,
+    sharpen: float = 4.0,
+) -> CausalLM:
+    """A random model; its output head is scaled by `sharpen` so that its distributions are
+    peaked enough for greedy runs to both follow and leave repeated text."""
+    mx.random.seed(seed)
+    model = build_model({**SPEC_CONFIGS[family], "vocab_size": vocab})
+    _sharpen_head(model, sharpen)
+    if bits:
+        apply_quantization(model, {"group_size": 32, "bits": bits})
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def save_spec_model(model: CausalLM, family: str, folder: Path, tokenizer_dir: Path) -> Path:
+    """Write `model` as an MLX folder next to a copy of the tokenizer."""
+    config = {**SPEC_CONFIGS[family], **model.args.to_dict()}
+    _write_mlx_folder(folder, dict(tree_flatten(model.parameters())), config, indent=None)
+    copy_tokenizer_files(tokenizer_dir, folder)
+    return folder
+
+
+def lookup_prompt(model: CausalLM, config: GenerationConfig) -> list[int]:
+    """[a b c w a b c] with w chosen so that prompt lookup proposes w, and plain sampling gives
+    w a middling probability: acceptances and rejections both happen."""
+    abc = [11, 12, 13]
+    candidates = mx.array([[*abc, w, *abc] for w in range(3, SPEC_VOCAB)], mx.uint32)
+    logits = model(candidates)[:, -1, :]  # (V - 3, V)
+    transform = make_transform(config.temperature, config.top_p, config.top_k, config.min_p)
+    p = mx.exp(transform(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+    p_w = p[mx.arange(SPEC_VOCAB - 3), mx.arange(3, SPEC_VOCAB)].tolist()
+    w = 3 + min(range(len(p_w)), key=lambda i: abs(p_w[i] - 0.4))
+    assert 0.2 < p_w[w - 3] < 0.6
+    return [*abc, w, *abc]
+
+
+# ---------------------------------------------------------------------------- chat
+# One float32 model folder per prompt format a chat can get (CHAT_KINDS):
+# - "chatml": Llama with a byte-level BPE tokenizer whose tokenizer_config.json ships a ChatML
+#   template and `<|im_end|>` as EOS (SmolLM2's layout);
+# - "zephyr": OpenELM with a SentencePiece tokenizer and no template (gets the Zephyr format);
+# - "plain": OLMo with a byte-level BPE tokenizer and no template (gets the plain fallback).
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>'"
+    " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_CORPUS = [
+    "hello there, how are you today?",
+    "I am fine, thank you. What can I do for you?",
+    "tell me about the weather in paris and rome",
+    "the quick brown fox jumps over the lazy dog",
+    "my name is alice and I like green apples",
+    "remember the word banana, please",
+    "which word did I ask you to remember?",
+    "you are a helpful assistant who answers briefly",
+    "User: Assistant: <|user|> <|assistant|> <|system|>",
+]
+CHAT_KINDS = ("chatml", "zephyr", "plain")
+CHAT_BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_chat_bpe(folder: Path, chat_template: str | None) -> tuple[int, int]:
+    """A byte-level BPE tokenizer.json over CHAT_CORPUS; returns (EOS id, vocab size). EOS is
+    `<|im_end|>` with a template, `<|endoftext|>` without."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=CHAT_BPE_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CHAT_CORPUS * 10, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    eos = "<|im_end|>" if chat_template else "<|endoftext|>"
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": eos,
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.token_to_id(eos), tok.get_vocab_size()
+
+
+def chat_model_config(kind: str, vocab: int, eos: int) -> dict[str, Any]:
+    common = {"vocab_size": vocab, "eos_token_id": eos}
+    if kind == "zephyr":
+        return {
+            "model_type": "openelm",
+            "model_dim": 64,
+            "head_dim": 16,
+            "num_transformer_layers": 2,
+            "num_gqa_groups": 2,
+            "ffn_dim_divisor": 32,
+            "max_context_length": 512,
+            "bos_token_id": 1,
+            **common,
+        }
+    return {
+        "model_type": "llama" if kind == "chatml" else "olmo",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+        **common,
+    }
+
+
+def write_tiny_chat_model(folder: Path, kind: str, seed: int = 0) -> Path:
+    """A random model folder of `kind` (one of CHAT_KINDS), float32."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "zephyr":
+        # Llama-style SentencePiece (BOS 1 prepended, EOS 2)
+        train_spm_tokenizer(folder, 300, "\n".join(CHAT_CORPUS * 10))
+        eos, vocab = 2, 300
+    else:
+        eos, vocab = train_chat_bpe(folder, CHATML_TEMPLATE if kind == "chatml" else None)
+    config = chat_model_config(kind, vocab, eos)
+    mx.random.seed(seed)
+    model = build_model(config)
+    # a wider spread than the default init, so that greedy choices are not near-ties
+    params = {k: v * 3 if v.ndim == 2 else v for k, v in tree_flatten(model.parameters())}
+    config = {**config, **model.args.to_dict(), "torch_dtype": "float32"}
+    _write_mlx_folder(folder, params, config)
+    return folder
+
+
+# ---------------------------------------------------------------------------- lm-eval tasks
+# Local tasks (YAML + JSONL written into a folder, no download): one per request type lm-eval has.
+
+EVAL_TASKS = ("tiny_mc", "tiny_ll", "tiny_rolling", "tiny_gen")
+_EVAL_COMMON = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+"""
+_EVAL_SPECS = {
+    "tiny_mc": """output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+""",
+    "tiny_ll": """output_type: loglikelihood
+doc_to_text: "{{question}}"
+doc_to_target: "{{' ' + choices[answer]}}"
+metric_list:
+  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+""",
+    "tiny_rolling": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - {metric: word_perplexity}
+  - {metric: byte_perplexity}
+  - {metric: bits_per_byte}
+""",
+    "tiny_gen": """output_type: generate_until
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{choices[answer]}}"
+generation_kwargs: {until: ["\\n", "."], max_gen_toks: 6, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+""",
+}
+
+
+def eval_rows(n: int = 12, seed: int = 0) -> list[dict]:
+    """Questions from CORPUS with four choices each; the text field for rolling tasks spans
+    several sentences."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = CORPUS[i % len(CORPUS)].split()
+        choices = [" ".join(rng.sample(words, min(3, len(words)))) for _ in range(4)]
+        text = " ".join(CORPUS[(i + k) % len(CORPUS)] for k in range(1 + i % 4))
+        out.append({"question": " ".join(words[:4]), "choices": choices, "answer": i % 4,
+                    "text": text})  # fmt: skip
+    return out
+
+
+def write_eval_tasks(folder: Path) -> Path:
+    """The tasks of EVAL_TASKS in `folder`, reading `folder/data.jsonl`; datasets caches under
+    `folder/.cache` (nothing is written outside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in eval_rows()) + "\n")
+    for name in EVAL_TASKS:
+        header = f"task: {name}\n" + _EVAL_COMMON.format(data=data, cache=folder / ".cache")
+        (folder / f"{name}.yaml").write_text(header + _EVAL_SPECS[name])
+    return folder
+
+
+# ---------------------------------------------------------------------------- the real model
+
+SMOLLM2_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smollm2.py"
+
+
+def load_smollm2_example() -> ModuleType:
+    """examples/smollm2.py (it builds the real SmolLM2 folders); examples/ is no package, so the
+    script is imported by path."""
+    if "smollm2" in sys.modules:  # e.g. benchmarks put examples/ on sys.path
+        return sys.modules["smollm2"]
+    spec = importlib.util.spec_from_file_location("smollm2", SMOLLM2_EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["smollm2"] = module
+    spec.loader.exec_module(module)
+    return module

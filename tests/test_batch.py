@@ -10,9 +10,8 @@ from collections import Counter
 import mlx.core as mx
 import numpy as np
 import pytest
-from _spec_fixtures import make_tokenizer, tiny_model
-from helpers import random_ids
-from test_speculative import chi_square_p, exact_distribution, lookup_prompt
+from helpers import lookup_prompt, random_ids, spec_model, spec_tokenizer
+from oracles import chi_square_p, exact_distribution
 
 from elm_mlx import batch_generate, generate, stream_generate
 from elm_mlx.batch import BatchGenerator, Request
@@ -235,12 +234,12 @@ def test_refuses_bad_requests(tiny):
 
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("spm"))
+    return spec_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
 def _spec_requests(family: str) -> list[Request]:
     """Prompts that repeat themselves (lookups hit), for plain, prompt-lookup and draft rows."""
-    draft = tiny_model(family, seed=0, bits=4)  # a quantized copy: mostly agrees
+    draft = spec_model(family, seed=0, bits=4)  # a quantized copy: mostly agrees
     rng = random.Random(7)
     out = []
     for i in range(9):
@@ -259,7 +258,7 @@ def _spec_requests(family: str) -> list[Request]:
 def test_speculating_rows_are_exact(spm_dir, family):
     """Greedy rows with prompt lookup or a draft model, beside plain rows: every row gives the
     tokens of plain decoding alone, proposals were accepted, and a costly budget stops them."""
-    model, tokenizer = tiny_model(family), load_tokenizer(spm_dir)
+    model, tokenizer = spec_model(family), load_tokenizer(spm_dir)
     requests = _spec_requests(family)
     expected = []
     for r in requests:
@@ -279,7 +278,7 @@ def test_speculating_rows_are_exact(spm_dir, family):
 def test_speculative_sampling_in_a_batch_follows_plain_distribution(spm_dir):
     """Prompt-lookup rows sampled beside plain rows of another length: the first three tokens
     follow plain sampling's exact distribution (chi-square, as in test_speculative)."""
-    model, tokenizer = tiny_model("llama", seed=0, sharpen=2.0), load_tokenizer(spm_dir)
+    model, tokenizer = spec_model("llama", seed=0, sharpen=2.0), load_tokenizer(spm_dir)
     config = GenerationConfig(max_tokens=3, temperature=1.5, top_k=3, prompt_lookup=4)
     prompt = lookup_prompt(model, config)
     dist = exact_distribution(model, prompt, config, 3)

@@ -1,5 +1,5 @@
 """ChatSession: the KV cache kept across turns, context overflow, save/load, prompt formats,
-and the hub-id model cache. Tiny random models (tests/_chat_fixtures.py); the oracle for every
+and the hub-id model cache. Tiny random models (tests/helpers.py); the oracle for every
 answer is plain greedy decoding of the whole rendered conversation without any cache."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from _chat_fixtures import CORPUS, KINDS, write_tiny_chat_model
 from elm_mlx.cli.chat import set_option
 from elm_mlx.cli.main import app
 from elm_mlx.convert.cache import cached_model_dir, ensure_model
+from helpers import CHAT_CORPUS, CHAT_KINDS, write_tiny_chat_model
 from typer.testing import CliRunner
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
@@ -31,10 +31,10 @@ SYSTEM = "you are a helpful assistant who answers briefly"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    return {kind: write_tiny_chat_model(root / kind, kind) for kind in KINDS}
+    return {kind: write_tiny_chat_model(root / kind, kind) for kind in CHAT_KINDS}
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=CHAT_KINDS)
 def kind(request):
     return request.param
 
@@ -122,7 +122,7 @@ def test_stopping_early_keeps_the_partial_answer(folders, kind, prompt_lookup):
     eos = set(tokenizer.eos_token_ids)
     config = GenerationConfig(max_tokens=20, prompt_lookup=prompt_lookup)
     session = ChatSession(model, tokenizer, config=config)
-    stream = session.send(" ".join(CORPUS))  # long enough for prompt lookup to propose
+    stream = session.send(" ".join(CHAT_CORPUS))  # long enough for prompt lookup to propose
     tokens = [next(stream).token for _ in range(3)]
     stream.close()  # what Ctrl-C does
     assert session.stats.last.finish_reason == "interrupted"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from elm_mlx.cli.main import app
 from elm_mlx.convert import ConvertOptions
-from helpers import logits_of, random_ids, torch_logits, write_hf_llama
+from helpers import random_ids, write_hf_llama
+from oracles import logits_of, torch_logits
 from typer.testing import CliRunner
 
 from elm_mlx import _blas, generate

@@ -10,18 +10,9 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from helpers import (
-    convert_tiny,
-    dequantize_np,
-    logits_of,
-    openelm_config,
-    random_ids,
-    read_hf_tensors,
-    torch_logits,
-    write_hf_llama,
-    write_hf_openelm,
-)
+from helpers import convert_tiny, openelm_config, random_ids, write_hf_llama, write_hf_openelm
 from mlx.utils import tree_flatten
+from oracles import dequantize_np, logits_of, read_hf_tensors, torch_logits
 from safetensors import safe_open
 
 from elm_mlx import load

@@ -9,7 +9,7 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import numpy as np
 import pytest
-from _lora_fixtures import make_tokenizer, write_jsonl
+from helpers import train_spm_tokenizer, write_jsonl
 
 from elm_mlx.data import Example, epoch_batches, load_splits, train_batches
 from elm_mlx.errors import DataError
@@ -20,7 +20,7 @@ from elm_mlx.tokenizer import load_tokenizer
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    make_tokenizer(folder)
+    train_spm_tokenizer(folder)
     return load_tokenizer(folder, [2])
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
@@ -17,7 +16,8 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import mlx.core as mx
 import pytest
-from _lora_fixtures import CORPUS, make_model, make_tokenizer, write_jsonl
+from helpers import CORPUS, train_spm_tokenizer, write_jsonl, write_lora_model
+from oracles import free_port_pair
 
 from elm_mlx.finetune import finetune
 from elm_mlx.lora import LoRAConfig
@@ -30,21 +30,6 @@ ROWS += [{"prompt": f"Q{i}: {CORPUS[i]}?", "completion": f" {CORPUS[-i - 1]}"} f
 CONFIG = TrainConfig(iters=6, batch_size=4, grad_accum=2, learning_rate=3e-3, warmup=2,
                      max_grad_norm=2.0, val_every=3, val_batches=-1, save_every=0)  # fmt: skip
 LORA = LoRAConfig(rank=4, alpha=8, num_layers=1, targets=("q_proj", "v_proj", "down_proj"))
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p + 1 were free a moment ago (the ring listens on both)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def launch_two(*options: str) -> subprocess.CompletedProcess:
@@ -64,8 +49,8 @@ def grad_norms(out) -> list[float]:
 
 
 def test_two_processes_train_the_same_adapter_as_one(tmp_path):
-    make_tokenizer(tmp_path / "tok")
-    model = make_model(tmp_path / "model", "llama", tmp_path / "tok")
+    train_spm_tokenizer(tmp_path / "tok")
+    model = write_lora_model(tmp_path / "model", "llama", tmp_path / "tok")
     write_jsonl(tmp_path / "data", "train", ROWS)
     write_jsonl(tmp_path / "data", "valid", ROWS[::3])
 

@@ -17,13 +17,12 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
-from _eval_fixtures import TASKS, write_tasks
 from elm_mlx.cli.main import app
-from helpers import CORPUS
+from helpers import CORPUS, EVAL_TASKS, write_eval_tasks
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_distributed import free_port_pair
+from oracles import free_port_pair
 from typer.testing import CliRunner
 
 from elm_mlx import load
@@ -45,7 +44,7 @@ def llama(tiny):
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    return write_tasks(tmp_path_factory.mktemp("tasks"))
+    return write_eval_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +127,15 @@ def test_generate_until_equals_lm_eval_hf_and_stops(llama):
 @pytest.fixture(scope="module")
 def hf_results(llama, tasks):
     """lm-eval's `hf` model on the local tasks, samples logged."""
-    manager = task_manager(tasks, TASKS)
-    return simple_evaluate(model=hf_lm(llama[0]), tasks=list(TASKS), task_manager=manager)
+    manager = task_manager(tasks, EVAL_TASKS)
+    return simple_evaluate(model=hf_lm(llama[0]), tasks=list(EVAL_TASKS), task_manager=manager)
 
 
 def test_task_results_equal_lm_eval_hf(llama, tasks, hf_results):
-    manager = task_manager(tasks, TASKS)
-    got = simple_evaluate(model=ElmLM(llama[1], batch_size=3), tasks=list(TASKS),
+    manager = task_manager(tasks, EVAL_TASKS)
+    got = simple_evaluate(model=ElmLM(llama[1], batch_size=3), tasks=list(EVAL_TASKS),
                           task_manager=manager)  # fmt: skip
-    for task in TASKS:
+    for task in EVAL_TASKS:
         ours, theirs = got["samples"][task], hf_results["samples"][task]
         assert len(ours) == len(theirs) == 12
         for a, b in zip(ours, theirs, strict=True):
@@ -181,7 +180,7 @@ def test_cli_in_a_real_process(llama, tasks, text_file, tmp_path):
         assert entry["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
         assert f"{expected.tokens} tokens, perplexity {expected.perplexity:.4f}" in done.stdout
     lm = ElmLM(mlx_dir)
-    expected = run_tasks(lm, ["tiny_mc", "tiny_rolling"], task_manager(tasks, TASKS), limit=8)
+    expected = run_tasks(lm, ["tiny_mc", "tiny_rolling"], task_manager(tasks, EVAL_TASKS), limit=8)
     assert report["tasks"]["results"] == json.loads(json.dumps(expected["results"]))
     assert report["tasks"]["n-samples"]["tiny_mc"]["effective"] == 8
 
@@ -190,7 +189,7 @@ def test_two_processes_give_the_results_of_one(llama, tasks, text_file, tmp_path
     launch = shutil.which("mlx.launch")
     assert launch, "mlx.launch comes with mlx"
     options = ["-m", str(llama[1]), "--perplexity", str(text_file), "--window", "48",
-               "--tasks", ",".join(TASKS), "--include-path", str(tasks), "--batch-size", "3"]  # fmt: skip
+               "--tasks", ",".join(EVAL_TASKS), "--include-path", str(tasks), "--batch-size", "3"]  # fmt: skip
     one = elm_eval([*options, "--output", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr
     command = [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()),
@@ -203,7 +202,7 @@ def test_two_processes_give_the_results_of_one(llama, tasks, text_file, tmp_path
     assert a["perplexity"][0]["tokens"] == b["perplexity"][0]["tokens"]
     assert a["perplexity"][0]["perplexity"] == pytest.approx(b["perplexity"][0]["perplexity"],
                                                              rel=1e-5)  # fmt: skip
-    for task in TASKS:
+    for task in EVAL_TASKS:
         for key, value in a["tasks"]["results"][task].items():
             if isinstance(value, float) and "stderr" not in key:
                 assert b["tasks"]["results"][task][key] == pytest.approx(value, rel=1e-4), key

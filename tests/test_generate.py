@@ -10,7 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from helpers import mlx_lm_model, random_ids, read_hf_tensors, torch_model
+from helpers import random_ids
+from oracles import mlx_lm_model, read_hf_tensors, torch_model
 from transformers import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,

@@ -96,6 +96,15 @@ def test_no_import_cycles():
     assert sorted(name for name in graph if name in reachable(graph, name)) == []
 
 
+def test_the_server_sits_above_the_engine():
+    """Only the CLI imports the server; the server imports the engine (batch.py)."""
+    graph = import_graph()
+    assert "elm_mlx.batch" in graph["elm_mlx.server.worker"]
+    for name, edges in graph.items():
+        if not name.startswith(("elm_mlx.server", "elm_mlx.cli")):
+            assert not {e for e in edges if e.startswith("elm_mlx.server")}, name
+
+
 def test_nothing_imports_the_cli():
     graph = import_graph()
     for name, edges in graph.items():

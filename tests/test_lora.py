@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from _lora_fixtures import CONFIGS, make_model, make_tokenizer, write_jsonl
 from elm_mlx.cli.main import app
+from helpers import LORA_CONFIGS, train_spm_tokenizer, write_jsonl, write_lora_model
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -36,7 +36,7 @@ from elm_mlx.lora import (
 from elm_mlx.losses import body_and_head, chunked_cross_entropy, cross_entropy_sum
 from elm_mlx.train import LOG_FILE, TrainConfig, Trainer
 
-FAMILIES = tuple(CONFIGS)
+FAMILIES = tuple(LORA_CONFIGS)
 IDS = mx.array([[1, 5, 17, 33, 99, 120, 7, 250, 3, 64]])
 ROWS = [
     {"prompt": "Q: capital of france? A:", "completion": " paris is the capital"},
@@ -49,10 +49,10 @@ MEMORIZE = TrainConfig(iters=150, batch_size=2, learning_rate=3e-3, val_every=0,
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora")
-    make_tokenizer(root / "tok")
+    train_spm_tokenizer(root / "tok")
     for family in FAMILIES:
-        make_model(root / family, family, root / "tok")
-        make_model(root / f"{family}-q4", family, root / "tok", bits=4)
+        write_lora_model(root / family, family, root / "tok")
+        write_lora_model(root / f"{family}-q4", family, root / "tok", bits=4)
     write_jsonl(root / "data", "train", ROWS)
     write_jsonl(root / "data", "valid", ROWS)
     return root
@@ -285,7 +285,7 @@ def test_fuse_a_quantized_base(root, tmp_path, dequantize):
 def test_fuse_keeps_the_stored_dtype(root, tmp_path):
     """A float16 base fuses into float16 weights (and float16 scales when quantized)."""
     for bits in (None, 4):
-        folder = make_model(tmp_path / f"fp16-{bits}", "openelm", root / "tok", bits=bits,
+        folder = write_lora_model(tmp_path / f"fp16-{bits}", "openelm", root / "tok", bits=bits,
                             dtype=mx.float16)  # fmt: skip
         model, _ = lora_model(folder)
         save_adapters(model, tmp_path / f"adapter-{bits}", LoRAConfig())

@@ -9,15 +9,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import (
-    logits_of,
-    mlx_lm_model,
-    openelm_config,
-    random_ids,
-    read_hf_tensors,
-    torch_logits,
-)
+from helpers import openelm_config, random_ids
 from mlx.utils import tree_flatten
+from oracles import logits_of, mlx_lm_model, read_hf_tensors, torch_logits
 
 from elm_mlx.errors import ConfigError
 from elm_mlx.loader import build_model, load_model

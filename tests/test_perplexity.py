@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, convert_tiny, torch_model
-from test_smollm2_builder import load_example
+from helpers import CORPUS, convert_tiny, load_smollm2_example
+from oracles import torch_model
 
 from elm_mlx.errors import EvaluationError, OptionError
 from elm_mlx.perplexity import CHUNK, context_length, encode_text, perplexity, score_tokens
@@ -154,7 +154,7 @@ def test_real_model_equals_transformers():
 
     from elm_mlx import load
 
-    smollm2 = load_example()
+    smollm2 = load_smollm2_example()
     hf = smollm2.build_hf_folder(smollm2.default_cache_dir())
     text = pydoc_data.topics.topics["assignment"][:6000]
     done = subprocess.run([sys.executable, "-c", ORACLE, str(hf)], input=text,

@@ -15,7 +15,7 @@ import sys
 import mlx.core as mx
 import pytest
 from elm_mlx.convert import ConvertOptions, convert
-from test_smollm2_builder import load_example
+from helpers import load_smollm2_example
 
 from elm_mlx import generate, load
 from elm_mlx.models import make_cache
@@ -64,7 +64,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def hf_folder():
-    smollm2 = load_example()
+    smollm2 = load_smollm2_example()
     return smollm2.build_hf_folder(smollm2.default_cache_dir())
 
 

@@ -2,7 +2,7 @@
 itself, --port 0) talked to with the official `openai` client and with raw httpx.
 
 The model is a tiny random Llama with SmolLM2's layout (ChatML template, byte-level BPE,
-`<|im_end|>` as EOS; tests/_chat_fixtures.py); the oracle for every greedy answer is
+`<|im_end|>` as EOS; tests/helpers.py); the oracle for every greedy answer is
 `elm_mlx.generate` on the same folder in this process. The real SmolLM2 answers "Paris".
 Every loop that waits on the server is bounded in count and time; nothing is timed.
 """
@@ -25,7 +25,7 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
-from _chat_fixtures import write_tiny_chat_model
+from helpers import CHAT_CORPUS, load_smollm2_example, write_tiny_chat_model
 
 from elm_mlx import generate, load
 from elm_mlx.server.options import is_loopback
@@ -271,10 +271,9 @@ def test_seed_and_prompt_lookup_fields(server, local):
 
 
 def test_sixteen_concurrent_greedy_requests_equal_their_solo_outputs(server, local):
-    from _chat_fixtures import CORPUS
 
     jobs = [
-        (" ".join(CORPUS[i % len(CORPUS)].split()[: 2 + i % 7]), 4 + (5 * i) % 29)
+        (" ".join(CHAT_CORPUS[i % len(CHAT_CORPUS)].split()[: 2 + i % 7]), 4 + (5 * i) % 29)
         for i in range(16)
     ]
     expected = [solo(local, p, n) for p, n in jobs]
@@ -532,17 +531,6 @@ def test_taken_port_is_an_error(server, model_dir):
     assert r.returncode == 1 and f"error: cannot listen on 127.0.0.1:{port}" in r.stderr
 
 
-def test_the_server_sits_above_the_engine():
-    """Only the CLI imports the server; the server imports the engine (batch.py)."""
-    from test_layers import import_graph
-
-    graph = import_graph()
-    assert "elm_mlx.batch" in graph["elm_mlx.server.worker"]
-    for name, edges in graph.items():
-        if not name.startswith(("elm_mlx.server", "elm_mlx.cli")):
-            assert not {e for e in edges if e.startswith("elm_mlx.server")}, name
-
-
 def test_loopback_addresses():
     assert all(map(is_loopback, ["127.0.0.1", "127.3.4.5", "::1", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.10", "example.org"]))
@@ -555,11 +543,10 @@ def test_loopback_addresses():
 def smollm2() -> Path:
     """SmolLM2 converted to 8 bits where `elm chat`'s tests keep it (built once, reused)."""
     from elm_mlx.convert import ConvertOptions, convert
-    from test_smollm2_builder import load_example
 
     from elm_mlx.errors import OutputError
 
-    example = load_example()
+    example = load_smollm2_example()
     hf = example.build_hf_folder(example.default_cache_dir())
     out = hf.parent / "smollm2-135m-instruct-8bit"
     if not (out / "config.json").exists():

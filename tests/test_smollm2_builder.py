@@ -2,26 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smollm2.py"
-
-
-def load_example() -> ModuleType:
-    """examples/ is no package: import the script by path."""
-    if "smollm2" in sys.modules:  # e.g. benchmarks put examples/ on sys.path
-        return sys.modules["smollm2"]
-    spec = importlib.util.spec_from_file_location("smollm2", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["smollm2"] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_smollm2_example
 
 
 @pytest.mark.slow
@@ -32,7 +14,7 @@ def test_hf_folder_matches_gguf_in_transformers() -> None:
     import torch
     import transformers
 
-    smollm2 = load_example()
+    smollm2 = load_smollm2_example()
     gguf_path = smollm2.find_gguf()
 
     folder = smollm2.build_hf_folder(smollm2.default_cache_dir())

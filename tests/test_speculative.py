@@ -8,8 +8,9 @@ from collections import Counter
 
 import mlx.core as mx
 import pytest
-from _spec_fixtures import VOCAB, chi2_sf, make_tokenizer, save_model, tiny_model
 from elm_mlx.cli.main import app
+from helpers import SPEC_VOCAB, lookup_prompt, save_spec_model, spec_model, spec_tokenizer
+from oracles import chi_square_p, exact_distribution
 from typer.testing import CliRunner
 
 from elm_mlx.draft import DraftModel
@@ -19,7 +20,6 @@ from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load
 from elm_mlx.lookup import PromptLookup, lookup
 from elm_mlx.models import make_cache
-from elm_mlx.sample import make_transform
 from elm_mlx.speculative import ProposalLength, SpeculativeStats, speculative_generate_step
 from elm_mlx.step import generate_step
 
@@ -39,9 +39,9 @@ class FixedLength(ProposalLength):
 def prompts(seed: int) -> list[list[int]]:
     """Random prompts and prompts that repeat themselves (so that lookups hit)."""
     rng = random.Random(seed)
-    out = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (1, 2, 9, 33)]
+    out = [[rng.randrange(3, SPEC_VOCAB) for _ in range(n)] for n in (1, 2, 9, 33)]
     for n in (3, 7, 12):
-        chunk = [rng.randrange(3, VOCAB) for _ in range(n)]
+        chunk = [rng.randrange(3, SPEC_VOCAB) for _ in range(n)]
         out.append(chunk * 3 + chunk[: n // 2])
     return out
 
@@ -105,7 +105,7 @@ def test_prompt_lookup_index_matches_definition():
 @pytest.mark.parametrize("bits", [None, 4])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_lookup_greedy_identity(family, bits):
-    model = tiny_model(family, seed=0, bits=bits)
+    model = spec_model(family, seed=0, bits=bits)
     totals = SpeculativeStats()
     configs = [
         (GenerationConfig(max_tokens=30, prompt_lookup=4), FixedLength(4)),
@@ -128,10 +128,10 @@ def test_prompt_lookup_greedy_identity(family, bits):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_draft_model_greedy_identity(family):
-    model = tiny_model(family, seed=0)
+    model = spec_model(family, seed=0)
     drafts = {
-        "4-bit copy": tiny_model(family, seed=0, bits=4),  # mostly agrees
-        "other model": tiny_model(family, seed=1),  # mostly disagrees
+        "4-bit copy": spec_model(family, seed=0, bits=4),  # mostly agrees
+        "other model": spec_model(family, seed=1),  # mostly disagrees
     }
     rates = {}
     totals = SpeculativeStats()
@@ -154,16 +154,18 @@ def test_draft_model_greedy_identity(family):
 
 
 def test_refuses_draft_with_another_vocabulary():
-    model = tiny_model("llama", seed=0)
-    draft = tiny_model("llama", seed=1, vocab=VOCAB + 64)
+    model = spec_model("llama", seed=0)
+    draft = spec_model("llama", seed=1, vocab=SPEC_VOCAB + 64)
     config = GenerationConfig(max_tokens=4, draft_model=draft)
-    with pytest.raises(GenerationError, match=rf"vocabulary has {VOCAB + 64} tokens.*{VOCAB}"):
+    with pytest.raises(
+        GenerationError, match=rf"vocabulary has {SPEC_VOCAB + 64} tokens.*{SPEC_VOCAB}"
+    ):
         speculative(model, [5, 6, 7], config)
 
 
 def test_refuses_bad_options():
-    model = tiny_model("llama")
-    both = GenerationConfig(prompt_lookup=3, draft_model=tiny_model("llama", seed=1))
+    model = spec_model("llama")
+    both = GenerationConfig(prompt_lookup=3, draft_model=spec_model("llama", seed=1))
     with pytest.raises(OptionError, match="prompt_lookup and a draft model cannot be combined"):
         speculative(model, [5, 6], both)
     with pytest.raises(OptionError, match="num_draft must be >= 1") as e:
@@ -189,8 +191,8 @@ def assert_cache_equals_prefill(model, cache, tokens: list[int]) -> None:
 def test_cache_after_rejections_equals_fresh_prefill(family):
     """Between steps and after the caller stops (mid-run or at max_tokens), the cache holds the
     earlier context, the prompt and every token but the last, as a fresh prefill would."""
-    model = tiny_model(family)
-    draft = tiny_model(family, seed=1)
+    model = spec_model(family)
+    draft = spec_model(family, seed=1)
     prompt = prompts(seed=4)[5]
     before = [9, 8, 7, 6]  # a conversation so far, already in the cache
     for config in (
@@ -215,13 +217,13 @@ def test_cache_after_rejections_equals_fresh_prefill(family):
 
 
 def test_draft_cache_rewinds_to_history():
-    draft = DraftModel(tiny_model("olmo", seed=1), transform=None)
+    draft = DraftModel(spec_model("olmo", seed=1), transform=None)
     rng = random.Random(5)
-    history = [rng.randrange(3, VOCAB) for _ in range(11)]
+    history = [rng.randrange(3, SPEC_VOCAB) for _ in range(11)]
     draft.start(history)
     for accept in (4, 0, 2, 3, 1):
         proposal, _ = draft.propose(history, 4)
-        history += [*proposal[:accept], rng.randrange(3, VOCAB)]  # then a rejection
+        history += [*proposal[:accept], rng.randrange(3, SPEC_VOCAB)]  # then a rejection
     draft.sync(history)
     assert_cache_equals_prefill(draft.model, draft.cache, history[:-1])
 
@@ -229,9 +231,9 @@ def test_draft_cache_rewinds_to_history():
 def test_prompt_lookup_searches_the_cached_history():
     """A chat's earlier turns sit in the cache; passed as `history`, prompt lookup copies from
     them, while the tokens stay those of plain decoding over history + prompt."""
-    model = tiny_model("llama", seed=0)
+    model = spec_model("llama", seed=0)
     rng = random.Random(7)
-    history = [rng.randrange(3, VOCAB) for _ in range(24)]
+    history = [rng.randrange(3, SPEC_VOCAB) for _ in range(24)]
     prompt = [history[5]]  # occurs only in the history
     config = GenerationConfig(max_tokens=2, prompt_lookup=4)
     expected = plain(model, history + prompt, config)
@@ -264,69 +266,18 @@ def test_history_must_match_the_cache(tiny_folder):
 # --- sampling: the distribution of plain sampling ----------------------------------------------
 
 
-def exact_distribution(model, prompt: list[int], config: GenerationConfig, n: int) -> dict:
-    """P(first n tokens) under plain sampling, from full forward passes (no cache)."""
-    transform = make_transform(config.temperature, config.top_p, config.top_k, config.min_p)
-    processors = config.logits_processors()
-    dist = {(): 1.0}
-    for _ in range(n):
-        longer = {}
-        for prefix, prob in dist.items():
-            seq = mx.array(prompt + list(prefix), mx.uint32)
-            logits = model(seq[None])[:, -1, :]
-            for processor in processors:
-                logits = processor(seq, logits)
-            p = mx.exp(transform(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))[0]
-            for t, pt in enumerate(p.tolist()):
-                if pt > 0:
-                    longer[(*prefix, t)] = prob * pt
-        dist = longer
-    return dist
-
-
-def chi_square_p(counts: Counter, dist: dict, total: int) -> float:
-    """p-value of the counts under `dist`; cells expecting fewer than 5 are pooled."""
-    assert set(counts) <= set(dist), "sampled a sequence plain sampling cannot produce"
-    stat, small_obs, small_exp, cells = 0.0, 0, 0.0, 0
-    for seq, prob in dist.items():
-        expected = prob * total
-        if expected < 5:
-            small_obs, small_exp = small_obs + counts[seq], small_exp + expected
-            continue
-        stat += (counts[seq] - expected) ** 2 / expected
-        cells += 1
-    if small_exp > 0:
-        stat += (small_obs - small_exp) ** 2 / small_exp
-        cells += 1
-    return chi2_sf(stat, cells - 1)
-
-
-def lookup_prompt(model, config: GenerationConfig) -> list[int]:
-    """[a b c w a b c] with w chosen so that prompt lookup proposes w, and plain sampling gives
-    w a middling probability: acceptances and rejections both happen."""
-    abc = [11, 12, 13]
-    candidates = mx.array([[*abc, w, *abc] for w in range(3, VOCAB)], mx.uint32)
-    logits = model(candidates)[:, -1, :]  # (V - 3, V)
-    transform = make_transform(config.temperature, config.top_p, config.top_k, config.min_p)
-    p = mx.exp(transform(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
-    p_w = p[mx.arange(VOCAB - 3), mx.arange(3, VOCAB)].tolist()
-    w = 3 + min(range(len(p_w)), key=lambda i: abs(p_w[i] - 0.4))
-    assert 0.2 < p_w[w - 3] < 0.6
-    return [*abc, w, *abc]
-
-
 @pytest.mark.parametrize("proposer", ["prompt lookup", "draft model"])
 def test_sampling_follows_plain_distribution(proposer):
     """Chi-square test of the first three sampled tokens against their exact probabilities
     under plain sampling, over a fixed set of seeds. (At this size it rejects, with p-values
     below 1e-5, sampling from p instead of the residual after a rejection, accepting every
     proposal that p allows, and repetition penalties that ignore the drafts before a position.)"""
-    model = tiny_model("llama", seed=0, sharpen=2.0)
+    model = spec_model("llama", seed=0, sharpen=2.0)
     if proposer == "prompt lookup":
         config = GenerationConfig(max_tokens=3, temperature=1.5, top_k=3, prompt_lookup=4)
         prompt = lookup_prompt(model, config)
     else:
-        draft = tiny_model("llama", seed=0, sharpen=0.25, bits=4)  # q flatter than p
+        draft = spec_model("llama", seed=0, sharpen=0.25, bits=4)  # q flatter than p
         config = GenerationConfig(
             max_tokens=3,
             temperature=1.5,
@@ -355,12 +306,14 @@ def test_sampling_follows_plain_distribution(proposer):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("spm"))
+    return spec_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tokenizer_dir):
-    return save_model(tiny_model("llama"), "llama", tmp_path_factory.mktemp("tiny"), tokenizer_dir)
+    return save_spec_model(
+        spec_model("llama"), "llama", tmp_path_factory.mktemp("tiny"), tokenizer_dir
+    )
 
 
 PROMPT = "the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the"
@@ -418,8 +371,8 @@ def test_cli_prints_statistics_and_refuses_other_vocabulary(tmp_path, tiny_folde
     assert "proposed tokens accepted" in spec_run.stderr and "speedup" in spec_run.stderr
     assert "proposed tokens accepted" not in plain_run.stderr
 
-    other = save_model(
-        tiny_model("llama", vocab=VOCAB + 64), "llama", tmp_path / "o", tokenizer_dir
+    other = save_spec_model(
+        spec_model("llama", vocab=SPEC_VOCAB + 64), "llama", tmp_path / "o", tokenizer_dir
     )
     result = runner.invoke(app, [*args, "--draft-model", str(other)])
     assert result.exit_code == 1

@@ -21,8 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
-from _lora_fixtures import CORPUS, make_model, make_tokenizer, write_jsonl
 from elm_mlx.cli.main import app
+from helpers import CORPUS, train_spm_tokenizer, write_jsonl, write_lora_model
 from mlx.utils import tree_flatten, tree_map
 from typer.testing import CliRunner
 
@@ -39,9 +39,9 @@ LORA = LoRAConfig(rank=4, alpha=8)
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    make_tokenizer(root / "tok")
-    make_model(root / "llama", "llama", root / "tok")
-    make_model(root / "olmo", "olmo", root / "tok")
+    train_spm_tokenizer(root / "tok")
+    write_lora_model(root / "llama", "llama", root / "tok")
+    write_lora_model(root / "olmo", "olmo", root / "tok")
     write_jsonl(root / "data", "train", ROWS)
     write_jsonl(root / "data", "valid", ROWS[:3])
     return root

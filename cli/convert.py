@@ -42,6 +42,27 @@ def command(
     force: Annotated[
         bool, typer.Option(help="Replace an existing output folder.")
     ] = DEFAULTS.force,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="With --quantize: fit the quantized weights to calibration text (GPTQ) instead "
+            "of rounding each to nearest."
+        ),
+    ] = DEFAULTS.calibrate,
+    calibration_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="UTF-8 text to calibrate on; its tail is held out for perplexity "
+            "[default: the Python documentation bundled with Python]."
+        ),
+    ] = DEFAULTS.calibration_file,
+    bpw: Annotated[
+        float | None,
+        typer.Option(
+            help="With --quantize: mixed precision, more bits where they help most, to this "
+            "average bits per weight (scales and biases included); calibrates."
+        ),
+    ] = DEFAULTS.bpw,
 ) -> None:
     """Convert a Hugging Face checkpoint into an MLX model folder (fp16/bf16/fp32, or 4/8-bit).
 
@@ -56,6 +77,9 @@ def command(
         revision=revision,
         hf_token=hf_token,
         force=force,
+        calibrate=calibrate,
+        calibration_file=None if calibration_file is None else str(calibration_file),
+        bpw=bpw,
     )
-    path = convert(src, out, options)
+    path = convert(src, out, options, report=lambda r: typer.echo(r.summary(), err=True))
     typer.echo(f"wrote {path}", err=True)

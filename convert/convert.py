@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from ..model_folder import (
     write_config,
 )
 from ..models import family_of
+from ..quantize import Setting, check_budget, read_text
+from .calibrated import QuantizationReport, load_float, model_tensors, quantize_calibrated
 from .checkpoint import checkpoint_files, iter_tensors
 from .tokenizer_files import find_tokenizer
 
@@ -43,6 +46,9 @@ class ConvertOptions:
     hf_token: str | None = None
     force: bool = False
     max_shard_bytes: int = 5 << 30
+    calibrate: bool = False  # GPTQ against calibration text instead of rounding to nearest
+    calibration_file: str | None = None  # None: the Python documentation bundled with Python
+    bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -51,6 +57,13 @@ class ConvertOptions:
             raise OptionError("bits", f"must be one of {BITS}, not {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
+        for name in ("calibrate", "calibration_file", "bpw"):
+            if getattr(self, name) not in (None, False) and not self.quantize:
+                raise OptionError(name, "needs --quantize (it chooses how to quantize)")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibrate or self.bpw is not None
 
 
 def convert(
@@ -58,16 +71,19 @@ def convert(
     out: str | os.PathLike,
     options: ConvertOptions | None = None,
     progress: bool = True,
+    report: Callable[[QuantizationReport], None] | None = None,
 ) -> Path:
     """Convert `src` (local HF folder or hub id) into an MLX folder at `out`.
 
     The folder appears only when everything is written: work happens in a hidden temporary
-    sibling that is renamed at the end and removed on any error.
+    sibling that is renamed at the end and removed on any error. A calibrated conversion hands
+    its `QuantizationReport` (held-out perplexity, bits per weight) to `report`.
     """
     options = options or ConvertOptions()
     options.validate()
     out = Path(out).expanduser()
     check_output(out, options.force)
+    text = read_text(options.calibration_file) if options.calibrated else None
 
     source = hub.resolve(src, options.revision, options.hf_token)
     config = read_config(source)
@@ -82,6 +98,30 @@ def convert(
 
     # The model skeleton is the name/shape table: its parameters are lazy, never computed.
     float_shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    if options.bpw is not None:
+        check_budget(model, options.bpw, dtype)
+    if text is not None:
+        with staging_folder(out) as tmp:
+            copy_tokenizer(tokenizer, tmp)
+            load_float(model, _checkpoint_tensors(model, files, float_shapes, source), dtype)
+            quant, result = quantize_calibrated(
+                model,
+                *text,
+                tmp,
+                Setting(options.bits, options.group_size),
+                options.bpw,
+                dtype,
+                progress,
+            )
+            writer = ShardWriter(tmp, options.max_shard_bytes)
+            for name, tensor in model_tensors(model, dtype):
+                writer.add(name, tensor)
+            writer.close()
+            write_config(tmp, _output_config(config, model, dtype_name, quant))
+        if report is not None:
+            report(result)
+        return out
+
     quant = None
     if options.quantize:
         quant = {"group_size": options.group_size, "bits": options.bits, "mode": "affine"}
@@ -92,33 +132,41 @@ def convert(
 
     with staging_folder(out) as tmp:
         writer = ShardWriter(tmp, options.max_shard_bytes)
-        seen: set[str] = set()
         bar = _progress(len(float_shapes), progress)
-        for path in files:
-            for raw_name, raw in iter_tensors(path):
-                for name, tensor in model.sanitize({raw_name: raw}).items():
-                    _check(name, tensor, float_shapes, seen, path)
-                    seen.add(name)
-                    tensor = tensor.astype(dtype)
-                    module = name[: -len(".weight")]
-                    if name.endswith(".weight") and module in quantized:
-                        wq, scales, biases = mx.quantize(tensor, options.group_size, options.bits)
-                        writer.add(name, wq)
-                        writer.add(f"{module}.scales", scales)
-                        writer.add(f"{module}.biases", biases)
-                    else:
-                        writer.add(name, tensor)
-                    bar.update(1)
+        for name, tensor in _checkpoint_tensors(model, files, float_shapes, source):
+            tensor = tensor.astype(dtype)
+            module = name[: -len(".weight")]
+            if name.endswith(".weight") and module in quantized:
+                wq, scales, biases = mx.quantize(tensor, options.group_size, options.bits)
+                writer.add(name, wq)
+                writer.add(f"{module}.scales", scales)
+                writer.add(f"{module}.biases", biases)
+            else:
+                writer.add(name, tensor)
+            bar.update(1)
         bar.close()
-        if missing := sorted(set(float_shapes) - seen):
-            raise WeightsError(
-                f"{source}: the checkpoint lacks {len(missing)} tensors the config needs, "
-                f"e.g. {', '.join(missing[:3])}; is the download complete?"
-            )
         writer.close()
         write_config(tmp, _output_config(config, model, dtype_name, quant))
         copy_tokenizer(tokenizer, tmp)
     return out
+
+
+def _checkpoint_tensors(
+    model: Any, files: list[Path], shapes: dict[str, tuple], source: Path
+) -> Iterator[tuple[str, mx.array]]:
+    """The checkpoint's tensors under the model's names, each checked against the config."""
+    seen: set[str] = set()
+    for path in files:
+        for raw_name, raw in iter_tensors(path):
+            for name, tensor in model.sanitize({raw_name: raw}).items():
+                _check(name, tensor, shapes, seen, path)
+                seen.add(name)
+                yield name, tensor
+    if missing := sorted(set(shapes) - seen):
+        raise WeightsError(
+            f"{source}: the checkpoint lacks {len(missing)} tensors the config needs, "
+            f"e.g. {', '.join(missing[:3])}; is the download complete?"
+        )
 
 
 def _check(name: str, tensor: mx.array, shapes: dict[str, tuple], seen: set[str], path: Path):

@@ -1,0 +1,137 @@
+"""`elm convert --quantize --calibrate [--bpw B]`: quantize the float model in memory against
+calibration text (`elm_mlx.quantize`), and measure what it cost on held-out text."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..errors import TokenizerError
+from ..loader import default_compute_dtype
+from ..models import CausalLM, vocab_size
+from ..perplexity import context_length, encode_text, score_tokens
+from ..quantize import (
+    CalibrationConfig,
+    Setting,
+    bits_per_weight,
+    dequantized_view,
+    quantization_config,
+    quantize_model,
+    split,
+)
+from ..quantize.mixed import quantizable
+from ..tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What calibrated quantization did, measured on text it did not calibrate on."""
+
+    float_perplexity: float
+    quantized_perplexity: float
+    held_out_tokens: int  # tokens scored
+    calibration_tokens: int
+    calibration_source: str
+    bits_per_weight: float  # packed codes + scales + biases over the quantized layers
+    seconds: float
+
+    def summary(self) -> str:
+        change = 100 * (self.quantized_perplexity / self.float_perplexity - 1)
+        return (
+            f"perplexity on {self.held_out_tokens} held-out tokens of {self.calibration_source}: "
+            f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
+            f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated on "
+            f"{self.calibration_tokens} tokens in {self.seconds:.0f}s"
+        )
+
+
+def load_float(model: CausalLM, tensors: Iterator[tuple[str, mx.array]], dtype: mx.Dtype) -> None:
+    """Fill the model with the checkpoint's tensors rounded to the output dtype (what would be
+    written unquantized), computing in float32 on the CPU backend as the loader does."""
+    compute = default_compute_dtype() or dtype
+    weights = [(name, t.astype(dtype).astype(compute)) for name, t in tensors]
+    model.load_weights(weights, strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+
+
+def held_out_perplexity(model: CausalLM, ids: list[int]) -> float:
+    window = min(context_length(model), len(ids))
+    total, scored = score_tokens(model, ids, window, window)
+    return math.exp(total / scored)
+
+
+def quantize_calibrated(
+    model: CausalLM,
+    text: str,
+    source: str,
+    tokenizer_dir: Path,
+    setting: Setting,
+    bpw: float | None,
+    dtype: mx.Dtype,
+    progress: bool,
+) -> tuple[dict[str, Any], QuantizationReport]:
+    """Quantize the loaded float `model` in place; return config.json's "quantization" and the
+    report. The tokenizer is the one the output folder ships (`tokenizer_dir`)."""
+    tic = time.perf_counter()
+    config = CalibrationConfig()
+    ids = encode_text(load_tokenizer(tokenizer_dir), text)
+    if ids and max(ids) >= vocab_size(model):
+        raise TokenizerError(
+            f"the tokenizer gives id {max(ids)} for {source}, but the model has "
+            f"{vocab_size(model)} embeddings; is it the model's own tokenizer (--tokenizer)?"
+        )
+    data = split(ids, config, source)
+    sizes = {p: m.weight.size for p, m in quantizable(model).items()}
+    float_ppl = held_out_perplexity(model, data.held_out)
+    bars: dict[str, Any] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage not in bars:  # disable=None: no bar when stderr is not a terminal
+            bars[stage] = tqdm(
+                total=total,
+                desc=stage,
+                unit="block",
+                disable=None if progress else True,
+                leave=False,
+            )
+        bars[stage].update(done - bars[stage].n)
+
+    try:
+        plan = quantize_model(
+            model, data.windows, setting, dtype, bpw, config.sensitivity_windows, show
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+    swaps = dequantized_view(model) if default_compute_dtype() is not None else []
+    quant_ppl = held_out_perplexity(model, data.held_out)
+    if swaps:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(swaps))
+    report = QuantizationReport(
+        float_perplexity=float_ppl,
+        quantized_perplexity=quant_ppl,
+        held_out_tokens=len(data.held_out) - 1,
+        calibration_tokens=data.windows.size,
+        calibration_source=source,
+        bits_per_weight=bits_per_weight(model),
+        seconds=time.perf_counter() - tic,
+    )
+    return quantization_config(plan, sizes), report
+
+
+def model_tensors(model: CausalLM, dtype: mx.Dtype) -> Iterator[tuple[str, mx.array]]:
+    """The quantized model's tensors as written: codes as they are, floats in `dtype`."""
+    for name, tensor in tree_flatten(model.parameters()):
+        yield name, tensor.astype(dtype) if mx.issubdtype(tensor.dtype, mx.floating) else tensor

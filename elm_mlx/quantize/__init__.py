@@ -1,0 +1,25 @@
+"""Calibrated and mixed-precision quantization (`elm convert --quantize --calibrate --bpw B`).
+
+Imports only the model families and errors: the converter drives it on a float model.
+"""
+
+from .calibrate import dequantized_view
+from .calibration import CalibrationConfig, CalibrationData, default_text, read_text, split
+from .grid import Setting
+from .mixed import CANDIDATES, bits_per_weight, quantization_config
+from .recipe import check_budget, quantize_model
+
+__all__ = [
+    "CANDIDATES",
+    "CalibrationConfig",
+    "CalibrationData",
+    "Setting",
+    "bits_per_weight",
+    "check_budget",
+    "default_text",
+    "dequantized_view",
+    "quantization_config",
+    "quantize_model",
+    "read_text",
+    "split",
+]

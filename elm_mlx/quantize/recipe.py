@@ -1,0 +1,61 @@
+"""What `elm convert --quantize --calibrate [--bpw B]` does to a float model: choose each
+layer's setting (one for all, or mixed to a bit budget by measured sensitivity), then quantize
+block by block with GPTQ on fitted grids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from ..errors import OptionError
+from ..models import CausalLM
+from .calibrate import calibrate
+from .grid import Setting
+from .mixed import CANDIDATES, MAX_BPW, budget_plan, cheapest_bpw, uniform_plan
+from .sensitivity import estimate
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def check_budget(model: CausalLM, bpw: float, dtype: mx.Dtype) -> None:
+    scale_bytes = mx.zeros((), dtype).itemsize
+    lowest = cheapest_bpw(model, scale_bytes)
+    if not lowest <= bpw <= MAX_BPW:
+        raise OptionError(
+            "bpw",
+            f"must be between {lowest:.2f} (the cheapest settings, {CANDIDATES[0].bits}-bit, "
+            f"with {8 * scale_bytes}-bit scales) and {MAX_BPW:g}, not {bpw:g}",
+        )
+
+
+def quantize_model(
+    model: CausalLM,
+    windows: mx.array,
+    setting: Setting,
+    dtype: mx.Dtype,
+    bpw: float | None = None,
+    sensitivity_windows: int = 2,
+    progress: Progress | None = None,
+) -> dict[str, Setting]:
+    """Quantize `model` in place, calibrated on the token windows (N, L); return the plan
+    (module path -> setting). Without `bpw` every layer gets `setting`; with it, layers get
+    the candidate settings that lose least by the sensitivity estimate within the budget."""
+    if bpw is None:
+        plan = uniform_plan(model, setting)
+    else:
+        check_budget(model, bpw, dtype)
+
+        def stage(done: int, total: int) -> None:
+            if progress is not None:
+                progress("sensitivity", done, total)
+
+        estimates = estimate(model, windows[:sensitivity_windows], CANDIDATES, dtype, stage)
+        plan = budget_plan(estimates, bpw)
+
+    def calibrating(done: int, total: int) -> None:
+        if progress is not None:
+            progress("calibrating", done, total)
+
+    calibrate(model, windows, plan, dtype, calibrating)
+    return plan

@@ -1,0 +1,269 @@
+"""Calibrated and mixed-precision quantization (`elm convert --quantize --calibrate --bpw B`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from elm_mlx.cli.main import app
+from mlx.utils import tree_flatten
+from oracles import logits_of
+from typer.testing import CliRunner
+
+from elm_mlx.data import load_splits
+from elm_mlx.fuse import fuse
+from elm_mlx.loader import build_model, load, load_model
+from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
+from elm_mlx.perplexity import encode_text
+from elm_mlx.quantize import CalibrationConfig, default_text, split
+from elm_mlx.quantize.grid import Setting, fit_grid
+from elm_mlx.quantize.mixed import allocate, lower_hull
+from elm_mlx.train import TrainConfig, Trainer
+
+runner = CliRunner()
+BUDGET = 5.0  # bits per weight; float32 folders store 32-bit scales: 4-bit g64 costs 5.0
+
+
+def tensors_of(folder: Path) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out |= mx.load(str(f))
+    return out
+
+
+def dequantize_any(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
+    """MLX's affine layout for any width, with numpy alone: the codes are one little-endian bit
+    stream through the uint32 words (a 3-, 5- or 6-bit code may straddle two words)."""
+    stream = np.unpackbits(wq.astype("<u4").view(np.uint8), axis=-1, bitorder="little")
+    stream = stream.reshape(wq.shape[0], -1, bits).astype(np.uint32)
+    codes = (stream << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.float32)
+    group = codes.shape[-1] // scales.shape[-1]
+    s = np.repeat(scales.astype(np.float32), group, axis=-1)
+    return codes * s + np.repeat(biases.astype(np.float32), group, axis=-1)
+
+
+def held_out(tokenizer, n: int = 512) -> list[int]:
+    """Tokens of the default calibration text that calibration never sees."""
+    ids = encode_text(tokenizer, default_text())
+    return split(ids, CalibrationConfig(), "default").held_out[:n]
+
+
+def relative_error(folder: Path, reference: np.ndarray, ids: list[int]) -> float:
+    logits = logits_of(load_model(folder).model, ids)
+    return float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))
+
+
+# ---------------------------------------------------------------------------- the text
+
+
+def test_calibration_windows_never_overlap_the_held_out_tail():
+    ids = list(range(10_000))
+    config = CalibrationConfig(window=512, windows=8, held_out=1000)
+    data = split(ids, config, "text")
+    assert data.held_out == ids[-1000:]
+    windows = np.array(data.windows)
+    assert windows.shape == (8, 512)
+    assert windows.max() < 9000  # every calibration token precedes the held-out tail
+    for row in windows:  # each window is a contiguous run of the text
+        assert list(row) == list(range(row[0], row[0] + 512))
+    assert windows[0, 0] == 0 and windows[-1, -1] == 8999  # spread over the whole head
+
+
+def test_grid_search_hits_a_source_grid_exactly():
+    """Weights stored as 4-bit min-max groups of 32 (GGUF Q4_1, like SmolLM2's blocks) come back
+    exactly at group 32, where mx.quantize's zero-aligned grid does not; at group 64 the
+    sub-block grids keep half of each group exact."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(64, 256)).astype(np.float32)
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # each group spans its whole grid
+    scale = rng.uniform(0.005, 0.02, size=(64, 8)).astype(np.float16).astype(np.float32)
+    low = rng.uniform(-0.2, -0.05, size=(64, 8)).astype(np.float16).astype(np.float32)
+    w = (codes.reshape(64, 8, 32) * scale[..., None] + low[..., None]).reshape(64, 256)
+    ones = np.ones(256, np.float32)
+    s, b = fit_grid(w, ones, Setting(4, 32), mx.float16)
+    deq = np.array(mx.dequantize(*mx.quantize(mx.array(w), 32, 4), 32, 4))
+    assert np.abs(deq - w).max() > 1e-3  # mx.quantize's own grid misses
+    q = np.clip(np.rint((w.reshape(64, 8, 32) - b[..., None]) / s[..., None]), 0, 15)
+    np.testing.assert_array_equal(q * s[..., None] + b[..., None], w.reshape(64, 8, 32))
+
+
+def test_allocation_spends_the_budget_where_error_falls_fastest():
+    cheap, dear = Setting(3, 64), Setting(4, 64)
+    options = {  # (bits, error, setting): the same price, very different gains
+        "sensitive": [(100.0, 50.0, cheap), (150.0, 1.0, dear)],
+        "robust": [(100.0, 2.0, cheap), (150.0, 1.0, dear)],
+    }
+    assert allocate(options, 250.0) == {"sensitive": dear, "robust": cheap}
+    assert allocate(options, 300.0) == {"sensitive": dear, "robust": dear}
+    assert allocate(options, 200.0) == {"sensitive": cheap, "robust": cheap}
+    # a point above the chord of its neighbours is never a step of the hull
+    hull = lower_hull([(1.0, 10.0, cheap), (2.0, 9.9, dear), (3.0, 1.0, Setting(8, 64))])
+    assert [p[0] for p in hull] == [1.0, 3.0]
+
+
+# ---------------------------------------------------------------------------- each family
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
+def test_calibrated_4bit_beats_round_to_nearest(tiny, family):
+    """Same bits, same groups, same text: GPTQ on fitted grids moves the logits on held-out
+    tokens less than rounding to nearest does."""
+    float_model, tokenizer = tiny.load(family)
+    ids = held_out(tokenizer)
+    reference = logits_of(float_model, ids)
+    plain = tiny.converted(family, quantize=True, bits=4, group_size=64)
+    calibrated = tiny.converted(family, quantize=True, calibrate=True, bits=4, group_size=64)
+    assert (
+        json.loads((calibrated / "config.json").read_text())["quantization"]
+        == json.loads((plain / "config.json").read_text())["quantization"]
+    )
+    err_plain = relative_error(plain, reference, ids)
+    err_calibrated = relative_error(calibrated, reference, ids)
+    assert err_calibrated < 0.9 * err_plain, (err_calibrated, err_plain)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
+def test_mixed_precision_meets_the_budget(tiny, family):
+    """Bits per weight counted from the written tensors (codes + scales + biases over every
+    quantized tensor) stay within the budget, several settings are used, config.json names
+    each layer's setting, and the model computes with exactly the stored weights."""
+    out = tiny.converted(family, quantize=True, bpw=BUDGET)
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization"]
+    tensors = tensors_of(out)
+    reference = build_model(config)  # its (lazy) parameters give the float shapes
+    shapes = {k: v.shape for k, v in tree_flatten(reference.parameters())}
+    bits = weights = 0
+    settings = set()
+    for name in tensors:
+        if not name.endswith(".scales"):
+            continue
+        module = name[: -len(".scales")]
+        w, s, b = (tensors[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
+        rows, n_in = shapes[f"{module}.weight"]
+        setting = (w.shape[-1] * 32 // n_in, n_in // s.shape[-1])  # (bits, group size)
+        assert setting == (quant.get(module, quant)["bits"], quant.get(module, quant)["group_size"])
+        settings.add(setting)
+        bits += 8 * (w.nbytes + s.nbytes + b.nbytes)
+        weights += rows * n_in
+    assert BUDGET - 0.5 < bits / weights <= BUDGET
+    assert len(settings) > 1
+    # the loaded model is the dequantized weights (numpy decodes each layer's own setting)
+    model = load_model(out).model
+    floats = {}
+    for name, t in tensors.items():
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and f"{module}.scales" in tensors:
+            scales, biases = (np.array(tensors[f"{module}.{k}"]) for k in ("scales", "biases"))
+            bits = quant.get(module, quant)["bits"]
+            floats[name] = mx.array(dequantize_any(np.array(t), scales, biases, bits))
+        elif not name.endswith((".scales", ".biases")):
+            floats[name] = t
+    reference.load_weights(list(floats.items()))
+    ids = list(range(3, 40))
+    np.testing.assert_allclose(logits_of(model, ids), logits_of(reference, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "openelm"])  # mlx-lm's olmo.py is not HF OLMo
+def test_mlx_lm_loads_the_mixed_folder(tiny, family):
+    out = tiny.converted(family, quantize=True, bpw=BUDGET)
+    theirs, _ = mlx_lm.load(str(out))
+    ids = list(range(3, 40))
+    np.testing.assert_allclose(
+        logits_of(theirs, ids), logits_of(load_model(out).model, ids), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
+def test_qlora_and_fuse_on_a_mixed_base(tiny, family, tmp_path):
+    base = tiny.converted(family, quantize=True, bpw=BUDGET)
+    rows = [{"text": "the capital of france is paris"}, {"text": "the capital of italy is rome"}]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split_name in ("train", "valid"):
+        (data / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tokenizer = load(base)
+    frozen = {k: v for k, v in tree_flatten(model.parameters())}
+    mx.random.seed(0)
+    lora = LoRAConfig(rank=4, alpha=8)
+    apply_lora(model, lora)
+    splits = load_splits(data, tokenizer, model.model_type, 64)
+    config = TrainConfig(iters=40, batch_size=2, learning_rate=3e-3, val_every=40, save_every=0)
+    trainer = Trainer(model, splits, tmp_path / "run", config, lora, progress=False)
+    first = trainer.evaluate(splits.valid, -1)
+    assert trainer.run().val_loss < 0.8 * first
+    after = {k.replace(".linear.", "."): v for k, v in tree_flatten(model.parameters())}
+    assert all(mx.array_equal(after[k], v) for k, v in frozen.items())  # the base stays frozen
+    save_adapters(model, tmp_path / "adapter", lora)
+    model.eval()
+    ids = mx.array([[1, 5, 17, 33, 99, 120]])
+    adapted = model(ids)
+
+    fused = fuse(base, tmp_path / "adapter", tmp_path / "fused")
+    quant = json.loads((fused / "config.json").read_text())["quantization"]
+    assert quant == json.loads((base / "config.json").read_text())["quantization"]
+    fused_model, _ = load(fused)
+    kinds = {(m.bits, m.group_size) for _, m in fused_model.named_modules()
+             if isinstance(m, nn.QuantizedLinear)}  # fmt: skip
+    assert len(kinds) > 1  # each layer keeps its own setting
+    as_float = fuse(base, tmp_path / "adapter", tmp_path / "float", dequantize=True)
+    assert mx.allclose(load(as_float)[0](ids), adapted, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--calibrate"], "--calibrate needs --quantize"),
+        (["--bpw", "4.5"], "--bpw needs --quantize"),
+        (["-q", "--bpw", "2"], "--bpw must be between"),
+        (["-q", "--bpw", "17"], "--bpw must be between"),
+        (["-q", "--calibrate", "--calibration-file", "MISSING"], "does not exist"),
+        (["-q", "--calibrate", "--calibration-file", "EMPTY"], "is empty"),
+        (["-q", "--calibrate", "--calibration-file", "SHORT"], "one window"),
+    ],
+)
+def test_bad_calibration_options(tiny, tmp_path, extra, message):
+    files = {"MISSING": tmp_path / "nope.txt", "EMPTY": tmp_path / "empty.txt",
+             "SHORT": tmp_path / "short.txt"}  # fmt: skip
+    files["EMPTY"].write_text(" \n")
+    files["SHORT"].write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    extra = [str(files.get(a, a)) for a in extra]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(tiny.hf("llama")), "-o", str(out), *extra])
+    assert result.exit_code == 1
+    assert message in result.stderr and "error: --" in result.stderr
+    assert not out.exists() and _leftovers(out) == []
+
+
+def test_calibrate_through_the_cli_reports_held_out_perplexity(tiny, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(default_text()[:60_000])
+    out = tmp_path / "out"
+    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
+    result = runner.invoke(app, [*args, "--calibration-file", str(text)])
+    assert result.exit_code == 0, result.stderr
+    assert f"held-out tokens of {text}" in result.stderr
+    assert "bits per weight" in result.stderr and f"wrote {out}" in result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+
+
+def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny, tmp_path):
+    """Ids past the embedding would index garbage: the converter names the mismatch instead."""
+    src = tiny.hf("llama", vocab_size=256)  # its tokenizer has 400 ids
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(src), "-o", str(out), "-q", "--calibrate"])
+    assert result.exit_code == 1
+    assert "the model has 256 embeddings" in result.stderr and "--tokenizer" in result.stderr
+    assert not out.exists() and _leftovers(out) == []

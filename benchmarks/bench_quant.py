@@ -43,7 +43,6 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 
 # isort: split
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +135,11 @@ def build_mlx_lm(float_dir: Path, out: Path, spec: dict, calibration: Path) -> N
     if spec.get("gptq"):
         ids = tokenizer.encode(calibration.read_text())  # the windows elm calibrates on
         data = split(ids, CalibrationConfig(), str(calibration)).windows
+        # in float32 as elm calibrates (float16 matmuls crawl on the CPU backend), then the
+        # floats (scales, biases, norms) back to the folder's float16
+        model.set_dtype(mx.float32)
         model, config["quantization"] = gptq_quantize(model, data, 4, 64, 8, 64)
+        model.set_dtype(mx.float16)
     else:
         predicate = None
         if "recipe" in spec:
@@ -174,12 +177,20 @@ def run_worker(spec: dict) -> dict:
 # ---------------------------------------------------------------------------- scoring
 
 
-def bits_per_weight(model: nn.Module) -> float | None:
+def bits_per_weight(folder: Path) -> float | None:
+    """From the written tensors (a loaded model may hold upcast copies): codes + scales + biases
+    over the weights of every quantized tensor."""
+    tensors: dict[str, mx.array] = {}
+    for f in folder.glob("*.safetensors"):
+        tensors |= mx.load(str(f))
+    quant = json.loads((folder / "config.json").read_text()).get("quantization", {})
     bits = weights = 0
-    for m in model.modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            bits += 8 * (m.weight.nbytes + m.scales.nbytes + m.biases.nbytes)
-            weights += m.weight.size * 32 // m.bits
+    for name, scales in tensors.items():
+        if name.endswith(".scales"):
+            module = name[: -len(".scales")]
+            codes = tensors[f"{module}.weight"]
+            bits += 8 * (codes.nbytes + scales.nbytes + tensors[f"{module}.biases"].nbytes)
+            weights += codes.size * 32 // quant.get(module, quant)["bits"]
     return bits / weights if weights else None
 
 
@@ -193,8 +204,12 @@ def next_token_logprobs(model, ids: list[int], window: int):
 
 def score(folder: Path, ids: list[int], window: int, reference: list | None) -> dict:
     from elm_mlx import load
+    from elm_mlx.quantize import dequantized_view
 
     model, _ = load(folder)
+    # MLX's CPU quantized matmul is a plain loop (minutes per window): score with the
+    # dequantized weights instead, the same values in float32
+    dequantized_view(model)
     nll = kl = 0.0
     n = 0
     logprobs = []
@@ -208,7 +223,7 @@ def score(folder: Path, ids: list[int], window: int, reference: list | None) -> 
         else:
             ref = mx.array(reference[i])
             kl += (mx.exp(ref) * (ref - lp)).sum().item()
-    result = {"ppl": math.exp(nll / n), "tokens": n, "bpw": bits_per_weight(model)}
+    result = {"ppl": math.exp(nll / n), "tokens": n, "bpw": bits_per_weight(folder)}
     if reference is None:
         result["logprobs"] = logprobs
     else:
@@ -219,7 +234,9 @@ def score(folder: Path, ids: list[int], window: int, reference: list | None) -> 
 # ---------------------------------------------------------------------------- main
 
 
-def bench_model(name: str, work: Path, bpws: list[float], tokens: int, window: int) -> list:
+def bench_model(
+    name: str, work: Path, bpws: list[float], tokens: int, window: int, only: list[str] | None
+) -> list:
     from elm_mlx.tokenizer import load_tokenizer
 
     calibration_text, held_text = texts()
@@ -230,6 +247,8 @@ def bench_model(name: str, work: Path, bpws: list[float], tokens: int, window: i
     reference = None
     float_dir = work / f"{name}-float16"
     for label, spec in methods(bpws).items():
+        if only and label != "float16" and label not in only:
+            continue
         slug = label.replace(" ", "-").replace("/", "g")
         out = float_dir if label == "float16" else work / f"{name}-{slug}"
         spec = {**spec, "src": str(src), "float_dir": str(float_dir), "out": str(out),
@@ -274,6 +293,7 @@ def main() -> None:
     parser.add_argument("--bpw", nargs="+", type=float, default=[4.5, 4.25])
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", help="only these rows (labels as printed)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/elm-mlx/bench/quant")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,7 +303,7 @@ def main() -> None:
     for name in args.models:
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
-        rows += bench_model(name, work, args.bpw, args.tokens, args.window)
+        rows += bench_model(name, work, args.bpw, args.tokens, args.window, args.methods)
     print()
     for row in rows:
         if "ppl_change" in row:

@@ -33,11 +33,11 @@ import mlx.core as mx
 from elm_mlx.convert import ConvertOptions, convert
 
 from elm_mlx import _blas
-from elm_mlx.batch import BatchGenerator, Request
-from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.reference import generation_stream
+from elm_mlx.engine.scheduler import BatchGenerator, Request
 from elm_mlx.loader import load
 from elm_mlx.models import make_cache
-from elm_mlx.step import generation_stream
 from elm_mlx.tokenizer import render_chat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

@@ -21,8 +21,8 @@ from pathlib import Path
 from elm_mlx.convert import ConvertOptions, convert
 
 from elm_mlx import _blas  # importing elm_mlx selects OpenBLAS before mlx loads
-from elm_mlx.chat import ChatSession
-from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.engine.chat_session import ChatSession
+from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.loader import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

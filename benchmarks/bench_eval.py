@@ -43,7 +43,7 @@ def held_out_text() -> str:
 def bench_perplexity(elm_model, elm_tok, mlx_model, text: str, tokens: int, window: int) -> dict:
     from mlx_lm.perplexity import eval_ppl
 
-    from elm_mlx.perplexity import perplexity, score_tokens
+    from elm_mlx.eval.perplexity import perplexity, score_tokens
 
     ids = elm_tok.encode(text)[:tokens]
     text = elm_tok.decode(ids)
@@ -107,7 +107,7 @@ def bench_loglikelihood(model_dir: Path, elm_loaded, text: str, docs: int) -> di
     from lm_eval.tasks import TaskManager
     from mlx_lm.evaluate import MLXLM
 
-    from elm_mlx.harness import ElmLM
+    from elm_mlx.eval.lm_eval_model import ElmLM
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = cloze_task(Path(tmp), text, docs)

@@ -31,7 +31,7 @@ from elm_mlx.convert import ConvertOptions, convert
 from mlx.utils import tree_flatten, tree_map
 
 from elm_mlx import _blas
-from elm_mlx.generation import stream_generate as elm_stream
+from elm_mlx.engine.generation import stream_generate as elm_stream
 from elm_mlx.loader import load as elm_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

@@ -84,11 +84,11 @@ def run_elm(args: argparse.Namespace) -> dict:
     # isort: split
     import mlx.core as mx
 
-    from elm_mlx.data import load_splits
     from elm_mlx.errors import TrainingError
     from elm_mlx.loader import load
     from elm_mlx.lora import LoRAConfig, apply_lora
-    from elm_mlx.train import LOG_FILE, TrainConfig, Trainer
+    from elm_mlx.train.dataset import load_splits
+    from elm_mlx.train.trainer import LOG_FILE, TrainConfig, Trainer
 
     # the stored dtype, as mlx-lm computes (elm's CPU default would upcast half to float32)
     model, tokenizer = load(args.model, compute_dtype=None)
@@ -202,7 +202,7 @@ def main() -> None:
     import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 
     # isort: split
-    from elm_mlx.train import TrainConfig
+    from elm_mlx.train.trainer import TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32,fp16,bf16,q4")

@@ -36,8 +36,8 @@ import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
 import mlx.core as mx
 
 from elm_mlx import _blas
-from elm_mlx.generation import stream_generate
-from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.generation import stream_generate
 from elm_mlx.loader import load
 from elm_mlx.models import vocab_size
 from elm_mlx.tokenizer import render_chat

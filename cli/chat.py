@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
-from ..convert.cache import DEFAULT_BITS, cache_root, ensure_model
+from ..convert.hub_cache import DEFAULT_BITS, cache_root, ensure_model
 from ..errors import ChatError, ElmError, OptionError
 from .options import (
     GENERATION,
@@ -33,7 +33,7 @@ from .options import (
 from .terminal import Printer, StopOnInterrupt, Style, read_message, setup_readline
 
 if TYPE_CHECKING:
-    from ..chat import ChatSession
+    from ..engine.chat_session import ChatSession
 HELP = '''commands:
   /help              this list
   /reset             forget the conversation (the system prompt stays)
@@ -256,7 +256,7 @@ def command(
     processes only its new tokens. A hub id is converted once into ~/.cache/elm-mlx (or
     $ELM_MLX_CACHE). With standard input not a terminal, each line is one message and the
     answers go to stdout."""
-    from ..chat import ChatSession, load_template
+    from ..engine.chat_session import ChatSession, load_template
     from ..loader import load
 
     config = generation_config(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import EvaluationError
-from ..scoring import EvalConfig
+from ..eval.loglikelihood import EvalConfig
 
 DEFAULTS = EvalConfig()
 LONG_TEXT = 2048  # tokens: longer texts get a progress bar
@@ -33,7 +33,7 @@ def read_text(path: Path) -> str:
 def import_harness() -> ModuleType:
     """elm's lm-eval model, or a clear error when lm-evaluation-harness is not installed."""
     try:
-        from .. import harness
+        from ..eval import lm_eval_model as harness
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("lm_eval"):
             raise
@@ -119,8 +119,8 @@ def command(
     """
     import mlx.core as mx
 
+    from ..eval.perplexity import perplexity as measure
     from ..loader import load
-    from ..perplexity import perplexity as measure
 
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not perplexity and not names:

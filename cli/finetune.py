@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..lora import LoRAConfig
-from ..train import TrainConfig
+from ..train.trainer import TrainConfig
 
 TRAINING, LORA = TrainConfig(), LoRAConfig()  # the defaults the options show
 
@@ -84,7 +84,7 @@ def command(
     Rows are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]}.
     Ctrl-C saves before exiting; --resume continues. Data-parallel: mlx.launch -n 2 -- elm finetune ...
     """
-    from ..finetune import finetune
+    from ..train.finetune import finetune
 
     lora = LoRAConfig(
         rank=rank,

@@ -21,7 +21,7 @@ def command(
 
     A quantized base is re-quantized with its own settings unless --dequantize.
     """
-    from ..fuse import fuse
+    from ..train.fuse import fuse
 
     path = fuse(model, adapter, out, dequantize=dequantize, force=force)
     typer.echo(f"wrote {path}")

@@ -70,7 +70,7 @@ def command(
     import mlx.core as mx
 
     from .. import _blas
-    from ..generation import stream_generate
+    from ..engine.generation import stream_generate
     from ..loader import load
     from ..tokenizer import render_chat
 

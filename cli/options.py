@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..generation_config import GenerationConfig
+from ..engine.config import GenerationConfig
 from ..models import CausalLM
 
 GENERATION = GenerationConfig()  # the defaults the options show

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..convert.cache import DEFAULT_BITS, ensure_model
+from ..convert.hub_cache import DEFAULT_BITS, ensure_model
 from ..errors import GenerationError
 from ..server.options import ServeOptions
 from .options import (
@@ -76,7 +76,7 @@ def command(
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models) until Ctrl-C. The sampling options are the defaults of requests that do not
     set them; a request's `prompt_lookup` field overrides --prompt-lookup and --draft-model."""
-    from ..chat import load_template
+    from ..engine.chat_session import load_template
     from ..loader import load
     from ..server.run import serve
 

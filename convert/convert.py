@@ -25,7 +25,7 @@ from ..model_folder import (
 from ..models import family_of
 from ..quantize import Setting, check_budget, read_text
 from .calibrated import QuantizationReport, load_float, model_tensors, quantize_calibrated
-from .checkpoint import checkpoint_files, iter_tensors
+from .hf_checkpoint import checkpoint_files, iter_tensors
 from .tokenizer_files import find_tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

@@ -16,12 +16,12 @@ use_openblas()
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "BatchGenerator": "batch",
-    "GenerationConfig": "generation_config",
-    "GenerationResponse": "generation",
-    "batch_generate": "batch",
-    "generate": "generation",
-    "stream_generate": "generation",
+    "BatchGenerator": "engine.scheduler",
+    "GenerationConfig": "engine.config",
+    "GenerationResponse": "engine.generation",
+    "batch_generate": "engine.scheduler",
+    "generate": "engine.generation",
+    "stream_generate": "engine.generation",
     "load": "loader",
 }
 __all__ = sorted(_EXPORTS)

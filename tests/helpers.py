@@ -34,11 +34,11 @@ import numpy as np
 from elm_mlx.convert import ConvertOptions, convert
 from mlx.utils import tree_flatten
 
-from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.sampling import make_transform
 from elm_mlx.loader import apply_quantization, build_model
 from elm_mlx.model_folder import SPM_TOKENIZER_CONFIG
 from elm_mlx.models import CausalLM
-from elm_mlx.sample import make_transform
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

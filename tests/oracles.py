@@ -16,8 +16,8 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from elm_mlx.generation_config import GenerationConfig
-from elm_mlx.sample import make_transform
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.sampling import make_transform
 
 # ---------------------------------------------------------------------------- models
 

@@ -14,11 +14,11 @@ from helpers import lookup_prompt, random_ids, spec_model, spec_tokenizer
 from oracles import chi_square_p, exact_distribution
 
 from elm_mlx import batch_generate, generate, stream_generate
-from elm_mlx.batch import BatchGenerator, Request
-from elm_mlx.batch_cache import add_rows, keep_rows, make_batch_cache, set_lengths
-from elm_mlx.batch_spec import RowLength, StepCost, Want, speculation_width
+from elm_mlx.engine.batch_kv import add_rows, keep_rows, make_batch_cache, set_lengths
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.scheduler import BatchGenerator, Request
+from elm_mlx.engine.spec_budget import RowLength, StepCost, Want, speculation_width
 from elm_mlx.errors import GenerationError, OptionError
-from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.models import make_cache
 from elm_mlx.tokenizer import load_tokenizer
 

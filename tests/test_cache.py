@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import random_ids
 
+from elm_mlx.engine.reference import generate_step
 from elm_mlx.models import KVCache, make_cache
-from elm_mlx.step import generate_step
 
 ATOL = 1e-4
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from elm_mlx.cli.chat import set_option
 from elm_mlx.cli.main import app
-from elm_mlx.convert.cache import cached_model_dir, ensure_model
+from elm_mlx.convert.hub_cache import cached_model_dir, ensure_model
 from helpers import CHAT_CORPUS, CHAT_KINDS, write_tiny_chat_model
 from typer.testing import CliRunner
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
-from elm_mlx.chat import ChatSession, common_prefix, load_template
+from elm_mlx.engine.chat_session import ChatSession, common_prefix, load_template
+from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.errors import ChatError, ModelNotFoundError
-from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load, read_config
 from elm_mlx.tokenizer import encode_prompt, render_chat
 

@@ -15,7 +15,7 @@ from oracles import logits_of, torch_logits
 from typer.testing import CliRunner
 
 from elm_mlx import _blas, generate
-from elm_mlx.generation_config import GenerationConfig
+from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.loader import load_model
 from elm_mlx.tokenizer import render_chat
 

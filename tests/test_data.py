@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from helpers import train_spm_tokenizer, write_jsonl
 
-from elm_mlx.data import Example, epoch_batches, load_splits, train_batches
 from elm_mlx.errors import DataError
 from elm_mlx.models.openelm import ZEPHYR_TEMPLATE
 from elm_mlx.tokenizer import load_tokenizer
+from elm_mlx.train.dataset import Example, epoch_batches, load_splits, train_batches
 
 
 @pytest.fixture(scope="module")

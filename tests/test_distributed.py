@@ -19,9 +19,9 @@ import pytest
 from helpers import CORPUS, train_spm_tokenizer, write_jsonl, write_lora_model
 from oracles import free_port_pair
 
-from elm_mlx.finetune import finetune
 from elm_mlx.lora import LoRAConfig
-from elm_mlx.train import TrainConfig
+from elm_mlx.train.finetune import finetune
+from elm_mlx.train.trainer import TrainConfig
 
 # Rows of different lengths, so the two processes pad their halves of a batch differently.
 ROWS = [{"text": " ".join(CORPUS[: 1 + i % 5])} for i in range(10)]

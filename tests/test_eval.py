@@ -26,11 +26,11 @@ from oracles import free_port_pair
 from typer.testing import CliRunner
 
 from elm_mlx import load
-from elm_mlx.fuse import fuse
-from elm_mlx.harness import ElmLM, run_tasks, task_manager
+from elm_mlx.eval.lm_eval_model import ElmLM, run_tasks, task_manager
+from elm_mlx.eval.loglikelihood import EvalConfig, owners
+from elm_mlx.eval.perplexity import perplexity
 from elm_mlx.lora import LoRAConfig, LoRALinear, apply_lora, save_adapters
-from elm_mlx.perplexity import perplexity
-from elm_mlx.scoring import EvalConfig, owners
+from elm_mlx.train.fuse import fuse
 
 runner = CliRunner()
 TEXT = "\n".join(CORPUS * 3)
@@ -252,7 +252,7 @@ def test_lm_eval_command_line_runs_elm(llama, tasks):
     (point,) = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "elm"]
     assert point.load() is ElmLM
     done = subprocess.run(
-        [sys.executable, "-m", "elm_mlx.lm_eval_cli", "--model", "elm", "--model_args",
+        [sys.executable, "-m", "elm_mlx.eval.lm_eval_cli", "--model", "elm", "--model_args",
          f"model={llama[1]}", "--batch_size", "2", "--tasks", "tiny_mc", "--include_path",
          str(tasks), "--limit", "4"],
         capture_output=True, text=True, timeout=600,

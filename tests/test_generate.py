@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from elm_mlx import generate, load, stream_generate
-from elm_mlx.sample import make_transform, repetition_penalty
+from elm_mlx.engine.sampling import make_transform, repetition_penalty
 from elm_mlx.tokenizer import encode_prompt
 
 PROMPT = "the capital of france is"
@@ -317,7 +317,7 @@ def test_generation_stream_does_not_leak_into_the_caller(tiny):
     """Generation runs on its own stream (on Metal it overlaps with the caller's work); between
     two tokens the caller's default stream is its own again. The wired limit is a no-op off
     Metal."""
-    from elm_mlx.step import generation_stream, wired_limit
+    from elm_mlx.engine.reference import generation_stream, wired_limit
 
     model, tokenizer = tiny.load("llama")
     device = mx.default_device()

@@ -18,21 +18,26 @@ PACKAGES = {
     "elm_mlx.cli": ROOT / "cli",
 }
 ENGINE = {
-    "elm_mlx.generation",
-    "elm_mlx.generation_config",
-    "elm_mlx.step",
-    "elm_mlx.speculative",
-    "elm_mlx.draft",
-    "elm_mlx.sample",
-    "elm_mlx.chat",
-    "elm_mlx.batch",
-    "elm_mlx.batch_cache",
-    "elm_mlx.batch_prefill",
-    "elm_mlx.batch_spec",
-    "elm_mlx.batch_step",
-    "elm_mlx.prompt_cache",
+    "elm_mlx.engine.generation",
+    "elm_mlx.engine.config",
+    "elm_mlx.engine.reference",
+    "elm_mlx.engine.speculative",
+    "elm_mlx.engine.draft",
+    "elm_mlx.engine.sampling",
+    "elm_mlx.engine.chat_session",
+    "elm_mlx.engine.scheduler",
+    "elm_mlx.engine.batch_kv",
+    "elm_mlx.engine.prompt_prefill",
+    "elm_mlx.engine.spec_budget",
+    "elm_mlx.engine.rows",
+    "elm_mlx.engine.prompt_cache",
 }
-TRAINING = {"elm_mlx.train", "elm_mlx.finetune", "elm_mlx.data", "elm_mlx.losses"}
+TRAINING = {
+    "elm_mlx.train.trainer",
+    "elm_mlx.train.finetune",
+    "elm_mlx.train.dataset",
+    "elm_mlx.train.losses",
+}
 BELOW_ENGINE = ("elm_mlx.models", "elm_mlx.convert", "elm_mlx.quantize")
 
 
@@ -87,8 +92,8 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "elm_mlx.generation" in graph["elm_mlx.chat"]
-    assert "elm_mlx.step" in graph["elm_mlx.speculative"]
+    assert "elm_mlx.engine.generation" in graph["elm_mlx.engine.chat_session"]
+    assert "elm_mlx.engine.reference" in graph["elm_mlx.engine.speculative"]
     assert {"elm_mlx.models.base", "elm_mlx.models"} & graph["elm_mlx.models.llama"]
 
 
@@ -100,7 +105,7 @@ def test_no_import_cycles():
 def test_the_server_sits_above_the_engine():
     """Only the CLI imports the server; the server imports the engine (batch.py)."""
     graph = import_graph()
-    assert "elm_mlx.batch" in graph["elm_mlx.server.worker"]
+    assert "elm_mlx.engine.scheduler" in graph["elm_mlx.server.worker"]
     for name, edges in graph.items():
         if not name.startswith(("elm_mlx.server", "elm_mlx.cli")):
             assert not {e for e in edges if e.startswith("elm_mlx.server")}, name
@@ -133,7 +138,7 @@ def test_importing_convert_loads_no_engine_or_training():
     assert "elm_mlx.convert.convert" in loaded
 
 
-@pytest.mark.parametrize("module", ["elm_mlx.lookup", "elm_mlx.stopping"])
+@pytest.mark.parametrize("module", ["elm_mlx.engine.lookup", "elm_mlx.engine.stops"])
 def test_pure_python_modules_load_without_mlx(module):
     loaded = run(f"import sys, {module}; print(' '.join(sorted(sys.modules)))").split()
     assert module in loaded and "mlx" not in loaded and "mlx.core" not in loaded
@@ -141,8 +146,8 @@ def test_pure_python_modules_load_without_mlx(module):
 
 def test_public_names_resolve_lazily():
     out = run(
-        "import sys, elm_mlx; before = 'elm_mlx.generation' in sys.modules; "
+        "import sys, elm_mlx; before = 'elm_mlx.engine.generation' in sys.modules; "
         "from elm_mlx import generate, load, GenerationConfig; "
         "print(before, callable(generate), generate.__module__, load.__module__)"
     )
-    assert out.split() == ["False", "True", "elm_mlx.generation", "elm_mlx.loader"]
+    assert out.split() == ["False", "True", "elm_mlx.engine.generation", "elm_mlx.loader"]

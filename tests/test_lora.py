@@ -20,10 +20,8 @@ from helpers import LORA_CONFIGS, train_spm_tokenizer, write_jsonl, write_lora_m
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from elm_mlx.data import load_splits
+from elm_mlx.engine.generation import generate
 from elm_mlx.errors import AdapterError, OptionError, TrainingError
-from elm_mlx.fuse import fuse
-from elm_mlx.generation import generate
 from elm_mlx.loader import load
 from elm_mlx.lora import (
     LoRAConfig,
@@ -33,8 +31,10 @@ from elm_mlx.lora import (
     merge_lora,
     save_adapters,
 )
-from elm_mlx.losses import body_and_head, chunked_cross_entropy, cross_entropy_sum
-from elm_mlx.train import LOG_FILE, TrainConfig, Trainer
+from elm_mlx.train.dataset import load_splits
+from elm_mlx.train.fuse import fuse
+from elm_mlx.train.losses import body_and_head, chunked_cross_entropy, cross_entropy_sum
+from elm_mlx.train.trainer import LOG_FILE, TrainConfig, Trainer
 
 FAMILIES = tuple(LORA_CONFIGS)
 IDS = mx.array([[1, 5, 17, 33, 99, 120, 7, 250, 3, 64]])
@@ -332,7 +332,7 @@ def test_cli_reports_bad_data_before_training(root, tmp_path):
 
 
 def png_pixels(path: Path) -> np.ndarray:
-    """Decode the 8-bit RGB, filter-0 PNG that elm_mlx.plot writes."""
+    """Decode the 8-bit RGB, filter-0 PNG that elm_mlx.train.plot writes."""
     data = path.read_bytes()
     width, height = np.frombuffer(data[16:24], ">u4")
     idat, pos = b"", 8
@@ -347,7 +347,7 @@ def png_pixels(path: Path) -> np.ndarray:
 
 
 def test_plot_draws_both_curves(tmp_path):
-    from elm_mlx.plot import BLUE, ORANGE, plot_log
+    from elm_mlx.train.plot import BLUE, ORANGE, plot_log
 
     log = tmp_path / LOG_FILE
     lines = ["step,loss,val_loss,learning_rate,tokens,tokens_per_sec,peak_memory_gb,elapsed_s",

@@ -18,11 +18,17 @@ from helpers import CORPUS, convert_tiny, load_smollm2_example
 from oracles import torch_model
 
 from elm_mlx.errors import EvaluationError, OptionError
-from elm_mlx.perplexity import CHUNK, context_length, encode_text, perplexity, score_tokens
+from elm_mlx.eval.perplexity import CHUNK, context_length, encode_text, perplexity, score_tokens
 
 TEXT = "\n".join(CORPUS * 4)  # a few hundred tokens more than one CHUNK
 # What perplexity may import (convert uses it and must not load the generation engine).
-ALLOWED = {"elm_mlx", "elm_mlx._blas", "elm_mlx.errors", "elm_mlx.perplexity", "elm_mlx.tokenizer"}
+ALLOWED = {
+    "elm_mlx",
+    "elm_mlx._blas",
+    "elm_mlx.errors",
+    "elm_mlx.eval.perplexity",
+    "elm_mlx.tokenizer",
+}
 ALLOWED |= {"elm_mlx.models", "elm_mlx.models.base"}
 
 
@@ -124,11 +130,11 @@ def test_bad_input(llama):
 def test_perplexity_loads_no_engine():
     """`elm convert` prints perplexities without the generation engine: importing this module
     must not load it."""
-    code = "import sys, elm_mlx.perplexity; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, elm_mlx.eval.perplexity; print(' '.join(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     loaded = set(done.stdout.split())
-    assert "elm_mlx.perplexity" in loaded
+    assert "elm_mlx.eval.perplexity" in loaded
     assert not {m for m in loaded if m.startswith("elm_mlx.")} - ALLOWED
 
 

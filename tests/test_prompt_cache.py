@@ -9,9 +9,9 @@ import numpy as np
 from helpers import random_ids
 
 from elm_mlx import generate
-from elm_mlx.batch import BatchGenerator, Request
-from elm_mlx.generation_config import GenerationConfig
-from elm_mlx.prompt_cache import PromptCache, common_prefix
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.prompt_cache import PromptCache, common_prefix
+from elm_mlx.engine.scheduler import BatchGenerator, Request
 from elm_mlx.tokenizer import encode_prompt
 
 QUESTIONS = [

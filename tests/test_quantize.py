@@ -15,15 +15,15 @@ from mlx.utils import tree_flatten
 from oracles import logits_of
 from typer.testing import CliRunner
 
-from elm_mlx.data import load_splits
-from elm_mlx.fuse import fuse
+from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import build_model, load, load_model
 from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
-from elm_mlx.perplexity import encode_text
 from elm_mlx.quantize import CalibrationConfig, default_text, split
 from elm_mlx.quantize.grid import Setting, fit_grid
 from elm_mlx.quantize.mixed import allocate, lower_hull
-from elm_mlx.train import TrainConfig, Trainer
+from elm_mlx.train.dataset import load_splits
+from elm_mlx.train.fuse import fuse
+from elm_mlx.train.trainer import TrainConfig, Trainer
 
 runner = CliRunner()
 BUDGET = 5.0  # bits per weight; float32 folders store 32-bit scales: 4-bit g64 costs 5.0

@@ -13,15 +13,15 @@ from helpers import SPEC_VOCAB, lookup_prompt, save_spec_model, spec_model, spec
 from oracles import chi_square_p, exact_distribution
 from typer.testing import CliRunner
 
-from elm_mlx.draft import DraftModel
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.draft import DraftModel
+from elm_mlx.engine.generation import stream_generate
+from elm_mlx.engine.lookup import PromptLookup, lookup
+from elm_mlx.engine.reference import generate_step
+from elm_mlx.engine.speculative import ProposalLength, SpeculativeStats, speculative_generate_step
 from elm_mlx.errors import GenerationError, OptionError
-from elm_mlx.generation import stream_generate
-from elm_mlx.generation_config import GenerationConfig
 from elm_mlx.loader import load
-from elm_mlx.lookup import PromptLookup, lookup
 from elm_mlx.models import make_cache
-from elm_mlx.speculative import ProposalLength, SpeculativeStats, speculative_generate_step
-from elm_mlx.step import generate_step
 
 FAMILIES = ["llama", "olmo", "openelm"]
 

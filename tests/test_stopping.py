@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from elm_mlx.stopping import StopMatcher
+from elm_mlx.engine.stops import StopMatcher
 
 
 def stream(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:

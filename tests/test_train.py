@@ -26,11 +26,11 @@ from helpers import CORPUS, train_spm_tokenizer, write_jsonl, write_lora_model
 from mlx.utils import tree_flatten, tree_map
 from typer.testing import CliRunner
 
-from elm_mlx.data import load_splits, train_batches
 from elm_mlx.errors import OptionError, TrainingError
 from elm_mlx.loader import load
 from elm_mlx.lora import LoRAConfig, apply_lora
-from elm_mlx.train import LOG_FILE, TrainConfig, Trainer
+from elm_mlx.train.dataset import load_splits, train_batches
+from elm_mlx.train.trainer import LOG_FILE, TrainConfig, Trainer
 
 ROWS = [{"prompt": f"Q{i}: {CORPUS[i]}?", "completion": f" {CORPUS[-i - 1]}"} for i in range(6)]
 LORA = LoRAConfig(rank=4, alpha=8)

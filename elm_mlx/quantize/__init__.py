@@ -3,8 +3,8 @@
 Imports only the model families and errors: the converter drives it on a float model.
 """
 
-from .calibrate import dequantized_view
-from .calibration import CalibrationConfig, CalibrationData, default_text, read_text, split
+from .blockwise import dequantized_view
+from .calibration_text import CalibrationConfig, CalibrationData, default_text, read_text, split
 from .grid import Setting
 from .mixed import CANDIDATES, bits_per_weight, quantization_config
 from .recipe import check_budget, quantize_model

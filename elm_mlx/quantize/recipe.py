@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from ..errors import OptionError
 from ..models import CausalLM
-from .calibrate import calibrate
+from .blockwise import calibrate
 from .grid import Setting
 from .mixed import CANDIDATES, MAX_BPW, budget_plan, cheapest_bpw, uniform_plan
 from .sensitivity import estimate

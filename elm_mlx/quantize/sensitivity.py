@@ -29,7 +29,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..models import CausalLM
-from .calibrate import linears, module_paths, output_layers
+from .blockwise import linears, module_paths, output_layers
 from .grid import Setting, codes_on, dequantize, fit_grid
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks in all)

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .. import batch
+from ..engine import scheduler as batch
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
 from .responses import Kind, Shape, TokenText
 from .worker import Failure, Ticket, Worker

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.config import GenerationConfig
 from ..errors import ElmError, OptionError
-from ..generation_config import GenerationConfig
 from ..tokenizer import Tokenizer, encode_prompt, render_chat
 
 MAX_TOP_LOGPROBS = 20

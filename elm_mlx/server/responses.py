@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ..batch import Event, Usage
+from ..engine.scheduler import Event, Usage
 from ..tokenizer import Tokenizer
 
 Kind = Literal["chat", "completion"]

@@ -12,12 +12,12 @@ from types import FrameType
 
 import uvicorn
 
-from ..batch import BatchGenerator
-from ..chat import context_length
+from ..engine.chat_session import context_length
+from ..engine.config import GenerationConfig
+from ..engine.prompt_cache import PromptCache
+from ..engine.scheduler import BatchGenerator
 from ..errors import ServeError
-from ..generation_config import GenerationConfig
 from ..models import CausalLM, vocab_size
-from ..prompt_cache import PromptCache
 from ..tokenizer import Tokenizer
 from .app import AppSettings, create_app
 from .options import ServeOptions, is_loopback

@@ -16,9 +16,9 @@ import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from ..batch import BatchGenerator, Event, Request
+from ..engine.reference import wired_limit
+from ..engine.scheduler import BatchGenerator, Event, Request
 from ..errors import ElmError, OptionError
-from ..step import wired_limit
 from .protocol import APIError
 
 log = logging.getLogger("elm_mlx.server")

@@ -48,18 +48,18 @@ from itertools import count
 
 import mlx.core as mx
 
-from .batch_cache import keep_rows, make_batch_cache, row_cache
-from .batch_prefill import Pending, Prefill
-from .batch_spec import StepCost
-from .batch_step import Launch, Row, Run, collect, launch, plan, rewind, speculate
-from .errors import GenerationError, OptionError
-from .generation_config import GenerationConfig
-from .models import CausalLM
+from ..errors import GenerationError, OptionError
+from ..models import CausalLM
+from ..tokenizer import Tokenizer, encode_prompt
+from .batch_kv import keep_rows, make_batch_cache, row_cache
+from .config import GenerationConfig
 from .prompt_cache import PromptCache
+from .prompt_prefill import Pending, Prefill
+from .reference import wired_limit
+from .rows import Launch, Row, Run, collect, launch, plan, rewind, speculate
+from .spec_budget import StepCost
 from .speculative import make_proposer
-from .step import wired_limit
-from .stopping import TextStream
-from .tokenizer import Tokenizer, encode_prompt
+from .stops import TextStream
 
 __all__ = ["BatchGenerator", "Event", "Request", "Usage", "batch_generate"]
 

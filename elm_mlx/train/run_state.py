@@ -16,8 +16,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .errors import OptionError, TrainingError
-from .lora import (
+from ..errors import OptionError, TrainingError
+from ..lora import (
     ADAPTER_FILE,
     LoRAConfig,
     adapter_config_dict,
@@ -25,7 +25,7 @@ from .lora import (
     read_adapter_config,
     save_adapters,
 )
-from .model_folder import replaced_file
+from ..model_folder import replaced_file
 
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .batch_cache import BatchKVCache, add_rows, keep_rows, make_batch_cache, move_rows, set_lengths
-from .batch_spec import StepCost
-from .generation_config import GenerationConfig
-from .models import CausalLM, KVCache, make_cache
-from .step import generation_stream
+from ..models import CausalLM, KVCache, make_cache
+from .batch_kv import BatchKVCache, add_rows, keep_rows, make_batch_cache, move_rows, set_lengths
+from .config import GenerationConfig
+from .reference import generation_stream
+from .spec_budget import StepCost
 
 
 @dataclass(eq=False)

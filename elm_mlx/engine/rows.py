@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .batch_cache import BatchKVCache, set_lengths
-from .batch_spec import RowLength, StepCost, Want, speculation_width
+from ..models import CausalLM
+from .batch_kv import BatchKVCache, set_lengths
+from .config import GenerationConfig
 from .draft import DraftModel
-from .generation_config import GenerationConfig
 from .lookup import PromptLookup
-from .models import CausalLM
-from .sample import LogitsProcessor, Transform, make_transform
+from .reference import generation_stream
+from .sampling import LogitsProcessor, Transform, make_transform
+from .spec_budget import RowLength, StepCost, Want, speculation_width
 from .speculative import make_proposer, verify
-from .step import generation_stream
-from .stopping import TextStream
+from .stops import TextStream
 
 
 @dataclass(eq=False)  # rows are compared by identity

@@ -24,12 +24,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
-from .checkpoint import RunState, check_options, load_run, save_run
-from .data import Example, Splits, collate, eval_batches, train_batches
-from .errors import OptionError, TrainingError
-from .lora import LoRAConfig
+from ..errors import OptionError, TrainingError
+from ..lora import LoRAConfig
+from .dataset import Example, Splits, collate, eval_batches, train_batches
+from .log import LOG_FILE, ProgressBar, StopFlag, TrainLog
 from .losses import cross_entropy_sum
-from .progress import LOG_FILE, ProgressBar, StopFlag, TrainLog
+from .run_state import RunState, check_options, load_run, save_run
 
 PLOT_FILE = "loss.png"
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import ChatError, OutputError
+from ..errors import ChatError, OutputError
+from ..models import CausalLM, family_of, make_cache
+from ..tokenizer import Tokenizer, encode_prompt, render_chat
+from .config import GenerationConfig
 from .generation import GenerationResponse, stream_generate
-from .generation_config import GenerationConfig
-from .models import CausalLM, family_of, make_cache
 from .prompt_cache import common_prefix
-from .tokenizer import Tokenizer, encode_prompt, render_chat
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..errors import GenerationError
+from ..models import CausalLM, KVCache, vocab_size
+from .config import GenerationConfig
 from .draft import DraftModel
-from .errors import GenerationError
-from .generation_config import GenerationConfig
 from .lookup import PromptLookup
-from .models import CausalLM, KVCache, vocab_size
-from .sample import LogitsProcessor, Transform, make_transform
-from .step import generation_stream, prefill
+from .reference import generation_stream, prefill
+from .sampling import LogitsProcessor, Transform, make_transform
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 `lm_eval --model elm --model_args model=PATH[,adapter=DIR] --batch_size N` finds the class
 through the `lm_eval.models` entry point (lm-eval releases that read it) or, with any release,
-through `python -m elm_mlx.lm_eval_cli` / `elm eval`. Tokenization follows lm-eval's own
+through `python -m elm_mlx.eval.lm_eval_cli` / `elm eval`. Tokenization follows lm-eval's own
 Hugging Face model (`hf`), so the two give the same requests and, on the same weights, the same
 log-likelihoods. Under `mlx.launch`, every process runs lm-eval in full but scores only its share
 of the requests; the results are exchanged, so every process sees all of them.
@@ -21,13 +21,13 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from .errors import EvaluationError
-from .generation import generate
-from .loader import load
-from .models import CausalLM
+from ..engine.generation import generate
+from ..errors import EvaluationError
+from ..loader import load
+from ..models import CausalLM
+from ..tokenizer import Tokenizer, render_chat
+from .loglikelihood import EvalConfig, loglikelihoods, owners, share
 from .perplexity import context_length, score_tokens
-from .scoring import EvalConfig, loglikelihoods, owners, share
-from .tokenizer import Tokenizer, render_chat
 
 DEFAULTS = EvalConfig()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import OptionError
-from .models import CausalLM
-from .sample import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from ..errors import OptionError
+from ..models import CausalLM
+from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
-from .prompt_cache import common_prefix
-from .tokenizer import Tokenizer, encode_prompt, render_chat
+from ..engine.prompt_cache import common_prefix
+from ..errors import DataError
+from ..tokenizer import Tokenizer, encode_prompt, render_chat
 
 SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")

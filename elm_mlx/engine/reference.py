@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 import mlx.core as mx
 from mlx.utils import tree_reduce
 
-from .errors import GenerationError
-from .models import CausalLM, KVCache, make_cache
-from .sample import LogitsProcessor, Sampler, make_sampler
+from ..errors import GenerationError
+from ..models import CausalLM, KVCache, make_cache
+from .sampling import LogitsProcessor, Sampler, make_sampler
 
 
 @functools.cache

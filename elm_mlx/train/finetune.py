@@ -9,11 +9,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import STATE_FILE
-from .data import load_splits
-from .errors import TrainingError
-from .lora import ADAPTER_FILE, LoRAConfig, apply_lora
-from .train import TrainConfig, Trainer, TrainResult
+from ..errors import TrainingError
+from ..lora import ADAPTER_FILE, LoRAConfig, apply_lora
+from .dataset import load_splits
+from .run_state import STATE_FILE
+from .trainer import TrainConfig, Trainer, TrainResult
 
 
 def finetune(
@@ -31,7 +31,7 @@ def finetune(
     Under `mlx.launch` every process runs this; each trains on its share of every batch and
     only the first one writes files and prints.
     """
-    from .loader import load  # the heavy imports only when training
+    from ..loader import load  # the heavy imports only when training
 
     config, lora = config or TrainConfig(), lora or LoRAConfig()
     world = mx.distributed.init()

@@ -10,10 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import hub
-from .loader import load_model
-from .lora import dequantized_weight, load_adapters, merge_lora
-from .model_folder import (
+from .. import hub
+from ..loader import load_model
+from ..lora import dequantized_weight, load_adapters, merge_lora
+from ..model_folder import (
     ShardWriter,
     check_output,
     copy_tokenizer,

@@ -17,7 +17,7 @@ from itertools import count
 
 import mlx.core as mx
 
-from .models import KVCache
+from ..models import KVCache
 
 
 @dataclass

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .models import family_of
+from ..models import family_of
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .models import CausalLM, KVCache
+from ..models import CausalLM, KVCache
 
 
 def _round_up(n: int, step: int) -> int:

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
-from .errors import GenerationError
-from .generation_config import GenerationConfig
-from .models import CausalLM, KVCache, make_cache
+from ..errors import GenerationError
+from ..models import CausalLM, KVCache, make_cache
+from ..tokenizer import Tokenizer, encode_prompt
+from .config import GenerationConfig
+from .reference import generate_step, wired_limit
 from .speculative import SpeculativeStats, speculative_generate_step
-from .step import generate_step, wired_limit
-from .stopping import TextStream
-from .tokenizer import Tokenizer, encode_prompt
+from .stops import TextStream
 
 __all__ = ["GenerationConfig", "GenerationResponse", "generate", "stream_generate"]
 

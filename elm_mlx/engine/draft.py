@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .models import CausalLM, KVCache, make_cache
-from .sample import LogitsProcessor, Transform
-from .step import prefill
+from ..models import CausalLM, KVCache, make_cache
+from .reference import prefill
+from .sampling import LogitsProcessor, Transform
 
 
 class DraftModel:

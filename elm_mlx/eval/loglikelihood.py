@@ -16,8 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .errors import EvaluationError
-from .models import CausalLM, KVCache, make_cache
+from ..errors import EvaluationError
+from ..models import CausalLM, KVCache, make_cache
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 Progress = Callable[[int, int], None]  # (requests done, requests)

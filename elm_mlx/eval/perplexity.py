@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .errors import EvaluationError, OptionError
-from .models import CausalLM, family_of, make_cache
-from .tokenizer import Tokenizer
+from ..errors import EvaluationError, OptionError
+from ..models import CausalLM, family_of, make_cache
+from ..tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
 CHUNK = 512  # tokens per forward pass inside a window

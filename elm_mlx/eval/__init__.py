@@ -1,0 +1,2 @@
+"""Evaluation: perplexity, log-likelihoods of continuations, lm-evaluation-harness's model, and
+the split of work over ranks."""

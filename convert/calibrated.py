@@ -14,9 +14,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import TokenizerError
-from ..eval.perplexity import context_length, encode_text, score_tokens
+from ..eval.perplexity import encode_text, score_tokens
 from ..loader import default_compute_dtype
-from ..models import CausalLM, vocab_size
+from ..models import CausalLM, context_length, vocab_size
 from ..quantize import (
     CalibrationConfig,
     Setting,

@@ -177,12 +177,13 @@ def test_cancel_frees_the_slot(tiny):
 
 
 def test_long_prompt_prefills_in_chunks_while_others_stream(tiny):
-    """A 200-token prompt arriving while a request decodes is prefilled 16 tokens per step:
-    the running request gets a token at every step meanwhile, and both equal their solo runs."""
+    """A 200-token prompt arriving while a request decodes is prefilled its prefill_step_size
+    (16) tokens per step: the running request gets a token at every step meanwhile, and both
+    equal their solo runs."""
     model, tokenizer = tiny.load("llama")
     short = Request(random_ids(5, seed=1), GenerationConfig(max_tokens=40))
-    long = Request(random_ids(200, seed=2), GenerationConfig(max_tokens=6))
-    gen = BatchGenerator(model, tokenizer, max_batch=4, prefill_step_size=16)
+    long = Request(random_ids(200, seed=2), GenerationConfig(max_tokens=6, prefill_step_size=16))
+    gen = BatchGenerator(model, tokenizer, max_batch=4)
     ids = [gen.add(short)]
     events: dict[int, list] = {ids[0]: []}
     for _ in range(3):
@@ -218,7 +219,7 @@ def test_refuses_bad_requests(tiny):
     gen = BatchGenerator(model, tokenizer)
     with pytest.raises(GenerationError, match="prompt is empty"):
         gen.add(Request([]))
-    with pytest.raises(OptionError, match="max_tokens must be >= 1"):
+    with pytest.raises(OptionError, match="max_tokens must be at least 1"):
         gen.add(Request([5], GenerationConfig(max_tokens=0)))
     with pytest.raises(OptionError, match="temperature"):
         gen.add(Request([5], GenerationConfig(temperature=-1.0)))

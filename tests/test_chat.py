@@ -19,11 +19,11 @@ from helpers import CHAT_CORPUS, CHAT_KINDS, write_tiny_chat_model
 from typer.testing import CliRunner
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
-from elm_mlx.engine.chat_session import ChatSession, common_prefix, load_template
+from elm_mlx.engine.chat_session import ChatSession, load_template
 from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.errors import ChatError, ModelNotFoundError
 from elm_mlx.loader import load, read_config
-from elm_mlx.tokenizer import encode_prompt, render_chat
+from elm_mlx.tokenizer import common_prefix, encode_prompt, render_chat
 
 SYSTEM = "you are a helpful assistant who answers briefly"
 
@@ -56,11 +56,11 @@ def assert_cache_holds(session: ChatSession) -> None:
     """The cache's keys and values are those of `cache_tokens`: the next logits from the
     cache equal a fresh forward pass over cache_tokens + one more token."""
     probe = 5
-    cached = session.model(mx.array([[probe]]), cache=session.cache)[0, -1]
+    held, layers = session.cache.fetch([*session.cache_tokens, probe])
+    assert held == len(session.cache_tokens)
+    cached = session.model(mx.array([[probe]]), cache=layers)[0, -1]
     fresh = session.model(mx.array([*session.cache_tokens, probe])[None])[0, -1]
     np.testing.assert_allclose(np.array(cached), np.array(fresh), atol=1e-4, rtol=1e-4)
-    for c in session.cache:  # forget the probe again
-        c.trim(1)
 
 
 def ask(session: ChatSession, text: str) -> tuple[list[int], list[int]]:
@@ -95,8 +95,8 @@ def test_second_turn_prefills_only_new_tokens(folders, kind):
 
 
 def test_cache_after_eos_and_after_max_tokens(folders):
-    """Decoding runs one token ahead: after EOS the cache holds the EOS token, after
-    max_tokens it lacks the last token. Either way the next turn reuses exactly that."""
+    """The cache holds every token of the turn but the last (the next input, never fed), after
+    EOS as after max_tokens; the next turn reuses exactly that."""
     model, tokenizer = load(folders["chatml"])
     session = ChatSession(model, tokenizer, config=GenerationConfig(max_tokens=5))
     prompt, answer = ask(session, "hello there")
@@ -112,7 +112,7 @@ def test_cache_after_eos_and_after_max_tokens(folders):
     answer = [r.token for r in session.stream()]
     assert answer == expected
     assert session.stats.last.finish_reason == "stop"
-    assert session.cache_tokens == prompt + answer
+    assert session.cache_tokens == prompt + answer[:-1]
     assert_cache_holds(session)
 
 

@@ -22,6 +22,7 @@ from transformers import (
 
 from elm_mlx import generate, load, stream_generate
 from elm_mlx.engine.sampling import make_transform, repetition_penalty
+from elm_mlx.errors import OptionError
 from elm_mlx.tokenizer import encode_prompt
 
 PROMPT = "the capital of france is"
@@ -205,14 +206,19 @@ def test_eos_stops_generation(tiny, tmp_path):
     assert "".join(r.text for r in responses) == tokenizer.decode(tokens[:k])
 
 
-@pytest.mark.parametrize("n", [0, 1, 7])
+@pytest.mark.parametrize("n", [1, 7])
 def test_max_tokens(tiny, n):
     model, tokenizer = tiny.load("olmo")
     responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=n))
     assert len(responses) == n
-    if n:
-        assert responses[-1].finish_reason == "length"
-        assert responses[-1].generation_tokens == n
+    assert responses[-1].finish_reason == "length"
+    assert responses[-1].generation_tokens == n
+
+
+def test_max_tokens_must_be_positive(tiny):
+    model, tokenizer = tiny.load("olmo")
+    with pytest.raises(OptionError, match="max_tokens must be at least 1"):
+        next(stream_generate(model, tokenizer, PROMPT, max_tokens=0))
 
 
 # ---------------------------------------------------------------------------- tokenizers

@@ -1,5 +1,5 @@
-"""The house, one way down: models <- engine <- training and evaluation <- cli, with convert
-beside the engine. Checked on the import graph read from the source (imports inside functions
+"""The house, one way down, by folder: models <- the base <- engine <- training and evaluation <-
+server and cli, with quantize and convert beside the engine. Checked on the import graph read from the source (imports inside functions
 included) and on what real processes load."""
 
 from __future__ import annotations
@@ -17,28 +17,42 @@ PACKAGES = {
     "elm_mlx.convert": ROOT / "convert",
     "elm_mlx.cli": ROOT / "cli",
 }
-ENGINE = {
-    "elm_mlx.engine.generation",
-    "elm_mlx.engine.config",
-    "elm_mlx.engine.reference",
-    "elm_mlx.engine.speculative",
-    "elm_mlx.engine.draft",
-    "elm_mlx.engine.sampling",
-    "elm_mlx.engine.chat_session",
-    "elm_mlx.engine.scheduler",
-    "elm_mlx.engine.batch_kv",
-    "elm_mlx.engine.prompt_prefill",
-    "elm_mlx.engine.spec_budget",
-    "elm_mlx.engine.rows",
-    "elm_mlx.engine.prompt_cache",
+# The folders are the layers. The neutral base sits below everything but the models.
+BASE = tuple(
+    f"elm_mlx.{m}"
+    for m in ("errors", "_blas", "hub", "model_folder", "tokenizer", "lora", "loader")
+)
+ABOVE_MODELS = (
+    "elm_mlx.engine",
+    "elm_mlx.train",
+    "elm_mlx.eval",
+    "elm_mlx.server",
+    "elm_mlx.cli",
+    "elm_mlx.convert",
+    "elm_mlx.quantize",
+    *(b for b in BASE if b != "elm_mlx.errors"),
+)
+# a module under the key imports nothing under these prefixes
+FORBIDDEN = {
+    "elm_mlx.models": ABOVE_MODELS,
+    BASE: ("elm_mlx.engine", "elm_mlx.train", "elm_mlx.eval", "elm_mlx.server", "elm_mlx.cli"),
+    "elm_mlx.quantize": ("elm_mlx.engine", "elm_mlx.train", "elm_mlx.eval", "elm_mlx.server"),
+    "elm_mlx.engine": ("elm_mlx.train", "elm_mlx.eval", "elm_mlx.server", "elm_mlx.convert"),
+    "elm_mlx.train": ("elm_mlx.eval", "elm_mlx.server", "elm_mlx.convert"),
+    "elm_mlx.eval": ("elm_mlx.train", "elm_mlx.server", "elm_mlx.convert"),
+    "elm_mlx.server": ("elm_mlx.train", "elm_mlx.convert"),
+    "elm_mlx.convert": ("elm_mlx.engine", "elm_mlx.train", "elm_mlx.server"),
 }
-TRAINING = {
-    "elm_mlx.train.trainer",
-    "elm_mlx.train.finetune",
-    "elm_mlx.train.dataset",
-    "elm_mlx.train.losses",
-}
-BELOW_ENGINE = ("elm_mlx.models", "elm_mlx.convert", "elm_mlx.quantize")
+# what converting a checkpoint may load at all: the base, the models, quantization, and the
+# perplexity report of a calibrated conversion
+CONVERT_REACHES = ("elm_mlx.convert", "elm_mlx.models", "elm_mlx.quantize", *BASE)
+CONVERT_ALSO = {"elm_mlx", "elm_mlx.eval", "elm_mlx.eval.perplexity"}
+MAX_FLAT_MODULES = 14
+
+
+def under(name: str, prefixes: str | tuple[str, ...]) -> bool:
+    prefixes = (prefixes,) if isinstance(prefixes, str) else prefixes
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def modules() -> dict[str, Path]:
@@ -93,7 +107,7 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "elm_mlx.engine.generation" in graph["elm_mlx.engine.chat_session"]
-    assert "elm_mlx.engine.reference" in graph["elm_mlx.engine.speculative"]
+    assert "elm_mlx.engine.scheduler" in graph["elm_mlx.server.worker"]
     assert {"elm_mlx.models.base", "elm_mlx.models"} & graph["elm_mlx.models.llama"]
 
 
@@ -102,28 +116,49 @@ def test_no_import_cycles():
     assert sorted(name for name in graph if name in reachable(graph, name)) == []
 
 
-def test_the_server_sits_above_the_engine():
-    """Only the CLI imports the server; the server imports the engine (batch.py)."""
+@pytest.mark.parametrize("layer", list(FORBIDDEN), ids=str)
+def test_each_layer_imports_only_below_it(layer):
+    """Rules over folders: a new module is covered by where it lives."""
     graph = import_graph()
-    assert "elm_mlx.engine.scheduler" in graph["elm_mlx.server.worker"]
-    for name, edges in graph.items():
-        if not name.startswith(("elm_mlx.server", "elm_mlx.cli")):
-            assert not {e for e in edges if e.startswith("elm_mlx.server")}, name
+    members = [name for name in graph if under(name, layer)]
+    assert members, layer
+    for name in members:
+        bad = sorted(e for e in graph[name] if under(e, FORBIDDEN[layer]))
+        assert not bad, f"{name} imports {bad}"
 
 
 def test_nothing_imports_the_cli():
     graph = import_graph()
     for name, edges in graph.items():
-        if not name.startswith("elm_mlx.cli"):
-            assert not {e for e in edges if e.startswith("elm_mlx.cli")}, name
+        if not under(name, "elm_mlx.cli"):
+            assert not {e for e in edges if under(e, "elm_mlx.cli")}, name
 
 
-def test_models_convert_and_quantize_stay_below_the_engine():
+def test_convert_reaches_only_the_base_models_quantize_and_perplexity():
     graph = import_graph()
     for name in graph:
-        if name.startswith(BELOW_ENGINE) or name == "elm_mlx.model_folder":
-            above = reachable(graph, name) & (ENGINE | TRAINING)
-            assert not above, f"{name} reaches {sorted(above)}"
+        if under(name, "elm_mlx.convert"):
+            beyond = {
+                m for m in reachable(graph, name) if not under(m, CONVERT_REACHES)
+            } - CONVERT_ALSO
+            assert not beyond, f"{name} reaches {sorted(beyond)}"
+
+
+def test_the_package_root_stays_small():
+    flat = [p for p in PACKAGES["elm_mlx"].glob("*.py") if p.name != "__init__.py"]
+    assert len(flat) <= MAX_FLAT_MODULES, sorted(p.name for p in flat)
+
+
+def test_no_two_modules_share_a_name():
+    """A name says what a module holds: the same file name in two folders would be two jobs
+    under one name (package __init__ files aside; the CLI's modules are named after the
+    commands they implement)."""
+    names = [
+        path.name
+        for name, path in modules().items()
+        if path.name != "__init__.py" and not under(name, "elm_mlx.cli")
+    ]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
 
 
 def run(code: str) -> str:
@@ -134,7 +169,7 @@ def run(code: str) -> str:
 
 def test_importing_convert_loads_no_engine_or_training():
     loaded = run("import sys, elm_mlx.convert; print(' '.join(sorted(sys.modules)))").split()
-    assert not set(loaded) & (ENGINE | TRAINING)
+    assert not [m for m in loaded if under(m, ("elm_mlx.engine", "elm_mlx.train"))]
     assert "elm_mlx.convert.convert" in loaded
 
 

@@ -10,9 +10,9 @@ from helpers import random_ids
 
 from elm_mlx import generate
 from elm_mlx.engine.config import GenerationConfig
-from elm_mlx.engine.prompt_cache import PromptCache, common_prefix
+from elm_mlx.engine.prompt_cache import PromptCache
 from elm_mlx.engine.scheduler import BatchGenerator, Request
-from elm_mlx.tokenizer import encode_prompt
+from elm_mlx.tokenizer import common_prefix, encode_prompt
 
 QUESTIONS = [
     "hello there",

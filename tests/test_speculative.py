@@ -17,23 +17,25 @@ from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.engine.draft import DraftModel
 from elm_mlx.engine.generation import stream_generate
 from elm_mlx.engine.lookup import PromptLookup, lookup
+from elm_mlx.engine.prompt_cache import PromptCache
 from elm_mlx.engine.reference import generate_step
-from elm_mlx.engine.speculative import ProposalLength, SpeculativeStats, speculative_generate_step
+from elm_mlx.engine.scheduler import BatchGenerator, Request
+from elm_mlx.engine.spec_budget import StepCost
+from elm_mlx.engine.speculative import ProposalLength, SpeculativeStats
 from elm_mlx.errors import GenerationError, OptionError
 from elm_mlx.loader import load
 from elm_mlx.models import make_cache
+from elm_mlx.tokenizer import load_tokenizer
 
 FAMILIES = ["llama", "olmo", "openelm"]
+FREE = StepCost.fixed(1.0, 0.0)  # proposals cost nothing: a row proposes all it wants
 
 
-class FixedLength(ProposalLength):
-    """Always propose k tokens, so that a test exercises speculation whatever the timings."""
-
-    def __init__(self, k: int):
-        super().__init__(k)
-
-    def next_k(self) -> int:
-        return self.max_k
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    tokenizer = load_tokenizer(spec_tokenizer(tmp_path_factory.mktemp("spm-tok")))
+    tokenizer.eos_token_ids = set()  # the oracle loops do not stop at EOS
+    return tokenizer
 
 
 def prompts(seed: int) -> list[list[int]]:
@@ -47,24 +49,31 @@ def prompts(seed: int) -> list[list[int]]:
 
 
 def plain(model, prompt: list[int], config: GenerationConfig) -> list[int]:
+    """The reference loop (greedy, with the config's logits processors)."""
     steps = generate_step(
         mx.array(prompt, mx.uint32),
         model,
         max_tokens=config.max_tokens,
-        sampler=config.sampler(),
         logits_processors=config.logits_processors(),
         prefill_step_size=config.prefill_step_size,
     )
     return [token for token, *_ in steps]
 
 
-def speculative(model, prompt, config, lengths=None, cache=None):
-    stats = SpeculativeStats()
-    cache = cache if cache is not None else make_cache(model)
-    steps = speculative_generate_step(
-        mx.array(prompt, mx.uint32), model, config, cache, stats, lengths
-    )
-    return [token for token, *_ in steps], stats
+def speculative(model, tokenizer, prompt, config, prompt_cache=None, stop_after=None):
+    """The engine's tokens for one request that proposes all it wants, and its statistics;
+    after `stop_after` tokens the caller stops early (as a client that leaves)."""
+    gen = BatchGenerator(model, tokenizer, max_batch=1, prompt_cache=prompt_cache, cost=FREE)
+    rid = gen.add(Request(prompt, config))
+    out, stats = [], SpeculativeStats()
+    while gen.has_work and len(out) != stop_after:
+        for event in gen.step():
+            out.append(event.token)
+            stats = event.speculative
+            if len(out) == stop_after:
+                break
+    gen.cancel(rid, keep=True)
+    return out, stats
 
 
 # --- the prompt-lookup proposer, pure Python ---------------------------------------------------
@@ -104,20 +113,19 @@ def test_prompt_lookup_index_matches_definition():
 
 @pytest.mark.parametrize("bits", [None, 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompt_lookup_greedy_identity(family, bits):
+def test_prompt_lookup_greedy_identity(family, bits, tok):
     model = spec_model(family, seed=0, bits=bits)
     totals = SpeculativeStats()
     configs = [
-        (GenerationConfig(max_tokens=30, prompt_lookup=4), FixedLength(4)),
-        (GenerationConfig(max_tokens=17, prompt_lookup=8, max_ngram=1), FixedLength(8)),
-        (GenerationConfig(max_tokens=9, prompt_lookup=2, prefill_step_size=5), FixedLength(2)),
-        (GenerationConfig(max_tokens=25, prompt_lookup=6, repetition_penalty=1.3), FixedLength(6)),
-        (GenerationConfig(max_tokens=40, prompt_lookup=10), None),  # the adaptive length
+        GenerationConfig(max_tokens=30, prompt_lookup=4),
+        GenerationConfig(max_tokens=17, prompt_lookup=8, max_ngram=1),
+        GenerationConfig(max_tokens=9, prompt_lookup=2, prefill_step_size=5),
+        GenerationConfig(max_tokens=25, prompt_lookup=6, repetition_penalty=1.3),
     ]
     for i, prompt in enumerate(prompts(seed=1)):
-        for config, lengths in configs:
+        for config in configs:
             expected = plain(model, prompt, config)
-            got, stats = speculative(model, prompt, config, lengths)
+            got, stats = speculative(model, tok, prompt, config)
             assert got == expected, (i, config)
             assert stats.tokens == len(got) == config.max_tokens
             totals.proposed += stats.proposed
@@ -127,7 +135,7 @@ def test_prompt_lookup_greedy_identity(family, bits):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_draft_model_greedy_identity(family):
+def test_draft_model_greedy_identity(family, tok):
     model = spec_model(family, seed=0)
     drafts = {
         "4-bit copy": spec_model(family, seed=0, bits=4),  # mostly agrees
@@ -144,7 +152,7 @@ def test_draft_model_greedy_identity(family):
                     max_tokens=11, draft_model=draft, num_draft=5, repetition_penalty=1.2
                 ),
             ):
-                got, stats = speculative(model, prompt, config, FixedLength(config.num_draft))
+                got, stats = speculative(model, tok, prompt, config)
                 assert got == plain(model, prompt, config), name
                 totals.proposed += stats.proposed
                 totals.accepted += stats.accepted
@@ -153,44 +161,60 @@ def test_draft_model_greedy_identity(family):
     assert rates["4-bit copy"] > rates["other model"]  # a quantized copy agrees more often
 
 
-def test_refuses_draft_with_another_vocabulary():
+def test_refuses_draft_with_another_vocabulary(tok):
     model = spec_model("llama", seed=0)
     draft = spec_model("llama", seed=1, vocab=SPEC_VOCAB + 64)
     config = GenerationConfig(max_tokens=4, draft_model=draft)
     with pytest.raises(
         GenerationError, match=rf"vocabulary has {SPEC_VOCAB + 64} tokens.*{SPEC_VOCAB}"
     ):
-        speculative(model, [5, 6, 7], config)
+        speculative(model, tok, [5, 6, 7], config)
 
 
-def test_refuses_bad_options():
+def test_refuses_bad_options(tok):
     model = spec_model("llama")
     both = GenerationConfig(prompt_lookup=3, draft_model=spec_model("llama", seed=1))
     with pytest.raises(OptionError, match="prompt_lookup and a draft model cannot be combined"):
-        speculative(model, [5, 6], both)
+        speculative(model, tok, [5, 6], both)
     with pytest.raises(OptionError, match="num_draft must be >= 1") as e:
-        speculative(model, [5, 6], GenerationConfig(draft_model=model, num_draft=0))
+        speculative(model, tok, [5, 6], GenerationConfig(draft_model=model, num_draft=0))
     assert e.value.option == "num_draft"
     with pytest.raises(OptionError, match="max_ngram must be >= 1"):
-        speculative(model, [5, 6], GenerationConfig(prompt_lookup=3, max_ngram=0))
+        speculative(model, tok, [5, 6], GenerationConfig(prompt_lookup=3, max_ngram=0))
 
 
 # --- caches ------------------------------------------------------------------------------------
 
 
-def assert_cache_equals_prefill(model, cache, tokens: list[int]) -> None:
+def assert_entry_equals_prefill(model, cache: PromptCache, seen: list[int]) -> None:
+    """The prompt cache's newest entry holds the tokens the caller saw (and the rest of the
+    last run it stopped in), with a fresh prefill's keys and values."""
+    tokens = cache.tokens()
+    assert tokens[: len(seen)] == seen
+    held, layers = cache.fetch([*tokens, 0])
+    assert held == len(tokens)
     fresh = make_cache(model)
     model(mx.array(tokens, mx.uint32)[None], cache=fresh)
-    for c, f in zip(cache, fresh, strict=True):
+    for c, f in zip(layers, fresh, strict=True):
         assert c.offset == f.offset == len(tokens)
         for a, b in zip(c.state, f.state, strict=True):
             assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
 
 
+def prefilled(model, tokens: list[int]) -> PromptCache:
+    """A prompt cache holding `tokens` (a conversation so far)."""
+    cache = make_cache(model)
+    model(mx.array(tokens, mx.uint32)[None], cache=cache)
+    store = PromptCache()
+    store.insert(tokens, [c.state for c in cache])
+    return store
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cache_after_rejections_equals_fresh_prefill(family):
-    """Between steps and after the caller stops (mid-run or at max_tokens), the cache holds the
-    earlier context, the prompt and every token but the last, as a fresh prefill would."""
+def test_cache_after_rejections_equals_fresh_prefill(family, tok):
+    """When the request ends or its caller stops (mid-run or at max_tokens), the entry it
+    leaves holds the earlier context, the prompt and every token but the last, as a fresh
+    prefill would: rejected proposals were rewound."""
     model = spec_model(family)
     draft = spec_model(family, seed=1)
     prompt = prompts(seed=4)[5]
@@ -199,25 +223,18 @@ def test_cache_after_rejections_equals_fresh_prefill(family):
         GenerationConfig(max_tokens=20, prompt_lookup=5),
         GenerationConfig(max_tokens=20, draft_model=draft, num_draft=3),
     ):
+        rejected = 0
         for stop_after in (20, 13, 6, 1):
-            cache = make_cache(model)
-            model(mx.array(before, mx.uint32)[None], cache=cache)
-            stats = SpeculativeStats()
-            steps = speculative_generate_step(
-                mx.array(prompt, mx.uint32), model, config, cache, stats, FixedLength(5)
-            )
-            out = []
-            for token, *_ in steps:
-                out.append(token)
-                if len(out) == stop_after:
-                    break
-            steps.close()
-            assert stats.accepted < stats.proposed  # there were rejected tokens to rewind
-            assert_cache_equals_prefill(model, cache, before + prompt + out[:-1])
+            store = prefilled(model, before)
+            out, stats = speculative(model, tok, before + prompt, config, store, stop_after)
+            assert len(out) == stop_after
+            rejected += stats.proposed - stats.accepted
+            assert_entry_equals_prefill(model, store, before + prompt + out[:-1])
+        assert rejected > 0  # there were rejected tokens to rewind
 
 
 def test_draft_cache_rewinds_to_history():
-    draft = DraftModel(spec_model("olmo", seed=1), transform=None)
+    draft = DraftModel(spec_model("olmo", seed=1), lambda logprobs, _: mx.argmax(logprobs, -1))
     rng = random.Random(5)
     history = [rng.randrange(3, SPEC_VOCAB) for _ in range(11)]
     draft.start(history)
@@ -225,49 +242,34 @@ def test_draft_cache_rewinds_to_history():
         proposal, _ = draft.propose(history, 4)
         history += [*proposal[:accept], rng.randrange(3, SPEC_VOCAB)]  # then a rejection
     draft.sync(history)
-    assert_cache_equals_prefill(draft.model, draft.cache, history[:-1])
+    fresh = make_cache(draft.model)
+    draft.model(mx.array(history[:-1], mx.uint32)[None], cache=fresh)
+    for c, f in zip(draft.cache, fresh, strict=True):
+        assert c.offset == f.offset == len(history) - 1
+        for a, b in zip(c.state, f.state, strict=True):
+            assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
 
 
-def test_prompt_lookup_searches_the_cached_history():
-    """A chat's earlier turns sit in the cache; passed as `history`, prompt lookup copies from
-    them, while the tokens stay those of plain decoding over history + prompt."""
+def test_prompt_lookup_searches_the_cached_history(tok):
+    """A chat's earlier turns come from the prompt cache; prompt lookup copies from them too,
+    while the tokens stay those of plain decoding over history + prompt."""
     model = spec_model("llama", seed=0)
     rng = random.Random(7)
     history = [rng.randrange(3, SPEC_VOCAB) for _ in range(24)]
     prompt = [history[5]]  # occurs only in the history
     config = GenerationConfig(max_tokens=2, prompt_lookup=4)
     expected = plain(model, history + prompt, config)
-    for searched in (True, False):
-        cache = make_cache(model)
-        mx.eval(model(mx.array(history, mx.uint32)[None], cache=cache))
-        stats = SpeculativeStats()
-        steps = speculative_generate_step(
-            mx.array(prompt, mx.uint32),
-            model,
-            config,
-            cache,
-            stats,
-            FixedLength(4),
-            history=history if searched else (),
-        )
-        assert [token for token, *_ in steps] == expected
-        # k = 1 at the first step (2 tokens left); only the history holds a match for it
-        assert stats.proposed == (1 if searched else 0)
-
-
-def test_history_must_match_the_cache(tiny_folder):
-    model, tokenizer = load(tiny_folder)
-    cache = make_cache(model)
-    mx.eval(model(mx.array([[5, 6, 7]], mx.uint32), cache=cache))
-    with pytest.raises(GenerationError, match="history has 2 tokens but the cache holds 3"):
-        next(stream_generate(model, tokenizer, [8], prompt_cache=cache, history=[5, 6]))
+    got, stats = speculative(model, tok, history + prompt, config, prefilled(model, history))
+    assert got == expected
+    # k = 1 at the first step (2 tokens left); only the history holds a match for it
+    assert stats.proposed == 1
 
 
 # --- sampling: the distribution of plain sampling ----------------------------------------------
 
 
 @pytest.mark.parametrize("proposer", ["prompt lookup", "draft model"])
-def test_sampling_follows_plain_distribution(proposer):
+def test_sampling_follows_plain_distribution(proposer, tok):
     """Chi-square test of the first three sampled tokens against their exact probabilities
     under plain sampling, over a fixed set of seeds. (At this size it rejects, with p-values
     below 1e-5, sampling from p instead of the residual after a rejection, accepting every
@@ -293,7 +295,7 @@ def test_sampling_follows_plain_distribution(proposer):
     totals = SpeculativeStats()
     for seed in range(n):
         mx.random.seed(seed)
-        out, stats = speculative(model, prompt, config, FixedLength(4))
+        out, stats = speculative(model, tok, prompt, config)
         counts[tuple(out)] += 1
         totals.proposed += stats.proposed
         totals.accepted += stats.accepted

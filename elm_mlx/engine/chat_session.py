@@ -1,10 +1,11 @@
 """A conversation with a model whose KV cache is kept between turns.
 
-Each turn renders the whole conversation with the chat template and tokenizes it, finds how
-many leading tokens the cache already holds, trims the cache back to that common prefix and
-feeds only the rest: a turn's prompt cost is its new tokens, not the history. The common prefix
-also covers every other change (an edited system prompt, turns dropped when the context is
-full, a loaded conversation, an answer whose text re-tokenizes differently).
+Each turn renders the whole conversation with the chat template, tokenizes it and generates on
+the scheduler (a batch of one) with the session's own prompt cache, as `elm serve` keeps a
+conversation: the turn reuses the longest prefix the cache shares with it and feeds only the
+rest, so a turn's prompt cost is its new tokens, not the history. The common prefix also covers
+every other change (an edited system prompt, turns dropped when the context is full, a loaded
+conversation, an answer whose text re-tokenizes differently).
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import ChatError, OutputError
-from ..models import CausalLM, family_of, make_cache
+from ..models import CausalLM, context_length
 from ..tokenizer import Tokenizer, encode_prompt, render_chat
 from .config import GenerationConfig
 from .generation import GenerationResponse, stream_generate
-from .prompt_cache import common_prefix
+from .prompt_cache import PromptCache
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
-
-
-def context_length(model: CausalLM) -> int:
-    """The longest sequence the model was trained for."""
-    return family_of(model).context_length(model.args)
 
 
 def read_messages(path: str | Path) -> list[Message]:
@@ -139,8 +135,7 @@ class ChatSession:
         self.context_length = min(max_context, limit) if max_context else limit
         self.messages: list[Message] = []
         self.set_system(system)
-        self.cache = make_cache(model)
-        self.cache_tokens: list[int] = []  # the tokens whose keys and values the cache holds
+        self.cache = PromptCache(max_entries=1)  # the conversation so far
         self.stats = ChatStats()
         self.dropped = 0  # messages the current (or last) turn dropped to fit the context
 
@@ -223,11 +218,9 @@ class ChatSession:
         Before the prompt is processed, `dropped` tells how many old messages made room."""
         if not self.messages or self.messages[-1]["role"] != "user":
             raise ChatError("there is no user message to answer")
-        generated: list[int] = []
         pieces: list[str] = []
         last = None
         tokens: list[int] = []
-        reused = -1  # until the cache is touched
         stream = None
         tic = first = time.perf_counter()
         try:
@@ -239,69 +232,43 @@ class ChatSession:
                     f"the conversation is {len(tokens)} tokens and the context holds "
                     f"{self.context_length}: send a shorter message"
                 )
-            reused = self._reuse(tokens)
             config = replace(self.config, max_tokens=min(self.config.max_tokens, room))
             mx.reset_peak_memory()
             tic = time.perf_counter()
             stream = stream_generate(
-                self.model,
-                self.tokenizer,
-                tokens[reused:],
-                config,
-                prompt_cache=self.cache,
-                history=tokens[:reused],  # prompt lookup also copies from earlier turns
+                self.model, self.tokenizer, tokens, config, prompt_cache=self.cache
             )
             for last in stream:
-                if not generated:
+                if not pieces:
                     first = time.perf_counter()
-                generated.append(last.token)
                 pieces.append(last.text)
                 yield last
         finally:
             if stream is not None:
-                stream.close()  # now, so that speculation rewinds before we look at the cache
-            if reused >= 0:
-                self._settle(tokens + generated)
-            if generated:
+                stream.close()  # now: its KV entries go to the cache
+            if last is not None:
                 self.messages.append({"role": "assistant", "content": "".join(pieces)})
                 self.stats.add(
                     TurnStats(
-                        prompt_tokens=len(tokens) - reused,
-                        reused_tokens=reused,
+                        prompt_tokens=len(tokens) - last.cached_tokens,
+                        reused_tokens=last.cached_tokens,
                         prompt_seconds=first - tic,
-                        generation_tokens=len(generated),
+                        generation_tokens=last.generation_tokens,
                         generation_seconds=time.perf_counter() - first,
                         peak_memory=mx.get_peak_memory() / 1e9,
-                        finish_reason=(last and last.finish_reason) or "interrupted",
+                        finish_reason=last.finish_reason or "interrupted",
                     )
                 )
             else:
                 self.messages.pop()
 
-    def _trim_to(self, n: int) -> None:
-        for c in self.cache:
-            c.trim(c.offset - n)
-
-    def _reuse(self, tokens: list[int]) -> int:
-        """Trim the cache to the longest prefix it shares with `tokens`, leaving at least one
-        token to feed (its logits start the answer); return the prefix length."""
-        keep = min(common_prefix(self.cache_tokens, tokens), len(tokens) - 1)
-        self._trim_to(keep)
-        self.cache_tokens = self.cache_tokens[:keep]
-        return keep
-
-    def _settle(self, sequence: list[int]) -> None:
-        """Record which tokens the cache holds after a turn. Plain decoding runs one token
-        ahead, so the cache holds the last answer token (EOS included) unless the turn stopped
-        at max_tokens; speculative decoding keeps the last token out and rewinds rejected
-        proposals; an interrupt can stop between layers. What every layer holds, as far as
-        `sequence` (prompt + answer) names its tokens, is kept."""
-        held = min(min(c.offset for c in self.cache), len(sequence))
-        self._trim_to(held)
-        self.cache_tokens = sequence[:held]
-
     # ------------------------------------------------------------------ numbers
 
     @property
+    def cache_tokens(self) -> list[int]:
+        """The tokens whose keys and values the cache holds."""
+        return self.cache.tokens()
+
+    @property
     def cache_nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache)
+        return self.cache.nbytes

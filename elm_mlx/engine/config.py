@@ -1,13 +1,22 @@
 """Every generation option and its default, in one place: the library, `elm generate`,
-`elm chat` and `elm serve` all fill this dataclass."""
+`elm chat` and `elm serve` all fill this dataclass, and `normalized()` is the one check of a
+request's options that every front-end goes through."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
-from ..errors import OptionError
+from ..errors import GenerationError, OptionError
 from ..models import CausalLM
-from .sampling import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from .reference import PREFILL_STEP_SIZE
+from .sampling import (
+    ConstraintSpec,
+    LogitsProcessor,
+    Transform,
+    make_logits_processors,
+    make_transform,
+)
 
 
 @dataclass(frozen=True)
@@ -22,16 +31,18 @@ class GenerationConfig:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    prefill_step_size: int = 512
+    prefill_step_size: int = PREFILL_STEP_SIZE
     # speculative decoding: prompt lookup (n-gram) or a draft model
     prompt_lookup: int | None = None
     max_ngram: int = 3
     draft_model: CausalLM | None = field(default=None, compare=False, repr=False)
     num_draft: int = 4
+    # the output must match this (JSON schema, regular expression, grammar)
+    constraint: ConstraintSpec | None = None
 
     def validate(self) -> None:
         checks = (
-            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0: all tokens)"),
@@ -41,6 +52,8 @@ class GenerationConfig:
                 self.repetition_penalty is None or self.repetition_penalty > 0,
                 "must be > 0",
             ),
+            ("seed", self.seed is None or self.seed >= 0, "must be >= 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("prefill_step_size", self.prefill_step_size >= 1, "must be >= 1"),
             (
                 "prompt_lookup",
@@ -56,12 +69,37 @@ class GenerationConfig:
         if self.prompt_lookup and self.draft_model is not None:
             raise OptionError("prompt_lookup", "and a draft model cannot be combined: use one")
 
+    def normalized(self) -> GenerationConfig:
+        """This config with a lone stop string made a tuple, validated (OptionError)."""
+        config = self
+        if isinstance(self.stop, str):
+            config = replace(self, stop=(self.stop,))
+        elif not isinstance(self.stop, tuple):
+            config = replace(self, stop=tuple(self.stop))
+        config.validate()
+        return config
+
     @property
     def speculative(self) -> bool:
         return bool(self.prompt_lookup) or self.draft_model is not None
 
-    def sampler(self) -> Sampler:
-        return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def transform(self) -> Transform | None:
+        """The sampling distribution's transform; None when decoding is greedy."""
+        if not self.sampling:
+            return None
+        return make_transform(self.temperature, self.top_p, self.top_k, self.min_p)
 
     def logits_processors(self) -> list[LogitsProcessor]:
         return make_logits_processors(self.repetition_penalty)
+
+
+def check_prompt(prompt: Sequence[int]) -> list[int]:
+    """A request's prompt as a list of token ids; an empty one is refused."""
+    tokens = [int(t) for t in prompt]
+    if not tokens:
+        raise GenerationError("the prompt is empty: give at least one token")
+    return tokens

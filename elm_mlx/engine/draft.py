@@ -2,24 +2,28 @@
 the next k tokens, one forward pass each, for the target model to verify in one pass.
 
 Same interface as `lookup.PromptLookup`: `start(tokens)` once, then at each step
-`propose(tokens, k) -> (m <= k tokens, their proposal logprobs (m, V))`, where `tokens` is the
-whole history so far (it only grows).
+`propose(tokens, k) -> (m <= k tokens, None)`, where `tokens` is the whole history so far (it
+only grows). Its tokens are chosen by the row's `pick` (the same noise per position as the
+target's choice: see `speculative`), after the same logits processors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
 from ..models import CausalLM, KVCache, make_cache
-from .reference import prefill
-from .sampling import LogitsProcessor, Transform
+from .reference import PREFILL_STEP_SIZE, prefill
+from .sampling import LogitsProcessor
+
+# logprobs (1, V) of the token at a position, the position -> the token chosen there (1,)
+Pick = Callable[[mx.array, int], mx.array]
 
 
 class DraftModel:
-    """A smaller model of the same vocabulary samples k tokens, one forward pass each, after the
-    same logits processors and sampling transform as the target (so q is comparable with p).
+    """A smaller model of the same vocabulary proposes k tokens, one forward pass each, chosen
+    as the target chooses (same logits processors, transform and per-position noise).
 
     Its cache holds the first `verified` history tokens, then `drafts` not yet verified; each
     call rewinds it past the drafts the history no longer agrees with.
@@ -28,12 +32,12 @@ class DraftModel:
     def __init__(
         self,
         model: CausalLM,
-        transform: Transform | None,
+        pick: Pick,
         processors: Sequence[LogitsProcessor] = (),
-        prefill_step_size: int = 512,
+        prefill_step_size: int = PREFILL_STEP_SIZE,
     ):
         self.model = model
-        self.transform = transform  # None: greedy
+        self.pick = pick
         self.processors = list(processors)
         self.prefill_step_size = prefill_step_size
         self.cache: list[KVCache] = make_cache(model)
@@ -60,28 +64,22 @@ class DraftModel:
         self.verified, self.drafts = len(tokens) - 1, []
         return last
 
-    def propose(self, tokens: Sequence[int], k: int) -> tuple[list[int], mx.array | None]:
+    def propose(self, tokens: Sequence[int], k: int) -> tuple[list[int], None]:
         if k <= 0:
             return [], None
         y = self.sync(tokens)
         history = mx.array(list(tokens), mx.uint32) if self.processors else None
-        drafts, logprobs = [], []
-        for _ in range(k):
+        drafts = []
+        for i in range(k):
             logits = self.model(y[None], cache=self.cache)[:, -1, :]  # (1, V)
             for processor in self.processors:
                 logits = processor(history, logits)
-            q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            if self.transform is None:
-                y = mx.argmax(q, axis=-1)
-            else:
-                q = self.transform(q)
-                y = mx.random.categorical(q, axis=-1)
+            y = self.pick(logits - mx.logsumexp(logits, axis=-1, keepdims=True), len(tokens) + i)
             mx.async_eval(y)
             drafts.append(y)
-            logprobs.append(q)
             if history is not None:
                 history = mx.concatenate([history, y])
         proposal = mx.concatenate(drafts).tolist()
         # the cache took the last history token and every draft but the last
         self.verified, self.drafts = len(tokens), proposal[:-1]
-        return proposal, mx.concatenate(logprobs, axis=0)  # (k, V)
+        return proposal, None

@@ -1,5 +1,6 @@
-"""Generation in three layers: `generate_step` (token ids) -> `stream_generate` (text pieces)
--> `generate` (a string)."""
+"""Generation of one request: `stream_generate` (text pieces, on the scheduler as a batch of one)
+-> `generate` (a string). `reference.generate_step` is the short reference loop they are tested
+against."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 
 from ..errors import GenerationError
-from ..models import CausalLM, KVCache, make_cache
+from ..models import CausalLM
 from ..tokenizer import Tokenizer, encode_prompt
 from .config import GenerationConfig
-from .reference import generate_step, wired_limit
-from .speculative import SpeculativeStats, speculative_generate_step
-from .stops import TextStream
+from .prompt_cache import PromptCache
+from .reference import wired_limit
+from .scheduler import BatchGenerator, Request
+from .speculative import SpeculativeStats
 
 __all__ = ["GenerationConfig", "GenerationResponse", "generate", "stream_generate"]
 
@@ -35,30 +37,7 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None
     from_draft: bool = False
     speculative: SpeculativeStats | None = None  # the counts up to this token (a copy)
-
-
-def _token_stream(
-    prompt: mx.array,
-    model: CausalLM,
-    config: GenerationConfig,
-    cache: list[KVCache],
-    stats: SpeculativeStats | None,
-    history: Sequence[int],
-) -> Iterator[tuple[int, mx.array, bool]]:
-    """(token, logprobs, came from a proposal), from plain or speculative decoding."""
-    if config.speculative:
-        yield from speculative_generate_step(prompt, model, config, cache, stats, history=history)
-        return
-    for token, logprobs in generate_step(
-        prompt,
-        model,
-        max_tokens=config.max_tokens,
-        sampler=config.sampler(),
-        logits_processors=config.logits_processors(),
-        prompt_cache=cache,
-        prefill_step_size=config.prefill_step_size,
-    ):
-        yield token, logprobs, False
+    cached_tokens: int = 0  # prompt tokens whose KV entries came from the prompt cache
 
 
 def stream_generate(
@@ -66,77 +45,62 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int] | mx.array,
     config: GenerationConfig | None = None,
-    prompt_cache: list[KVCache] | None = None,
-    history: Sequence[int] = (),
+    prompt_cache: PromptCache | None = None,
     **options,
 ) -> Iterator[GenerationResponse]:
-    """Yield one `GenerationResponse` per new token. `options` are `GenerationConfig` fields
-    (max_tokens=, temperature=, top_p=, top_k=, min_p=, repetition_penalty=, seed=, stop=,
-    prompt_lookup=, max_ngram=, draft_model=, num_draft=). `history`: the tokens that
-    `prompt_cache` already holds before `prompt`; speculative decoding proposes from them too."""
+    """Yield one `GenerationResponse` per new token: a batch of one on the scheduler. `options`
+    are `GenerationConfig` fields (max_tokens=, temperature=, top_p=, top_k=, min_p=,
+    repetition_penalty=, seed=, stop=, prompt_lookup=, max_ngram=, draft_model=, num_draft=).
+    `prompt_cache`: KV entries of earlier generations; the prompt reuses the longest prefix it
+    shares with one (prompt lookup also copies from those tokens), and this generation's
+    entries go there when it ends, also when the caller stops early."""
     try:
         config = replace(config or GenerationConfig(), **options)
     except TypeError as e:
         raise GenerationError(f"unknown generation option: {e}") from e
-    if isinstance(config.stop, str):
-        config = replace(config, stop=(config.stop,))
-    config.validate()
-    if config.seed is not None:
-        mx.random.seed(config.seed)
     if isinstance(prompt, str):
         prompt = encode_prompt(tokenizer, prompt)
-    if not isinstance(prompt, mx.array):
-        prompt = mx.array(list(prompt), dtype=mx.uint32)
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
-    if history and cache[0].offset != len(history):
-        raise GenerationError(
-            f"history has {len(history)} tokens but the cache holds {cache[0].offset}"
-        )
-    stats = SpeculativeStats() if config.speculative else None
+    elif isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    engine = BatchGenerator(model, tokenizer, max_batch=1, prompt_cache=prompt_cache)
+    rid = engine.add(Request(prompt, config, keep_logprobs=True))
     with wired_limit(model):
-        yield from _responses(prompt, model, tokenizer, config, cache, stats, history)
+        try:
+            yield from _responses(engine, len(prompt))
+        finally:
+            engine.cancel(rid, keep=True)  # stopped early: keep what was computed
 
 
-def _responses(
-    prompt: mx.array,
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    config: GenerationConfig,
-    cache: list[KVCache],
-    stats: SpeculativeStats | None,
-    history: Sequence[int],
-) -> Iterator[GenerationResponse]:
-    """Tokens -> text pieces (stop strings held back and cut) with running statistics."""
-    text = TextStream(
-        tokenizer.detokenizer, config.stop, tokenizer.eos_token_ids, config.max_tokens
-    )
+def _responses(engine: BatchGenerator, prompt_tokens: int) -> Iterator[GenerationResponse]:
+    """The engine's events as responses, with running statistics."""
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
     n = 0
-    tokens = _token_stream(prompt, model, config, cache, stats, history)
-    for n, (token, logprobs, from_draft) in enumerate(tokens, 1):
-        if n == 1:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = prompt.size / prompt_time
-            tic = time.perf_counter()
-        piece, finish = text.add(token)
-        elapsed = time.perf_counter() - tic
-        yield GenerationResponse(
-            text=piece,
-            token=token,
-            logprobs=logprobs,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-            from_draft=from_draft,
-            speculative=replace(stats) if stats is not None else None,
-        )
-        if finish:
-            break
+    while engine.has_work:
+        for event in engine.step():
+            n += 1
+            if n == 1:
+                fed = prompt_tokens - event.usage.cached_tokens
+                prompt_tps = fed / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            elapsed = time.perf_counter() - tic
+            yield GenerationResponse(
+                text=event.text,
+                token=event.token,
+                logprobs=event.distribution,
+                prompt_tokens=prompt_tokens,
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=event.finish_reason,
+                from_draft=event.from_draft,
+                speculative=event.speculative,
+                cached_tokens=event.usage.cached_tokens,
+            )
+            if event.finish_reason:
+                return
 
 
 def generate(

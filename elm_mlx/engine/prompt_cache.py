@@ -18,6 +18,7 @@ from itertools import count
 import mlx.core as mx
 
 from ..models import KVCache
+from ..tokenizer import common_prefix
 
 
 @dataclass
@@ -27,28 +28,13 @@ class _Entry:
     nbytes: int
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token sequences (of any sequence
-    type: compared as lists)."""
-    n = min(len(a), len(b))
-    a, b = list(a[:n]), list(b[:n])
-    if a == b:  # the usual case (a chat re-sent): one comparison in C
-        return n
-    lo, hi = 0, n  # the prefix of length lo agrees, that of length hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 class PromptCache:
-    """LRU store of KV entries keyed by the tokens they hold, bounded by `max_bytes`."""
+    """LRU store of KV entries keyed by the tokens they hold, bounded by `max_bytes` (and by
+    `max_entries`, if given)."""
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 1 << 30, max_entries: int | None = None):
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self.entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self.nbytes = 0
         self._keys = count()
@@ -93,8 +79,12 @@ class PromptCache:
             return
         self.entries[next(self._keys)] = _Entry(tokens, layers, nbytes)
         self.nbytes += nbytes
-        while self.nbytes > self.max_bytes:
+        while self.nbytes > self.max_bytes or len(self.entries) > (self.max_entries or 1 << 62):
             self._drop(next(iter(self.entries)))
+
+    def tokens(self) -> list[int]:
+        """The tokens of the most recently used entry ([] when empty)."""
+        return list(self.entries[next(reversed(self.entries))].tokens) if self.entries else []
 
     def _drop(self, key: int) -> None:
         self.nbytes -= self.entries.pop(key).nbytes

@@ -27,6 +27,7 @@ class Pending:
     prompt: list[int]
     config: GenerationConfig
     logprobs: int | None
+    keep_logprobs: bool = False
     cached: int = 0  # prompt tokens whose entries came from the prompt cache
     fed: int = 0  # prompt tokens in the cache
 
@@ -55,9 +56,13 @@ class Prefill:
         add_rows(self.cache, [cache if cache is not None else make_cache(self.model)])
         self.items.append(item)
 
-    def feed(self, width: int) -> None:
-        """One forward pass of up to `width` more prompt tokens per row; timed into `cost`."""
-        chunks = [item.prompt[item.fed : item.fed + min(width, item.todo)] for item in self.items]
+    def feed(self, share: int = 1) -> None:
+        """One forward pass of the next prompt tokens of every row, each its request's
+        `prefill_step_size` divided by `share`; timed into `cost`."""
+        chunks = []
+        for item in self.items:
+            width = max(1, item.config.prefill_step_size // share)
+            chunks.append(item.prompt[item.fed : item.fed + min(width, item.todo)])
         longest = max(map(len, chunks))
         if not longest:
             return

@@ -18,6 +18,9 @@ from ..errors import GenerationError
 from ..models import CausalLM, KVCache, make_cache
 from .sampling import LogitsProcessor, Sampler, make_sampler
 
+# Prompt tokens per forward pass while prefilling: the one default of every prefill loop.
+PREFILL_STEP_SIZE = 512
+
 
 @functools.cache
 def generation_stream() -> mx.Stream:
@@ -53,7 +56,7 @@ def wired_limit(model: CausalLM) -> Iterator[None]:
 
 
 def prefill(
-    model: CausalLM, tokens: mx.array, cache: list[KVCache], step_size: int = 512
+    model: CausalLM, tokens: mx.array, cache: list[KVCache], step_size: int = PREFILL_STEP_SIZE
 ) -> mx.array:
     """Run all but the last token through the model in chunks, filling the cache.
     Returns the tokens still to be fed (at least one)."""
@@ -74,7 +77,7 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     prompt_cache: list[KVCache] | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs (V,)) for each new token; the cache is filled in place. The
     logprobs are the model's, after the logits processors and before sampling's transforms.

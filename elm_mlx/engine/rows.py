@@ -1,22 +1,18 @@
-"""The steps of the batch engine: one batched forward pass over every row, then each row's
-tokens chosen with its own sampler, seed and logits processors.
+"""The rows of the scheduler and the one step that advances them.
 
-A row's cache holds all its tokens but the last, which is its next input (as after `prefill`).
+A row is one request's decoding state, and owns everything that is per request: its options,
+its token choice (greedy, or sampling keyed by its seed and the position), its logits
+processors, its constraint, its proposer and proposal length, its statistics. A row's cache
+entries hold all its tokens but the last, which is its next input (as after `prefill`).
 
-- A plain step (no row proposes) feeds (B, 1). `launch` builds it and starts computing it
-  asynchronously, `collect` reads its tokens back. The engine launches step t + 1, whose
-  inputs are step t's tokens still being computed, before it collects step t: building one
-  step overlaps computing the other, as in `generate_step`.
-- A speculative step (some row proposes) feeds (B, 1 + w): each row's next input, then its
-  proposal, padded to the longest one (`speculate`, synchronous: proposals need the tokens);
-  afterwards each row is rewound to its accepted tokens (`rewind`).
-
-Token choice per row is the single-request one: greedy is the argmax of the model's logprobs
-(after the logits processors), sampling draws from the row's `make_transform` distribution, and
-a proposal is accepted as in `speculative.verify` (argmax match, or min(1, p/q) then a residual
-draw). A sampling row draws its plain tokens with its own PRNG key, split once per token as
-`mx.random.seed` + `stream_generate` would, so a seeded request gives the same tokens as
-alone, whatever runs beside it; speculative sampling draws from MLX's global generator.
+One step feeds every row its next input and its proposal, if it has one, padded to the longest:
+(B, 1 + w). `launch` builds the step and starts computing it asynchronously: each row's logits
+after its processors and constraint, its logprobs, and the token it chooses at each position.
+`collect` reads the choices back and keeps, per row, the proposed tokens that equal the model's
+choices, then the first choice that differs (`speculative.accepted`). With no proposals (w = 0)
+a step's only input per row is the token the previous step chose, so the scheduler launches
+step t + 1 before it collects step t: building one step overlaps computing the other, as in
+`generate_step`. After a step with proposals each row is rewound to its tokens (`rewind`).
 """
 
 from __future__ import annotations
@@ -27,15 +23,15 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from ..models import CausalLM
+from ..models import CausalLM, vocab_size
 from .batch_kv import BatchKVCache, set_lengths
 from .config import GenerationConfig
 from .draft import DraftModel
 from .lookup import PromptLookup
 from .reference import generation_stream
-from .sampling import LogitsProcessor, Transform, make_transform
+from .sampling import Constraint, LogitsProcessor, Transform, choose
 from .spec_budget import RowLength, StepCost, Want, speculation_width
-from .speculative import make_proposer, verify
+from .speculative import SpeculativeStats, accepted, make_proposer
 from .stops import TextStream
 
 
@@ -50,13 +46,17 @@ class Row:
     prompt_tokens: int
     cached_tokens: int
     logprobs: int | None  # None: no logprobs; n >= 0: the chosen token's and the n most likely
+    keep_logprobs: bool = False  # hand out each token's logprobs over the vocabulary (V,)
     transform: Transform | None = None  # None: greedy
-    key: mx.array | None = None  # the sampling PRNG key
+    seed: int = 0  # keys the sampling noise of each position
     processors: list[LogitsProcessor] = field(default_factory=list)
-    seen: mx.array | None = None  # `tokens` plus tokens still in flight, for the processors
+    constraint: Constraint | None = None
+    seen: mx.array | None = None  # `tokens` plus the token in flight, for the processors
+    length: int = 0  # len(tokens) plus the token in flight: the position chosen next
     proposer: PromptLookup | DraftModel | None = None
     lengths: RowLength | None = None
     draft_s: float = 0.0  # running seconds per drafted token
+    stats: SpeculativeStats | None = None
     done: bool = False
 
     @classmethod
@@ -64,26 +64,32 @@ class Row:
         cls,
         rid: int,
         model: CausalLM,
+        tokenizer,
         prompt: list[int],
         config: GenerationConfig,
-        text: TextStream,
         cached_tokens: int = 0,
         logprobs: int | None = None,
+        keep_logprobs: bool = False,
     ) -> Row:
-        """A row about to join, with its sampler, seed and proposer."""
+        """A row about to join, with its sampler, seed, constraint and proposer."""
+        text = TextStream(
+            tokenizer.detokenizer, config.stop, tokenizer.eos_token_ids, config.max_tokens
+        )
         row = cls(rid, config, list(prompt), text, len(prompt), cached_tokens, logprobs)
-        if config.temperature > 0:
-            row.transform = make_transform(
-                config.temperature, config.top_p, config.top_k, config.min_p
-            )
+        row.keep_logprobs = keep_logprobs
+        row.length = len(prompt)
+        row.transform = config.transform()
+        if row.transform is not None:
+            # unseeded: from the global generator, so that `mx.random.seed` fixes a whole run
             seed = config.seed
-            if seed is None:  # from the global generator: `mx.random.seed` fixes a whole run
-                seed = mx.random.randint(0, 2**31 - 1, ()).item()
-            row.key = mx.random.key(seed)
+            row.seed = mx.random.randint(0, 2**31 - 1, ()).item() if seed is None else seed
         row.processors = config.logits_processors()
+        if config.constraint is not None:
+            row.constraint = config.constraint.build(tokenizer, vocab_size(model))
         if config.speculative:
-            row.proposer, solo = make_proposer(model, config, row.transform)
+            row.proposer, solo = make_proposer(model, config, row.pick)
             row.lengths = RowLength(solo.max_k, solo.probe_budget)
+            row.stats = SpeculativeStats()
             with mx.stream(generation_stream()):
                 row.proposer.start(row.tokens)
         return row
@@ -92,8 +98,47 @@ class Row:
     def left(self) -> int:
         return self.config.max_tokens - self.text.count
 
+    def pick(self, logprobs: mx.array, start: int) -> mx.array:
+        """The tokens (W,) this row chooses at positions start, ... from logprobs (W, V)."""
+        return choose(logprobs, self.transform, self.seed, start)
+
     def history(self) -> mx.array:
         return self.seen if self.seen is not None else mx.array(self.tokens, mx.uint32)
+
+    def processed(self, logits: mx.array, draft: list[int], masks: mx.array | None) -> mx.array:
+        """The row's logits (W, V) after its processors and constraint, position j seeing the
+        tokens before it (padding positions are left as they are: nothing reads them)."""
+        if not self.processors and masks is None:
+            return logits
+        history = self.history()
+        if draft:
+            history = mx.concatenate([history, mx.array(draft, mx.uint32)])
+        base = history.size - len(draft)
+        out = []
+        for j in range(logits.shape[0]):
+            x = logits[j : j + 1]
+            if j <= len(draft):
+                for processor in self.processors:
+                    x = processor(history[: base + j], x)
+                if masks is not None and j < masks.shape[0]:
+                    x = mx.where(masks[j], x, -mx.inf)
+            out.append(x)
+        return mx.concatenate(out, axis=0)
+
+    def constrain(self, draft: list[int]) -> tuple[list[int], mx.array | None]:
+        """The constraint's masks (m + 1, V) at the next input's position and after each draft
+        token, the draft cut at its first token the constraint does not allow."""
+        if self.constraint is None:
+            return draft, None
+        masks, kept = [self.constraint.mask()], 0
+        for token in draft:
+            if not masks[-1][token].item():
+                break
+            self.constraint.advance(token)
+            kept += 1
+            masks.append(self.constraint.mask())
+        self.constraint.rollback(kept)
+        return draft[:kept], mx.stack(masks)
 
 
 @dataclass
@@ -105,51 +150,35 @@ class Run:
     proposed: int = 0
     logprobs: list[float] | None = None
     top: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob), best first
+    distributions: list[mx.array] | None = None  # per token: logprobs (V,), if kept
 
 
 @dataclass
 class Launch:
-    """A plain step being computed: each row's next token, and logprobs if asked."""
+    """A step being computed."""
 
     rows: list[Row]
-    tokens: mx.array  # (B,)
+    drafts: list[list[int]]
+    choice: mx.array  # (B, W) each row's token at each position
+    logprobs: mx.array  # (B, W, V)
     picked: tuple[mx.array, mx.array, mx.array] | None  # see `_pick`
     started: float  # when it was launched
     done_at: float | None = None  # when its results were found computed
 
-
-def _draw(row: Row, logprobs: mx.array) -> mx.array:
-    """One token from a sampling row's distribution (1, V) -> (1,), with its own key."""
-    row.key, sub = mx.random.split(row.key)
-    return mx.random.categorical(row.transform(logprobs), key=sub)
+    @property
+    def speculative(self) -> bool:
+        return any(self.drafts)
 
 
 def _pick(logprobs: mx.array, tokens: mx.array, top: int) -> tuple[mx.array, mx.array, mx.array]:
-    """logprobs (N, V) and tokens (N,) -> each token's logprob (N,), and the ids (N, top) and
-    logprobs (N, top) of the `top` most likely tokens (unordered)."""
-    chosen = mx.take_along_axis(logprobs, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]
+    """logprobs (..., V) and tokens (...) -> each token's logprob (...), and the ids (..., top)
+    and logprobs (..., top) of the `top` most likely tokens (unordered)."""
+    chosen = mx.take_along_axis(logprobs, tokens[..., None].astype(mx.int32), axis=-1)[..., 0]
     if not top:
-        return chosen, mx.zeros((tokens.size, 0), mx.int32), mx.zeros((tokens.size, 0))
-    ids = mx.argpartition(-logprobs, kth=top - 1, axis=-1)[:, :top]
+        empty = mx.zeros((*tokens.shape, 0))
+        return chosen, empty.astype(mx.int32), empty
+    ids = mx.argpartition(-logprobs, kth=top - 1, axis=-1)[..., :top]
     return chosen, ids, mx.take_along_axis(logprobs, ids, axis=-1)
-
-
-def _fill(rows: Sequence[Row], runs: list[Run], picked: tuple[mx.array, ...]) -> None:
-    """Give each asking row's run its tokens' logprobs, from `_pick` over those tokens in
-    order."""
-    chosen, ids, values = (a.tolist() for a in picked)
-    at = 0
-    for row, run in zip(rows, runs, strict=True):
-        if row.logprobs is None:
-            continue
-        span = range(at, at + len(run.tokens))
-        run.logprobs = [chosen[k] for k in span]
-        if row.logprobs:
-            run.top = [
-                sorted(zip(ids[k], values[k], strict=True), key=lambda p: -p[1])[: row.logprobs]
-                for k in span
-            ]
-        at += len(run.tokens)
 
 
 def _asking(rows: Sequence[Row]) -> int | None:
@@ -158,42 +187,72 @@ def _asking(rows: Sequence[Row]) -> int | None:
     return max(asks) if asks else None
 
 
-def launch(model: CausalLM, cache: list[BatchKVCache], rows: list[Row], inputs: mx.array) -> Launch:
-    """Start a plain step: inputs (B,) -> each row's next token, computed asynchronously."""
+def launch(
+    model: CausalLM,
+    cache: list[BatchKVCache],
+    rows: list[Row],
+    first: mx.array,
+    drafts: list[list[int]],
+) -> Launch:
+    """Start a step: each row's next input first (B,) (possibly still being computed), then its
+    draft, padded to the longest -> each row's choice at every position, asynchronously."""
+    masks = []
+    for i, row in enumerate(rows):
+        drafts[i], row_masks = row.constrain(drafts[i])
+        masks.append(row_masks)
+    width = 1 + max(map(len, drafts), default=0)
     with mx.stream(generation_stream()):
-        logits = model(inputs[:, None], cache=cache)[:, -1, :]  # (B, V)
-        if any(row.processors for row in rows):
-            out = []
-            for i, row in enumerate(rows):
-                x = logits[i : i + 1]
-                for processor in row.processors:
-                    x = processor(row.history(), x)
-                out.append(x)
-            logits = mx.concatenate(out)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, V)
-        tokens = mx.argmax(logprobs, axis=-1)  # (B,)
+        inputs = first[:, None]  # (B, 1)
+        if width > 1:
+            rest = [d + [0] * (width - 1 - len(d)) for d in drafts]
+            inputs = mx.concatenate([inputs, mx.array(rest, mx.uint32)], axis=1)  # (B, W)
+        logits = model(inputs, cache=cache)  # (B, W, V)
+        if any(row.processors or m is not None for row, m in zip(rows, masks, strict=True)):
+            logits = mx.stack(
+                [row.processed(logits[i], drafts[i], masks[i]) for i, row in enumerate(rows)]
+            )
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, W, V)
+        choice = mx.argmax(logprobs, axis=-1)  # (B, W): the greedy rows' choice
         if any(row.transform is not None for row in rows):
-            tokens = mx.concatenate(
+            choice = mx.stack(
                 [
-                    tokens[i : i + 1] if row.transform is None else _draw(row, logprobs[i : i + 1])
+                    choice[i] if row.transform is None else row.pick(logprobs[i], row.length)
                     for i, row in enumerate(rows)
                 ]
             )
-        for i, row in enumerate(rows):
-            if row.processors:
-                row.seen = mx.concatenate([row.history(), tokens[i : i + 1]])
+        if width == 1:  # the choice is in flight: the next step's processors must see it
+            for i, row in enumerate(rows):
+                row.length += 1
+                if row.processors:
+                    row.seen = mx.concatenate([row.history(), choice[i]])
         top = _asking(rows)
-        picked = None if top is None else _pick(logprobs, tokens, top)
-        keys = [row.key for row in rows if row.key is not None]
-        mx.async_eval(tokens, keys, picked or ())
-    return Launch(rows, tokens, picked, time.perf_counter())
+        picked = None if top is None else _pick(logprobs, choice, top)
+        mx.async_eval(choice, picked or ())
+    return Launch(rows, drafts, choice, logprobs, picked, time.perf_counter())
 
 
 def collect(step: Launch) -> list[Run]:
-    """A launched step's results, per row."""
-    runs = [Run([token]) for token in step.tokens.tolist()]
-    if step.picked is not None:
-        _fill(step.rows, runs, step.picked)
+    """A launched step's results, per row: the accepted drafts, then the model's next choice."""
+    choices = step.choice.tolist()
+    picked = [a.tolist() for a in step.picked] if step.picked is not None else None
+    runs = []
+    for i, (row, draft, choice) in enumerate(zip(step.rows, step.drafts, choices, strict=True)):
+        n = accepted(draft, choice)
+        run = Run(choice[: n + 1], len(draft))
+        if picked is not None and row.logprobs is not None:
+            chosen, ids, values = (p[i] for p in picked)
+            run.logprobs = chosen[: n + 1]
+            if row.logprobs:
+                run.top = [
+                    sorted(zip(ids[j], values[j], strict=True), key=lambda p: -p[1])[: row.logprobs]
+                    for j in range(n + 1)
+                ]
+        if row.keep_logprobs:
+            run.distributions = [step.logprobs[i, j] for j in range(n + 1)]
+        runs.append(run)
+    if step.speculative:
+        for row in step.rows:
+            row.seen = None  # rebuilt from `tokens` when next needed
     return runs
 
 
@@ -217,103 +276,21 @@ def plan(rows: Sequence[Row], cost: StepCost, tolerance: float) -> list[int]:
     return [min(want.k, width) for want in wants]
 
 
-def _propose(row: Row, k: int) -> tuple[list[int], mx.array | None]:
+def propose(row: Row, k: int) -> list[int]:
+    """Up to k proposed tokens of a row (its tokens are all known: nothing is in flight)."""
     if not k:
-        return [], None
+        return []
     tic = time.perf_counter()
-    draft, q = row.proposer.propose(row.tokens, k)
+    with mx.stream(generation_stream()):
+        draft, _ = row.proposer.propose(row.tokens, k)
     if isinstance(row.proposer, DraftModel):
         seconds = (time.perf_counter() - tic) / k
         row.draft_s = seconds if not row.draft_s else 0.8 * row.draft_s + 0.2 * seconds
-    return draft, q
-
-
-def _processed(logits: mx.array, row: Row, draft: list[int]) -> mx.array:
-    """A row's logits (L, V) after its processors, each position seeing the tokens before it
-    (padding positions are left as they are: nothing reads them)."""
-    if not row.processors:
-        return logits
-    seen = mx.array(row.tokens + draft, mx.uint32)
-    out = []
-    for j in range(logits.shape[0]):
-        x = logits[j : j + 1]
-        if j <= len(draft):
-            for processor in row.processors:
-                x = processor(seen[: len(row.tokens) + j], x)
-        out.append(x)
-    return mx.concatenate(out, axis=0)
-
-
-def speculate(
-    model: CausalLM,
-    cache: list[BatchKVCache],
-    rows: Sequence[Row],
-    ks: Sequence[int],
-    cost: StepCost,
-) -> list[Run]:
-    """A synchronous step in which row i proposes up to ks[i] tokens; times its forward pass
-    into `cost`. The caller rewinds the cache once it has taken the tokens."""
-    with mx.stream(generation_stream()):
-        proposals = [_propose(row, k) for row, k in zip(rows, ks, strict=True)]
-        width = 1 + max(len(d) for d, _ in proposals)
-        inputs = [
-            [row.tokens[-1], *d, *[0] * (width - 1 - len(d))]
-            for row, (d, _) in zip(rows, proposals, strict=True)
-        ]
-        tic = time.perf_counter()
-        logits = model(mx.array(inputs, mx.uint32), cache=cache)  # (B, W, V)
-        if any(row.processors for row in rows):
-            logits = mx.stack(
-                [
-                    _processed(logits[i], row, d)
-                    for i, (row, (d, _)) in enumerate(zip(rows, proposals, strict=True))
-                ]
-            )
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, W, V)
-        greedy = mx.argmax(logprobs, axis=-1)  # (B, W)
-        draws = {
-            i: _draw(row, logprobs[i, :1])
-            for i, (row, (draft, _)) in enumerate(zip(rows, proposals, strict=True))
-            if row.transform is not None and not draft
-        }
-        mx.eval(greedy, draws, [row.key for row in rows if row.key is not None])
-        cost.add(len(rows) * width, time.perf_counter() - tic)
-        greedy = greedy.tolist()
-        runs = []
-        for i, (row, (draft, q)) in enumerate(zip(rows, proposals, strict=True)):
-            m = len(draft)
-            if row.transform is None:
-                choice = greedy[i][: m + 1]
-                accept = [c == d for c, d in zip(choice[:m], draft, strict=True)]
-            elif draft:
-                accept, choice, _ = verify(
-                    logits[i, : m + 1], row.tokens, draft, q, (), row.transform
-                )
-            else:
-                accept, choice = [], [draws[i].item()]
-            n = accept.index(False) if False in accept else m
-            runs.append(Run([*draft[:n], choice[n]], m))
-        top = _asking(rows)
-        if top is not None:
-            where = [
-                i * width + j
-                for i, (row, run) in enumerate(zip(rows, runs, strict=True))
-                if row.logprobs is not None
-                for j in range(len(run.tokens))
-            ]
-            tokens = [
-                t
-                for row, run in zip(rows, runs, strict=True)
-                if row.logprobs is not None
-                for t in run.tokens
-            ]
-            flat = logprobs.reshape(-1, logprobs.shape[-1])[mx.array(where, mx.int32)]
-            _fill(rows, runs, _pick(flat, mx.array(tokens, mx.uint32), top))
-    for row in rows:
-        row.seen = None  # rebuilt from `tokens` when next needed
-    return runs
+    return draft
 
 
 def rewind(cache: list[BatchKVCache], rows: Sequence[Row]) -> None:
-    """After a speculative step: each row keeps all its tokens but the last."""
+    """After a step with proposals: each row keeps all its tokens but the last."""
+    for row in rows:
+        row.length = len(row.tokens)
     set_lengths(cache, [len(row.tokens) - 1 for row in rows])

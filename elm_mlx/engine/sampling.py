@@ -4,18 +4,51 @@
 - A distribution transform maps logprobs (B, V) -> the logprobs actually sampled from (B, V),
   after temperature, top-k, top-p and min-p; speculative sampling needs it to compare p and q.
 - A sampler maps logprobs (B, V) -> token ids (B,).
+
+The engine samples by position: the token at position t of a request seeded with s is
+argmax(transform(logprobs) + g), with g Gumbel noise drawn from a key made of (s, t) alone
+(`choose`). That is exact sampling from the transformed distribution (the Gumbel-max trick),
+and since the noise depends on nothing else, a seeded request draws the same tokens alone or in
+a batch of any size, and with or without speculation (`speculative`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import mlx.core as mx
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 Transform = Callable[[mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]
+
+
+class Constraint(Protocol):
+    """What a row's output must match (a JSON schema, a regular expression, a grammar), as a
+    matcher over token ids that the row advances with each token it emits."""
+
+    def mask(self) -> mx.array:
+        """(V,) bool: the tokens allowed next."""
+        ...
+
+    def advance(self, token: int) -> None: ...
+
+    def rollback(self, n: int) -> None:
+        """Undo the last n advances (a proposal checked ahead)."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """The output is complete and nothing may follow."""
+        ...
+
+
+class ConstraintSpec(Protocol):
+    """A request's constraint, checked when the request is made; each row builds its own."""
+
+    def build(self, tokenizer: Any, vocab_size: int) -> Constraint: ...
 
 
 def make_transform(
@@ -55,6 +88,34 @@ def make_sampler(
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
     transform = make_transform(temperature, top_p, top_k, min_p)
     return lambda logprobs: mx.random.categorical(transform(logprobs), axis=-1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for one position of one request (SplitMix64 of the pair), so that
+    neighbouring seeds and positions give unrelated keys."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def choose(
+    logprobs: mx.array, transform: Transform | None, seed: int | None, start: int
+) -> mx.array:
+    """Tokens (W,) for W consecutive positions start, start + 1, ... from their logprobs (W, V):
+    the argmax when greedy (transform None), else a draw keyed by (seed, position)."""
+    if transform is None:
+        return mx.argmax(logprobs, axis=-1)
+    width, vocab = logprobs.shape
+    noise = [
+        mx.random.gumbel((1, vocab), key=mx.random.key(position_seed(seed, start + j)))
+        for j in range(width)
+    ]
+    x = transform(logprobs)
+    return mx.argmax(x + (noise[0] if width == 1 else mx.concatenate(noise)), axis=-1)
 
 
 def repetition_penalty(penalty: float) -> LogitsProcessor:

@@ -1,5 +1,7 @@
-"""Continuous batching: one worker decodes every active request in one batched forward pass
-per step; a new request joins once its prompt is prefilled, a finished one leaves at once.
+"""The scheduler: continuous batching of rows, the one decoding loop of elm. A request is a row;
+one step advances every row by one forward pass; a new request joins once its prompt is
+prefilled, a finished one leaves at once. `stream_generate` and `ChatSession` are a batch of
+one on it, `batch_generate` and `elm serve` batches of many.
 
 API (one thread owns a `BatchGenerator` and makes every call; nothing here is thread-safe)::
 
@@ -10,32 +12,31 @@ API (one thread owns a `BatchGenerator` and makes every call; nothing here is th
             event.request_id, event.text, event.finish_reason, event.usage.cached_tokens
     gen.cancel(rid)  # frees its slot at once; no more events for it
 
-- `Request(prompt, config, logprobs)`: prompt token ids (at least one: render and encode chat
-  messages before, e.g. with `tokenizer.render_chat` + `encode_prompt`); a `GenerationConfig` (max_tokens >= 1,
-  temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prompt_lookup / max_ngram,
-  draft_model / num_draft, prefill_step_size); `logprobs`: None, or report each token's logprob
-  plus the `logprobs` most likely tokens. `add` validates (`OptionError`, `GenerationError`).
+- `Request(prompt, config, logprobs, keep_logprobs)`: prompt token ids (render and encode chat
+  messages before, e.g. with `tokenizer.render_chat` + `encode_prompt`); a `GenerationConfig`,
+  checked by its `normalized()`; `logprobs`: None, or report each token's logprob plus the
+  `logprobs` most likely tokens; `keep_logprobs`: hand out each token's logprobs over the
+  vocabulary (`Event.distribution`). `add` validates (`OptionError`, `GenerationError`).
 - `step()` admits queued requests while fewer than `max_batch` run, prefills their prompts
-  together (one pass, at most `prefill_step_size` tokens while rows decode, so running
-  requests keep streaming), lets the prefilled ones join, advances every row by one token (or
-  a verified run of proposed tokens) and returns `Event`s, in order per request. A plain step
-  is computed while the next call prepares the one after, so its events come with the next
-  call (a speculative step's come at once): call `step()` while `has_work`. A request's last
-  event has `finish_reason` "stop" (EOS or a stop string) or "length"; `Event.text` pieces
-  join to exactly the text `stream_generate` gives (same detokenizer, stop strings cut).
-  `active`: requests decoding; `waiting`: queued or prefilling.
-- Greedy requests return what `stream_generate` returns for them alone, whatever runs beside
-  them (exactly, but for the float rounding of batched kernels, which could flip a near tie). Sampling: each row has its own sampler and PRNG key (see `batch_step`); a
-  seeded request that does not speculate draws the same tokens as `stream_generate` with that
-  seed; unseeded rows take their seed from MLX's global generator (`mx.random.seed` fixes it).
-- Speculative decoding per request (`prompt_lookup=K` or a `draft_model`) stays exact; the
-  batch caps proposals so that requests that do not speculate keep their speed (`batch_spec`).
+  together (one pass, each request's `prefill_step_size` tokens, shared out while rows decode so
+  that running requests keep streaming), lets the prefilled ones join, advances every row by one
+  token (or a verified run of proposed tokens: see `rows`) and returns `Event`s, in order per
+  request. A step without proposals or constraints is computed while the next call prepares
+  the one after, so its events come with the next call: call `step()` while `has_work`. A
+  request's last event has `finish_reason` "stop" (EOS, a stop string, or its constraint
+  complete) or "length".
+- A request's tokens do not depend on what runs beside it: greedy rows take the argmax, sampling
+  rows draw with noise keyed by their seed and the position (`sampling.choose`), and
+  speculation keeps only the tokens the row would have chosen anyway (exactly, but for the float
+  rounding of batched kernels, which could flip a near tie). Unseeded rows take their seed from
+  MLX's global generator (`mx.random.seed` fixes it).
+- Speculative decoding per request (`prompt_lookup=K` or a `draft_model`): the batch caps
+  proposals so that requests that do not speculate keep their speed (`spec_budget`).
 - `prompt_cache`: finished requests leave their KV entries there; a request that starts the
-  same way reuses them (`Usage.cached_tokens`). Share one `PromptCache` across generators.
-- `batch_generate(model, tokenizer, prompts, config)`: the same for a list of prompts.
+  same way reuses them (`Usage.cached_tokens`).
 
-Every forward pass runs on `step.generation_stream()`; wrap a long-running loop in
-`step.wired_limit(model)` as `stream_generate` does.
+Every forward pass runs on `reference.generation_stream()`; wrap a long-running loop in
+`reference.wired_limit(model)` as the front-ends do.
 """
 
 from __future__ import annotations
@@ -52,14 +53,13 @@ from ..errors import GenerationError, OptionError
 from ..models import CausalLM
 from ..tokenizer import Tokenizer, encode_prompt
 from .batch_kv import keep_rows, make_batch_cache, row_cache
-from .config import GenerationConfig
+from .config import GenerationConfig, check_prompt
 from .prompt_cache import PromptCache
 from .prompt_prefill import Pending, Prefill
 from .reference import wired_limit
-from .rows import Launch, Row, Run, collect, launch, plan, rewind, speculate
+from .rows import Launch, Row, Run, collect, launch, plan, propose, rewind
 from .spec_budget import StepCost
-from .speculative import make_proposer
-from .stops import TextStream
+from .speculative import SpeculativeStats, check_draft
 
 __all__ = ["BatchGenerator", "Event", "Request", "Usage", "batch_generate"]
 
@@ -69,6 +69,7 @@ class Request:
     prompt: Sequence[int]  # token ids
     config: GenerationConfig = field(default_factory=GenerationConfig)
     logprobs: int | None = None  # None: none; n >= 0: each token's and the n most likely
+    keep_logprobs: bool = False  # each token's logprobs over the vocabulary in its Event
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class Event:
     logprob: float | None = None  # the model's, after the logits processors
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
     from_draft: bool = False  # a proposed token that the model accepted
+    distribution: mx.array | None = None  # (V,) the model's logprobs here, if kept
+    speculative: SpeculativeStats | None = None  # the request's counts so far (a copy)
 
 
 class BatchGenerator:
@@ -101,7 +104,6 @@ class BatchGenerator:
         tokenizer: Tokenizer,
         max_batch: int = 8,
         prompt_cache: PromptCache | None = None,
-        prefill_step_size: int = 512,
         cost: StepCost | None = None,
         tolerance: float = 0.05,
     ):
@@ -110,14 +112,13 @@ class BatchGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
         self.prompt_cache = prompt_cache
-        self.prefill_step_size = prefill_step_size  # prompt tokens per step while rows decode
         self.cost = cost or StepCost()  # forward-pass times, for the speculation budget
         self.tolerance = tolerance  # the slowdown speculation may cost the other rows
         self.cache = make_batch_cache(model)
         self.rows: list[Row] = []  # in the order of the cache's rows
         self.queue: deque[Pending] = deque()  # not yet admitted
         self.prefill = Prefill(model, self.cost)  # admitted, prefilling
-        self.inflight: Launch | None = None  # the plain step being computed
+        self.inflight: Launch | None = None  # the step being computed
         self._idle_since = 0.0  # when the work before the current launch was last seen done
         self._ids = count()
 
@@ -136,28 +137,21 @@ class BatchGenerator:
 
     def add(self, request: Request) -> int:
         """Queue a request; returns its id (the `Event.request_id` of its tokens)."""
-        config = request.config
-        if isinstance(config.stop, str):
-            config = replace(config, stop=(config.stop,))
-        config.validate()
-        if config.max_tokens < 1:
-            raise OptionError("max_tokens", f"must be >= 1, got {config.max_tokens}")
+        config = request.config.normalized()
         if request.logprobs is not None and request.logprobs < 0:
             raise OptionError("logprobs", f"must be >= 0, got {request.logprobs}")
-        prompt = [int(t) for t in request.prompt]
-        if not prompt:
-            raise GenerationError("the prompt is empty: give at least one token")
-        if config.draft_model is not None:
-            make_proposer(self.model, config, None)  # checks the vocabularies
+        prompt = check_prompt(request.prompt)
+        check_draft(self.model, config)
         rid = next(self._ids)
-        self.queue.append(Pending(rid, prompt, config, request.logprobs))
+        self.queue.append(Pending(rid, prompt, config, request.logprobs, request.keep_logprobs))
         return rid
 
-    def cancel(self, request_id: int) -> bool:
-        """Drop a request (queued or running) at once; False if it is not here (finished)."""
+    def cancel(self, request_id: int, keep: bool = False) -> bool:
+        """Drop a request (queued or running) at once; False if it is not here (finished).
+        With `keep`, a running request's KV entries go to the prompt cache as when it ends."""
         for row in self.rows:
             if row.id == request_id:
-                self._leave([row], keep=False)
+                self._leave([row], keep=keep)
                 return True
         for p in self.queue:
             if p.id == request_id:
@@ -172,70 +166,81 @@ class BatchGenerator:
     def step(self) -> list[Event]:
         """Prefill a little, let prefilled requests join, advance every row once. The events
         of a plain step come with the next call (it is computed while that call prepares the
-        following one); a speculative step's come at once."""
+        following one); those of a step with proposals or constraints come at once."""
         self._prefill()
-        events: list[Event] = []
-        if self.rows and any(plan(self.rows, self.cost, self.tolerance)):
-            events += self._collect()  # proposals need every token: finish the step in flight
-            ks = plan(self.rows, self.cost, self.tolerance)
-            if any(ks):
-                rows = list(self.rows)
-                runs = speculate(self.model, self.cache, rows, ks, self.cost)
-                self._idle_since = time.perf_counter()
-                events += self._emit(rows, runs)
-                rewind(self.cache, self.rows)
+        if not self.rows:
+            return self._collect()
+        if any(row.constraint is not None for row in self.rows) or any(
+            plan(self.rows, self.cost, self.tolerance)
+        ):
+            # proposals and constraint masks need every token so far: finish the step in flight
+            events = self._collect()
+            if not self.rows:
                 return events
-        launched = self._launch() if self.rows else None
-        events += self._collect()
+            ks = plan(self.rows, self.cost, self.tolerance)
+            drafts = [propose(row, k) for row, k in zip(self.rows, ks, strict=True)]
+            self.inflight = self._launch(drafts)
+            step = self.inflight
+            events += self._collect()
+            if step.speculative:
+                rewind(self.cache, self.rows)
+            return events
+        launched = self._launch([[] for _ in self.rows])
+        events = self._collect()
         self.inflight = launched
         return events
 
-    def _launch(self) -> Launch:
-        """Start a plain step; a row's input is its token of the step in flight, if any."""
+    def _launch(self, drafts: list[list[int]]) -> Launch:
+        """Start a step; a row's first input is its token of the step in flight, if any."""
         prev = self.inflight
         if prev is None:
-            inputs = mx.array([row.tokens[-1] for row in self.rows], mx.uint32)
+            first = mx.array([row.tokens[-1] for row in self.rows], mx.uint32)
         elif prev.rows == self.rows:
-            inputs = prev.tokens
+            first = prev.choice[:, 0]
         else:
             where = {id(row): j for j, row in enumerate(prev.rows)}
-            inputs = mx.concatenate(
+            first = mx.concatenate(
                 [
-                    prev.tokens[where[id(row)]][None]
+                    prev.choice[where[id(row)], :1]
                     if id(row) in where
                     else mx.array([row.tokens[-1]], mx.uint32)
                     for row in self.rows
                 ]
             )
-        return launch(self.model, self.cache, list(self.rows), inputs)
-
-    def _wait(self) -> None:
-        """Wait for the step in flight, noting when it was done (for its timing)."""
-        if self.inflight is not None and self.inflight.done_at is None:
-            mx.eval(self.inflight.tokens)
-            self.inflight.done_at = time.perf_counter()
+        return launch(self.model, self.cache, list(self.rows), first.astype(mx.uint32), drafts)
 
     def _collect(self) -> list[Event]:
         """The events of the step in flight, once computed."""
-        if self.inflight is None:
-            return []
-        self._wait()
         step, self.inflight = self.inflight, None
+        if step is None:
+            return []
+        runs = collect(step)  # waits for it
+        step.done_at = time.perf_counter()
         # it could start once the work before it was done, and once it was launched
-        self.cost.add(len(step.rows), step.done_at - max(step.started, self._idle_since))
+        seconds = step.done_at - max(step.started, self._idle_since)
+        width = step.choice.shape[1]
+        self.cost.add(len(step.rows) * width, seconds)
         self._idle_since = max(self._idle_since, step.done_at)
-        return self._emit(step.rows, collect(step))
+        return self._emit(step.rows, runs, seconds)
 
-    def _emit(self, rows: list[Row], runs: list[Run]) -> list[Event]:
+    def _emit(self, rows: list[Row], runs: list[Run], seconds: float) -> list[Event]:
         """Text and finish reasons for each row's new tokens; finished rows leave."""
         events, finished = [], []
         for row, run in zip(rows, runs, strict=True):
             if row.done:  # cancelled or finished while this step was computed
                 continue
-            accepted = len(run.tokens) - 1
+            kept = len(run.tokens) - 1
+            if row.lengths is not None:
+                row.lengths.observe(run.proposed, kept)
+            if row.stats is not None:
+                row.stats.count(run.proposed, kept, seconds)
             for j, token in enumerate(run.tokens):
                 piece, finish = row.text.add(token)
                 row.tokens.append(token)
+                if row.constraint is not None:
+                    row.constraint.advance(token)
+                    if finish is None and row.constraint.done:
+                        piece, finish = piece + row.text.end(), "stop"
                 usage = Usage(row.prompt_tokens, row.cached_tokens, row.text.count)
                 events.append(
                     Event(
@@ -246,21 +251,21 @@ class BatchGenerator:
                         usage,
                         run.logprobs[j] if run.logprobs else None,
                         tuple(run.top[j]) if run.top else (),
-                        j < accepted,
+                        j < kept,
+                        run.distributions[j] if run.distributions else None,
+                        replace(row.stats) if row.stats is not None else None,
                     )
                 )
                 if finish:
                     finished.append(row)
                     break
-            if row.lengths is not None:
-                row.lengths.observe(run.proposed, accepted)
         if finished:
             self._leave(finished, keep=True)
         return events
 
     def _prefill(self) -> None:
-        """Admit queued requests while the batch has room, feed the prompts one pass (at most
-        `prefill_step_size` tokens while rows decode), and let the ones done join."""
+        """Admit queued requests while the batch has room, feed the prompts one pass (each its
+        `prefill_step_size`, shared out while rows decode), and let the ones done join."""
         while self.queue and len(self.rows) + len(self.prefill) < self.max_batch:
             p = self.queue.popleft()
             cache = None
@@ -269,21 +274,24 @@ class BatchGenerator:
                 p.fed = p.cached
             self.prefill.add(p, cache)
         if self.prefill.todo:
-            self._wait()  # so that the pass's time is its own
-            per_row = self.prefill_step_size
-            if self.rows:  # share the budget: the rows decoding wait for this pass
-                per_row = max(1, per_row // len(self.prefill))
-            self.prefill.feed(per_row)
+            if self.inflight is not None:  # so that the pass's time is its own
+                mx.eval(self.inflight.choice)
+            # the rows decoding wait for this pass: share each request's chunk out
+            share = len(self.prefill) if self.rows else 1
+            self.prefill.feed(share)
             self._idle_since = time.perf_counter()
         for p in self.prefill.take_done(self.cache):
-            text = TextStream(
-                self.tokenizer.detokenizer,
-                p.config.stop,
-                self.tokenizer.eos_token_ids,
-                p.config.max_tokens,
-            )
             self.rows.append(
-                Row.start(p.id, self.model, p.prompt, p.config, text, p.cached, p.logprobs)
+                Row.start(
+                    p.id,
+                    self.model,
+                    self.tokenizer,
+                    p.prompt,
+                    p.config,
+                    p.cached,
+                    p.logprobs,
+                    p.keep_logprobs,
+                )
             )
 
     def _leave(self, rows: list[Row], keep: bool) -> None:
@@ -293,9 +301,10 @@ class BatchGenerator:
         for row in rows:
             row.done = True
             if keep and self.prompt_cache is not None:
-                layers = row_cache(self.cache, index[id(row)], len(row.tokens) - 1)
+                held = len(row.tokens) - 1  # the last token is the next input, never fed
+                layers = row_cache(self.cache, index[id(row)], held)
                 mx.eval(layers)
-                self.prompt_cache.insert(row.tokens[:-1], layers)
+                self.prompt_cache.insert(row.tokens[:held], layers)
         stay = [i for i, row in enumerate(self.rows) if not row.done]
         keep_rows(self.cache, stay)
         self.rows = [self.rows[i] for i in stay]

@@ -66,7 +66,12 @@ class TextStream:
         if hit:
             return piece, "stop"
         if self.count >= self.max_tokens:
-            self.detokenizer.finalize()
-            more, hit = self.stops.feed(self.detokenizer.last_segment)
-            return piece + more + ("" if hit else self.stops.flush()), "length"
+            return piece + self.end(), "length"
         return piece, None
+
+    def end(self) -> str:
+        """The text still held back when the generation ends for another reason (its constraint
+        is complete): the detokenizer's tail, cut at a stop string if it completes one."""
+        self.detokenizer.finalize()
+        more, hit = self.stops.feed(self.detokenizer.last_segment)
+        return more + ("" if hit else self.stops.flush())

@@ -21,13 +21,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from ..engine.generation import generate
+from ..engine.config import GenerationConfig
+from ..engine.scheduler import batch_generate
 from ..errors import EvaluationError
 from ..loader import load
-from ..models import CausalLM
+from ..models import CausalLM, context_length
 from ..tokenizer import Tokenizer, render_chat
 from .loglikelihood import EvalConfig, loglikelihoods, owners, share
-from .perplexity import context_length, score_tokens
+from .perplexity import score_tokens
 
 DEFAULTS = EvalConfig()
 
@@ -142,13 +143,26 @@ class ElmLM(TemplateLM):
 
     def _split(self, costs: list[int], work: Callable[[int], Any], desc: str, quiet: bool) -> list:
         """work(i) for each item this process owns; every process gets all results."""
+        return self._split_batches(costs, lambda items: [work(i) for i in items], 1, desc, quiet)
+
+    def _split_batches(
+        self,
+        costs: list[int],
+        work: Callable[[list[int]], list[Any]],
+        size: int,
+        desc: str,
+        quiet: bool,
+    ) -> list:
+        """work(items) for the items this process owns, `size` at a time; every process gets
+        all results."""
         owner = owners(costs, self.world.size())
+        mine = [i for i, rank in enumerate(owner) if rank == self.world.rank()]
         update, bar = _progress(len(costs), desc, quiet or self._quiet)
         local = {}
-        for i, rank in enumerate(owner):
-            if rank == self.world.rank():
-                local[i] = work(i)
-                update(len(local) * self.world.size(), len(costs))
+        for start in range(0, len(mine), size):
+            items = mine[start : start + size]
+            local.update(zip(items, work(items), strict=True))
+            update(len(local) * self.world.size(), len(costs))
         bar.close()
         merged = share(local, self.world)
         return [merged[i] for i in range(len(costs))]
@@ -181,15 +195,17 @@ class ElmLM(TemplateLM):
                 )
             ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
             sampling = {k: kwargs[k] for k in ("temperature", "top_p", "top_k") if kwargs.get(k)}
-            jobs.append((ids, max_new, tuple(until), sampling))
+            jobs.append((ids, GenerationConfig(max_tokens=max_new, stop=tuple(until), **sampling)))
 
-        def work(i: int) -> str:
-            ids, max_new, until, sampling = jobs[i]
-            return generate(self.model, self.tokenizer, ids, max_tokens=max_new, stop=until,
-                            **sampling)  # fmt: skip
+        def work(items: list[int]) -> list[str]:
+            prompts, configs = zip(*(jobs[i] for i in items), strict=True)
+            return batch_generate(
+                self.model, self.tokenizer, prompts, configs, max_batch=self.batch_size
+            )
 
-        costs = [len(ids) + max_new for ids, max_new, _, _ in jobs]
-        return self._split(costs, work, "generate_until", disable_tqdm)
+        costs = [len(ids) + config.max_tokens for ids, config in jobs]
+        size = self.batch_size * 4  # several batches' worth between progress updates
+        return self._split_batches(costs, work, size, "generate_until", disable_tqdm)
 
 
 def _batch_size(value: int | str | None) -> int:

@@ -16,12 +16,12 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..engine.reference import PREFILL_STEP_SIZE
 from ..errors import EvaluationError
 from ..models import CausalLM, KVCache, make_cache
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 Progress = Callable[[int, int], None]  # (requests done, requests)
-PREFILL_STEP = 512
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def share(local: dict[int, Any], world: mx.distributed.Group | None) -> dict[int
 def _prefill(model: CausalLM, tokens: Sequence[int]) -> list[KVCache]:
     cache = make_cache(model)
     ids = mx.array(list(tokens), dtype=mx.uint32)
-    for start in range(0, len(tokens), PREFILL_STEP):
-        model(ids[None, start : start + PREFILL_STEP], cache=cache)
+    for start in range(0, len(tokens), PREFILL_STEP_SIZE):
+        model(ids[None, start : start + PREFILL_STEP_SIZE], cache=cache)
         mx.eval([c.state for c in cache])
     return cache
 

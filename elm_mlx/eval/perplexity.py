@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import EvaluationError, OptionError
-from ..models import CausalLM, family_of, make_cache
+from ..models import CausalLM, context_length, make_cache
 from ..tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
@@ -38,11 +38,6 @@ class PerplexityResult:
     @property
     def total_nll(self) -> float:
         return self.nll * self.tokens
-
-
-def context_length(model: CausalLM) -> int:
-    """The longest sequence the model was trained on (its family names the config key)."""
-    return family_of(model).context_length(model.args)
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:

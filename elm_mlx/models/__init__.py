@@ -13,6 +13,7 @@ __all__ = [
     "Family",
     "KVCache",
     "TokenizerSource",
+    "context_length",
     "family_of",
     "get_family",
     "make_cache",
@@ -45,3 +46,8 @@ def family_of(model: CausalLM) -> Family:
 def vocab_size(model: CausalLM) -> int:
     """The width of the model's logits, from its arguments (every family names it so)."""
     return model.args.vocab_size
+
+
+def context_length(model: CausalLM) -> int:
+    """The longest sequence the model was trained for (the key its family declares)."""
+    return family_of(model).context_length(model.args)

@@ -12,12 +12,11 @@ from types import FrameType
 
 import uvicorn
 
-from ..engine.chat_session import context_length
 from ..engine.config import GenerationConfig
 from ..engine.prompt_cache import PromptCache
 from ..engine.scheduler import BatchGenerator
 from ..errors import ServeError
-from ..models import CausalLM, vocab_size
+from ..models import CausalLM, context_length, vocab_size
 from ..tokenizer import Tokenizer
 from .app import AppSettings, create_app
 from .options import ServeOptions, is_loopback

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.prompt_cache import common_prefix
 from ..errors import DataError
-from ..tokenizer import Tokenizer, encode_prompt, render_chat
+from ..tokenizer import Tokenizer, common_prefix, encode_prompt, render_chat
 
 SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")

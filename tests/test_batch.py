@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -359,3 +360,28 @@ def test_row_length_follows_the_batch_cost():
         lengths.observe(4, 4)
     lengths.token_cost = 0.05
     assert lengths.next_k() == 6
+
+
+def test_seeded_sampling_is_the_same_alone_batched_and_speculating(tiny):
+    """One seeding rule (the request's seed and the token's position): a seeded sampled request
+    draws the same tokens alone, in batches of any size beside other sampled rows, and with
+    prompt lookup, whose proposals are forced on (a free budget)."""
+    model, tokenizer = tiny.load("llama")
+    chunk = random_ids(6, seed=3)
+    prompt = chunk * 3 + chunk[:2]  # repeats itself: lookups propose
+    config = GenerationConfig(max_tokens=16, temperature=1.0, top_k=20, seed=77)
+    alone = [r.token for r in stream_generate(model, tokenizer, prompt, config)]
+    assert alone != [
+        r.token for r in stream_generate(model, tokenizer, prompt, replace(config, seed=78))
+    ]
+    for size, lookup in [(1, 4), (3, None), (6, 4), (9, 3)]:
+        mine = Request(prompt, replace(config, prompt_lookup=lookup))
+        others = [
+            Request(
+                random_ids(3 + i, seed=10 + i), GenerationConfig(max_tokens=5 + i, temperature=0.8)
+            )
+            for i in range(size - 1)
+        ]
+        requests = [*others[: size // 2], mine, *others[size // 2 :]]
+        results = run(BatchGenerator(model, tokenizer, max_batch=size, cost=FREE), requests)
+        assert [e.token for e in results[size // 2]] == alone, (size, lookup)

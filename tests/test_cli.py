@@ -105,6 +105,9 @@ def test_generate_options_reach_the_library(tiny):
     expected = generate(model, tokenizer, PROMPT, max_tokens=20, temperature=0.8, top_k=20, seed=2)
     assert result.stdout == expected + "\n"
     assert "tokens/s" in result.stderr and "BLAS" not in result.stderr  # not --verbose
+    # the seed keys each position: speculating draws the same tokens
+    spec = runner.invoke(app, [*args, "--top-k", "20", "--seed", "2", "--prompt-lookup", "3"])
+    assert spec.exit_code == 0 and spec.stdout == result.stdout
 
 
 def test_generate_chat_and_prompt_file(tiny, tmp_path):

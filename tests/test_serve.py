@@ -578,3 +578,48 @@ def test_smollm2_answers_paris(smollm2, tmp_path):
         assert "Paris" in r.choices[0].text
     finally:
         assert s.stop()[0] == 0
+
+
+def test_seeded_sampling_equals_the_library_alone_and_in_a_crowd(server, local):
+    """One seeding rule: a seeded sampled request gives the library's tokens (completions and
+    chat), whether it runs alone or beside seven others, and whether it speculates or not."""
+    model, tokenizer = local
+    sampling = {"temperature": 0.9, "top_p": 0.95, "seed": 4242}
+    prompt = " ".join(CHAT_CORPUS[:3])
+    expected = generate(model, tokenizer, prompt, max_tokens=14, **sampling)
+    expected_chat = generate(
+        model, tokenizer, chat_prompt(local, QUESTION), max_tokens=14, **sampling
+    )
+    client = server.client()
+
+    def completion(extra: dict) -> str:
+        r = client.completions.create(
+            model="default", prompt=prompt, max_tokens=14, extra_body=extra, **sampling
+        )
+        return r.choices[0].text
+
+    def chat(_: int) -> str:
+        r = client.chat.completions.create(
+            model="default", messages=QUESTION, max_tokens=14, **sampling
+        )
+        return r.choices[0].message.content
+
+    assert completion({}) == expected
+    assert completion({"prompt_lookup": 4}) == expected
+    crowd = [f"{CHAT_CORPUS[i]} and so on" for i in range(6)]
+    with ThreadPoolExecutor(8) as pool:
+        others = [
+            pool.submit(
+                lambda p: client.completions.create(
+                    model="default", prompt=p, max_tokens=20, temperature=1.0
+                ),
+                p,
+            )
+            for p in crowd
+        ]
+        mine = pool.submit(completion, {"prompt_lookup": 4})
+        mine_chat = pool.submit(chat, 0)
+        assert mine.result() == expected
+        assert mine_chat.result() == expected_chat
+        for f in others:
+            f.result()

@@ -187,8 +187,13 @@ def add_rows(cache: list[BatchKVCache], rows: Sequence[list[KVCache]]) -> None:
 def move_rows(src: list[BatchKVCache], rows: Sequence[int], dst: list[BatchKVCache]) -> None:
     """Append rows of `src` to `dst` (they stay in `src` too: `keep_rows` drops them)."""
     index = mx.array(list(rows), mx.int32)
+    whole = not dst[0].rows and list(rows) == list(range(src[0].rows))
     for a, b in zip(src, dst, strict=True):
         lengths = [a.lengths[i] for i in rows]
+        if whole and a.keys is not None:  # all of src into an empty dst: hand the arrays over
+            b.keys, b.values = a.keys, a.values
+            b._set_lengths(lengths)
+            continue
         if a.keys is None:
             b.extend(None, None, lengths)
             continue

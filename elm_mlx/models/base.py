@@ -90,11 +90,20 @@ def make_cache(model: CausalLM) -> list[KVCache]:
     return [KVCache() for _ in model.layers]
 
 
+class Block(Protocol):
+    """One transformer block of a family's `Model.layers`. Quantization calibrates blocks one
+    at a time on their own, as `block(h, "causal", None)`: no cache, the plain causal mask."""
+
+    def __call__(self, x: mx.array, mask: str | mx.array | None, cache: KVCache | None) -> mx.array:
+        """x (B, L, D), the attention mask, this layer's cache -> (B, L, D)."""
+        ...
+
+
 class CausalLM(Protocol):
     """The contract every family's `Model` fulfils (and that mlx-lm's models fulfil too)."""
 
     model_type: str
-    layers: list[nn.Module]
+    layers: list[Block]
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """inputs (B, L) token ids -> logits (B, L, vocab)."""

@@ -18,7 +18,9 @@ from helpers import CORPUS, convert_tiny, load_smollm2_example
 from oracles import torch_model
 
 from elm_mlx.errors import EvaluationError, OptionError
-from elm_mlx.eval.perplexity import CHUNK, context_length, encode_text, perplexity, score_tokens
+from elm_mlx.eval.perplexity import encode_text, perplexity, score_tokens
+from elm_mlx.models import PREFILL_STEP_SIZE as CHUNK
+from elm_mlx.models import context_length
 
 TEXT = "\n".join(CORPUS * 4)  # a few hundred tokens more than one CHUNK
 # What perplexity may import (convert uses it and must not load the generation engine).
@@ -26,6 +28,7 @@ ALLOWED = {
     "elm_mlx",
     "elm_mlx._blas",
     "elm_mlx.errors",
+    "elm_mlx.eval",
     "elm_mlx.eval.perplexity",
     "elm_mlx.tokenizer",
 }

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from ..errors import GenerationError, OptionError
-from ..models import CausalLM
-from .reference import PREFILL_STEP_SIZE
+from ..models import PREFILL_STEP_SIZE, CausalLM
 from .sampling import (
     ConstraintSpec,
     LogitsProcessor,

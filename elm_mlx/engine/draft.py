@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
-from ..models import CausalLM, KVCache, make_cache
-from .reference import PREFILL_STEP_SIZE, prefill
+from ..models import PREFILL_STEP_SIZE, CausalLM, KVCache, make_cache
+from .reference import prefill
 from .sampling import LogitsProcessor
 
 # logprobs (1, V) of the token at a position, the position -> the token chosen there (1,)

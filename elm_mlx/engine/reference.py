@@ -15,11 +15,8 @@ import mlx.core as mx
 from mlx.utils import tree_reduce
 
 from ..errors import GenerationError
-from ..models import CausalLM, KVCache, make_cache
+from ..models import PREFILL_STEP_SIZE, CausalLM, KVCache, make_cache
 from .sampling import LogitsProcessor, Sampler, make_sampler
-
-# Prompt tokens per forward pass while prefilling: the one default of every prefill loop.
-PREFILL_STEP_SIZE = 512
 
 
 @functools.cache

@@ -16,9 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..engine.reference import PREFILL_STEP_SIZE
 from ..errors import EvaluationError
-from ..models import CausalLM, KVCache, make_cache
+from ..models import PREFILL_STEP_SIZE, CausalLM, KVCache, make_cache
 
 Pair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 Progress = Callable[[int, int], None]  # (requests done, requests)

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import EvaluationError, OptionError
-from ..models import CausalLM, context_length, make_cache
+from ..models import PREFILL_STEP_SIZE, CausalLM, context_length, make_cache
 from ..tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
-CHUNK = 512  # tokens per forward pass inside a window
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,8 @@ def score_tokens(
     total, scored, todo = 0.0, 0, len(ids) - 1
     for start, end, first_new in spans[rank::size]:
         cache = make_cache(model)
-        for c0 in range(start, end, CHUNK):
-            c1 = min(c0 + CHUNK, end)
+        for c0 in range(start, end, PREFILL_STEP_SIZE):
+            c1 = min(c0 + PREFILL_STEP_SIZE, end)
             logits = model(tokens[None, c0:c1], cache=cache)[0].astype(mx.float32)  # (L, V)
             keep = max(first_new, c0) - c0  # positions before `first_new` are context only
             logits, targets = logits[keep:], tokens[c0 + keep + 1 : c1 + 1]

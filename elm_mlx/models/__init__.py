@@ -6,9 +6,10 @@ import importlib
 import pkgutil
 
 from ..errors import UnsupportedModelError
-from .base import CausalLM, Family, KVCache, TokenizerSource, make_cache
+from .base import PREFILL_STEP_SIZE, CausalLM, Family, KVCache, TokenizerSource, make_cache
 
 __all__ = [
+    "PREFILL_STEP_SIZE",
     "CausalLM",
     "Family",
     "KVCache",

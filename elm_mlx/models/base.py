@@ -11,6 +11,10 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+# Tokens per forward pass when a long input is fed in chunks (prefill, perplexity windows): the
+# one default of every such loop.
+PREFILL_STEP_SIZE = 512
+
 
 @dataclass
 class BaseModelArgs:

@@ -13,7 +13,13 @@ from helpers import SPEC_VOCAB, lookup_prompt, save_spec_model, spec_model, spec
 from oracles import chi_square_p, exact_distribution
 from typer.testing import CliRunner
 
-from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.config import (
+    MAX_NGRAM,
+    MAX_PROPOSAL,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    GenerationConfig,
+)
 from elm_mlx.engine.draft import DraftModel
 from elm_mlx.engine.generation import stream_generate
 from elm_mlx.engine.lookup import PromptLookup, lookup
@@ -176,11 +182,59 @@ def test_refuses_bad_options(tok):
     both = GenerationConfig(prompt_lookup=3, draft_model=spec_model("llama", seed=1))
     with pytest.raises(OptionError, match="prompt_lookup and a draft model cannot be combined"):
         speculative(model, tok, [5, 6], both)
-    with pytest.raises(OptionError, match="num_draft must be >= 1") as e:
+    with pytest.raises(OptionError, match=r"num_draft must be in \[1, 64\], got 0") as e:
         speculative(model, tok, [5, 6], GenerationConfig(draft_model=model, num_draft=0))
     assert e.value.option == "num_draft"
-    with pytest.raises(OptionError, match="max_ngram must be >= 1"):
+    with pytest.raises(OptionError, match=r"max_ngram must be in \[1, 16\]"):
         speculative(model, tok, [5, 6], GenerationConfig(prompt_lookup=3, max_ngram=0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("prompt_lookup", MAX_PROPOSAL + 1),
+        ("prompt_lookup", 10**9),
+        ("num_draft", MAX_PROPOSAL + 1),
+        ("max_ngram", MAX_NGRAM + 1),
+        ("stop", tuple(str(i) for i in range(MAX_STOPS + 1))),
+        ("stop", ("x" * (MAX_STOP_CHARS + 1),)),
+    ],
+)
+def test_per_request_costs_are_bounded(field, value):
+    """What a request may make each step cost is bounded by the one request check; the bounds
+    themselves are accepted."""
+    with pytest.raises(OptionError) as e:
+        GenerationConfig(**{field: value}).validate()
+    assert e.value.option == field and len(str(e.value)) < 200  # a short message, not the value
+    GenerationConfig(
+        prompt_lookup=MAX_PROPOSAL,
+        num_draft=MAX_PROPOSAL,
+        max_ngram=MAX_NGRAM,
+        stop=tuple(str(i) + "x" * (MAX_STOP_CHARS - len(str(i))) for i in range(MAX_STOPS)),
+    ).validate()
+
+
+def test_prompt_lookup_cost_is_linear_in_k_and_history():
+    """Counted, not timed: the proposer reads each history token O(max_ngram) times and a
+    proposal of k tokens reads O(max_ngram + k) more, however large k is."""
+
+    class Counted(list):
+        reads = 0
+
+        def __getitem__(self, i):
+            Counted.reads += 1
+            return super().__getitem__(i)
+
+    for n in (1000, 4000):
+        tokens = Counted([i % 7 for i in range(n)])
+        proposer = PromptLookup(max_ngram=4)
+        Counted.reads = 0
+        proposer.start(tokens)
+        assert Counted.reads <= 4 * n
+        for k in (10, 10_000):
+            Counted.reads = 0
+            proposal, _ = proposer.propose(tokens, k)
+            assert len(proposal) == k and Counted.reads <= 4 * 4 + 2 * k + 10
 
 
 # --- caches ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ request's options that every front-end goes through."""
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -16,6 +17,15 @@ from .sampling import (
     make_logits_processors,
     make_transform,
 )
+
+# Bounds on what one request may cost per step (a server takes these fields from strangers):
+# a proposal of k tokens makes every verify pass of its batch k + 1 tokens wide, and speculation
+# stops paying well before 64; n-grams longer than 16 tokens find nothing shorter ones would not;
+# every stop string is searched for after every token of its row (OpenAI allows 4).
+MAX_PROPOSAL = 64  # prompt_lookup, num_draft
+MAX_NGRAM = 16
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class GenerationConfig:
     constraint: ConstraintSpec | None = None
 
     def validate(self) -> None:
+        stops = (self.stop,) if isinstance(self.stop, str) else self.stop
         checks = (
             ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
@@ -56,15 +67,21 @@ class GenerationConfig:
             ("prefill_step_size", self.prefill_step_size >= 1, "must be >= 1"),
             (
                 "prompt_lookup",
-                self.prompt_lookup is None or self.prompt_lookup >= 0,
-                "must be >= 0",
+                self.prompt_lookup is None or 0 <= self.prompt_lookup <= MAX_PROPOSAL,
+                f"must be in [0, {MAX_PROPOSAL}]",
             ),
-            ("max_ngram", self.max_ngram >= 1, "must be >= 1"),
-            ("num_draft", self.num_draft >= 1, "must be >= 1"),
+            ("max_ngram", 1 <= self.max_ngram <= MAX_NGRAM, f"must be in [1, {MAX_NGRAM}]"),
+            ("num_draft", 1 <= self.num_draft <= MAX_PROPOSAL, f"must be in [1, {MAX_PROPOSAL}]"),
+            ("stop", len(stops) <= MAX_STOPS, f"must hold at most {MAX_STOPS} strings"),
+            (
+                "stop",
+                all(len(s) <= MAX_STOP_CHARS for s in stops),
+                f"strings must be at most {MAX_STOP_CHARS} characters",
+            ),
         )
         for name, ok, problem in checks:
             if not ok:
-                raise OptionError(name, f"{problem}, got {getattr(self, name)}")
+                raise OptionError(name, f"{problem}, got {reprlib.repr(getattr(self, name))}")
         if self.prompt_lookup and self.draft_model is not None:
             raise OptionError("prompt_lookup", "and a draft model cannot be combined: use one")
 

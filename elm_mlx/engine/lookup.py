@@ -5,6 +5,7 @@ repeats its input (edits, extraction, summaries, code)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 
@@ -29,9 +30,18 @@ def copy_from(tokens: Sequence[int], start: int, num: int) -> list[int]:
     return out
 
 
+_MOD = (1 << 61) - 1  # a Mersenne prime: n-gram hashes as polynomials modulo it
+
+
 class PromptLookup:
     """`lookup` with an index of the last position of every n-gram, kept up to date as the
     token history grows (histories only grow: accepted tokens are never taken back).
+
+    Cost: indexing a token is O(max_ngram) and a proposal O(max_ngram + k), whatever k, the
+    history length or the alphabet: n-grams are keyed by rolling hashes (the hash of the n
+    tokens before a position extends the one of n - 1 by one multiply-add), with a base drawn
+    at random per proposer so that crafted token ids cannot force collisions; a hit is
+    confirmed against the tokens themselves before it is copied.
 
     The proposer interface shared with the draft model: `start(tokens)` once, then
     `propose(tokens, k) -> (m <= k tokens, None)` (None: a one-hot proposal distribution)."""
@@ -40,25 +50,37 @@ class PromptLookup:
         if max_ngram < 1:
             raise ValueError(f"max_ngram must be >= 1, got {max_ngram}")
         self.max_ngram = max_ngram
-        self.last_end: dict[tuple[int, ...], int] = {}  # n-gram -> the end of its latest copy
+        self.base = (1 << 20) + secrets.randbelow(_MOD - (1 << 21))
+        # one dict per n (index n - 1): hash of an n-gram -> the end of its latest copy
+        self.last_end: list[dict[int, int]] = [{} for _ in range(max_ngram)]
         self.indexed = 0  # n-grams ending at or before this position are in the index
 
     def start(self, tokens: Sequence[int]) -> None:
         self.index(tokens)
 
+    def _hashes(self, tokens: Sequence[int], end: int) -> list[int]:
+        """The hashes of the 1..max_ngram tokens before `end` (fewer near the start)."""
+        out, h, power = [], 0, 1
+        for n in range(1, min(self.max_ngram, end) + 1):
+            h = (h + (int(tokens[end - n]) + 1) * power) % _MOD
+            power = power * self.base % _MOD
+            out.append(h)
+        return out
+
     def index(self, tokens: Sequence[int]) -> None:
         """Add the n-grams that end before the last token (the suffix itself is not earlier)."""
         for end in range(self.indexed + 1, len(tokens)):
-            for n in range(1, min(self.max_ngram, end) + 1):
-                self.last_end[tuple(tokens[end - n : end])] = end
+            for n, h in enumerate(self._hashes(tokens, end)):
+                self.last_end[n][h] = end
         self.indexed = max(self.indexed, len(tokens) - 1)
 
     def propose(self, tokens: Sequence[int], k: int) -> tuple[list[int], None]:
         self.index(tokens)
-        if k <= 0:
+        if k <= 0 or len(tokens) < 2:
             return [], None
-        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
-            end = self.last_end.get(tuple(tokens[-n:]))
-            if end is not None:
+        hashes = self._hashes(tokens, len(tokens))[: len(tokens) - 1]
+        for n in range(len(hashes), 0, -1):
+            end = self.last_end[n - 1].get(hashes[n - 1])
+            if end is not None and list(tokens[end - n : end]) == list(tokens[-n:]):
                 return copy_from(tokens, end, k), None
         return [], None

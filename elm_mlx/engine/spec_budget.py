@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .speculative import ProposalLength
+from .speculative import ProposalLength, expected_tokens
 
 
 class StepCost:
@@ -100,12 +100,6 @@ class Want:
     k: int
     rate: float = 0.5
     draft_s: float = 0.0
-
-
-def expected_tokens(rate: float, k: int) -> float:
-    """Tokens a step emits on average when k tokens are proposed, each accepted (after the ones
-    before it) with probability `rate`: 1 + rate + ... + rate^k."""
-    return sum(rate**i for i in range(k + 1))
 
 
 def speculation_width(wants: Sequence[Want], cost: StepCost, tolerance: float = 0.05) -> int:

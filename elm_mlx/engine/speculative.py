@@ -76,6 +76,14 @@ class SpeculativeStats:
         )
 
 
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a step emits on average when k tokens are proposed, each accepted (after the ones
+    before it) with probability `rate`: 1 + rate + ... + rate^k."""
+    if rate >= 1.0:
+        return k + 1.0
+    return (1.0 - rate ** (k + 1)) / (1.0 - rate)  # the geometric sum in O(1), whatever k
+
+
 class ProposalLength:
     """How many tokens to propose next: the k that maximises the expected speedup
 
@@ -116,7 +124,7 @@ class ProposalLength:
 
     def gain(self, k: int) -> float:
         a, c = self.rate, self.cost
-        return sum(a**i for i in range(k + 1)) / (1 + c * k)
+        return expected_tokens(a, k) / (1 + c * k)
 
     def next_k(self) -> int:
         if self.plain_s is None:

@@ -12,24 +12,31 @@ class StopMatcher:
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
+        self.longest = max(map(len, self.stops), default=0)
+        # every proper beginning of a stop string: text ending in one is held back
+        self.prefixes = {s[:k] for s in self.stops for k in range(1, len(s))}
         self.text = ""
         self.emitted = 0
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """Add a piece; return (text safe to emit now, whether a stop string was hit). After a
-        hit, the text before the earliest stop string has been emitted and nothing after it."""
+        hit, the text before the earliest stop string has been emitted and nothing after it.
+        A piece costs O(len(piece) + longest stop) searches, however long the text is."""
+        start = max(0, len(self.text) - self.longest + 1)  # a new hit ends in this piece
         self.text += piece
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             out = self.text[self.emitted : min(hits)]
             self.emitted = len(self.text)
             return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
+        hold = next(
+            (
+                k
+                for k in range(min(self.longest - 1, len(self.text)), 0, -1)
+                if self.text[-k:] in self.prefixes
+            ),
+            0,
+        )
         end = max(self.emitted, len(self.text) - hold)
         out, self.emitted = self.text[self.emitted : end], end
         return out, False

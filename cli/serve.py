@@ -57,8 +57,32 @@ def command(
     ] = SERVE.api_key,
     max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = SERVE.max_batch,
     max_queue: Annotated[
-        int, typer.Option(help="Requests waiting for a slot; more are refused (429).")
+        int,
+        typer.Option(help="Requests waiting beyond the --max-batch running; more get 429."),
     ] = SERVE.max_queue,
+    prompt_cache_bytes: Annotated[
+        int, typer.Option(help="Bytes of past requests' KV cache kept for reuse (0: none).")
+    ] = SERVE.prompt_cache_bytes,
+    graceful_seconds: Annotated[
+        float, typer.Option(help="On Ctrl-C/SIGTERM, how long requests in flight may finish.")
+    ] = SERVE.graceful_seconds,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may take to send a request's headers.")
+    ] = SERVE.header_timeout,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's body may take to arrive.")
+    ] = SERVE.body_timeout,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections at most (then idle or slow ones are closed).")
+    ] = SERVE.max_connections,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(help="Host names accepted on a loopback bind besides localhost (repeat)."),
+    ] = None,
+    allowed_origins: Annotated[
+        list[str] | None,
+        typer.Option(help="Browser origins allowed by CORS, e.g. http://localhost:3000 (repeat)."),
+    ] = None,
     max_context: Annotated[
         int | None, typer.Option(help="Context length in tokens (default: the model's).")
     ] = SERVE.max_context,
@@ -102,6 +126,13 @@ def command(
         max_queue=max_queue,
         max_context=max_context,
         template=load_template(chat_template) if chat_template else None,
+        prompt_cache_bytes=prompt_cache_bytes,
+        graceful_seconds=graceful_seconds,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+        allowed_hosts=tuple(allowed_hosts or ()),
+        allowed_origins=tuple(allowed_origins or ()),
     )
     options.validate()
     try:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,68 +24,14 @@ import mlx.core as mx
 import openai
 import pytest
 from helpers import CHAT_CORPUS, load_smollm2_example, write_tiny_chat_model
+from serving import STARTUP, TIMEOUT, Server
 
 from elm_mlx import generate, load
 from elm_mlx.server.options import is_loopback
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
-STARTUP = 180  # seconds for a server to load its model on a busy 2-core machine
-TIMEOUT = 300  # seconds for one answer
 CONTEXT = 8192
 KEY = "sesame"
-
-
-class Server:
-    """`elm serve ... --port 0` in a process of its own; `url` once it says it is ready."""
-
-    def __init__(self, model_dir: Path, log: Path, *options: str, env: dict | None = None):
-        args = ["-m", "elm_mlx.cli.main", "serve", "-m", str(model_dir), "--port", "0"]
-        environ = {k: v for k, v in os.environ.items() if k != "ELM_API_KEY"}
-        environ.update(HF_HUB_OFFLINE="1", **(env or {}))
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, *args, *options],
-            stdout=subprocess.PIPE,
-            stderr=log.open("w"),
-            text=True,
-            env=environ,
-        )
-        line = self._line(STARTUP)
-        assert line.startswith("elm serve: http://127.0.0.1:"), line
-        self.url = line.split()[2]  # http://127.0.0.1:PORT/v1
-        self.root = self.url.removesuffix("/v1")
-
-    def _line(self, timeout: float) -> str:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                self.proc.kill()
-                pytest.fail(f"no output from elm serve in {timeout} s: {self.log.read_text()}")
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(TIMEOUT)
-            pytest.fail(f"elm serve exited ({self.proc.returncode}): {self.log.read_text()}")
-        return line.strip()
-
-    def client(self, api_key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=TIMEOUT)
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.root}/health", timeout=TIMEOUT).json()
-
-    def wait_health(self, done, tries: int = 200) -> dict:
-        """Poll /health until `done(stats)` (at most `tries` polls, 0.05 s apart)."""
-        for _ in range(tries):
-            stats = self.health()
-            if done(stats):
-                return stats
-            time.sleep(0.05)
-        return stats
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=TIMEOUT)
-        return self.proc.returncode, out
 
 
 @pytest.fixture(scope="module")

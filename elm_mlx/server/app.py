@@ -1,6 +1,8 @@
 """The ASGI application (Starlette): OpenAI's /v1/models, /v1/chat/completions and
-/v1/completions, and /health. Requests are checked here (protocol.py), answered by the worker,
-and streamed as server-sent events (`data: {...}` chunks, then `data: [DONE]`)."""
+/v1/completions, and /health. A request's body is read (bounded in size and time), checked and
+tokenized off the event loop (protocol.py, in a thread: a long prompt stalls nobody), answered
+by the worker, and streamed as server-sent events (`data: {...}` chunks, then `data: [DONE]`).
+In front of every route: the guards (guards.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..engine import scheduler as batch
+from .guards import guards
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
 from .responses import Kind, Shape, TokenText
 from .worker import Failure, Ticket, Worker
@@ -31,7 +35,12 @@ Handler = Callable[[Request], Awaitable[Response]]
 class AppSettings:
     api_key: str | None = None  # then every /v1 request needs `Authorization: Bearer KEY`
     max_body_bytes: int = 4 * 2**20
+    body_timeout: float = 30.0  # seconds a request body may take to arrive
     on_ready: Callable[[], None] | None = None  # called once the worker runs
+    loopback: bool = True  # bound to a loopback address: Host headers are checked
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    prepare_threads: int = 2  # threads that check and tokenize requests
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -66,144 +75,186 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused when over `limit` bytes (413) or slower than `timeout` seconds (408)."""
     too_large = APIError(
         413, f"the request body is over {limit} bytes", code="request_too_large"
     )  # fmt: skip
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError as e:
+        message = f"the request body did not arrive within {timeout:g} s"
+        raise APIError(408, message, code="request_timeout") from e
+
+
+def authorized(handler: Handler, api_key: str | None) -> Handler:
+    """Bearer auth (when there is a key), then the handler; an APIError becomes its JSON."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            if api_key is not None:
+                scheme, _, key = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    key.strip().encode(), api_key.encode()
+                ):
+                    raise APIError(
+                        401,
+                        "a valid API key is required: Authorization: Bearer KEY",
+                        code="invalid_api_key",
+                    )
+            return await handler(request)
+        except APIError as e:
+            return error_response(e)
+
+    return wrapped
+
+
+async def stream_events(ticket: Ticket, shape: Shape) -> AsyncIterator[str]:
+    """A request's events as server-sent event chunks, ending with [DONE]."""
+    if (first := shape.first_chunk()) is not None:
+        yield sse(first)
+    while True:
+        item = await ticket.events.get()
+        if isinstance(item, Failure):
+            yield sse(item.error.body())
+            break
+        for chunk in shape.chunks(item):
+            yield sse(chunk)
+        if item.finish_reason is not None:
+            break
+    yield sse("[DONE]")
+
+
+async def whole_answer(request: Request, worker: Worker, ticket: Ticket, shape: Shape) -> Response:
+    """Wait for the whole answer; a client that leaves meanwhile cancels it."""
+
+    async def until_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(until_disconnect())
+    events: list[batch.Event] = []
+    try:
+        while True:
+            getter = asyncio.ensure_future(ticket.events.get())
+            done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                return Response(status_code=499)  # nobody reads it
+            item = getter.result()
+            if isinstance(item, Failure):
+                raise item.error
+            events.append(item)
+            if item.finish_reason is not None:
+                return JSONResponse(shape.whole(events))
+    finally:
+        watcher.cancel()
+        worker.cancel(ticket)
+
+
+class Routes:
+    """The handlers of one served model's routes."""
+
+    def __init__(self, served: Served, worker: Worker, settings: AppSettings):
+        self.served, self.worker, self.settings = served, worker, settings
+        self.token_text = TokenText(served.tokenizer)
+        self.card = {"id": served.model_id, "object": "model", "created": 0, "owned_by": "elm-mlx"}
+        # checking, templating and tokenizing happen here, off the event loop
+        self.prepare = ThreadPoolExecutor(settings.prepare_threads, "elm-serve-prepare")
+
+    def routes(self) -> list[Route]:
+        api = self.settings.api_key
+        return [
+            Route("/health", self.health),
+            Route("/v1/models", authorized(self.list_models, api)),
+            Route("/v1/models/{model:path}", authorized(self.get_model, api)),
+            Route("/v1/chat/completions", authorized(self.chat, api), methods=["POST"]),
+            Route("/v1/completions", authorized(self.completions, api), methods=["POST"]),
+        ]
+
+    async def health(self, request: Request) -> Response:
+        status = "draining" if self.worker.closed else "ok"
+        body = {"status": status, "model": self.served.model_id, **self.worker.stats()}
+        return JSONResponse(body, status_code=503 if self.worker.closed else 200)
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self.card]})
+
+    async def get_model(self, request: Request) -> Response:
+        if request.path_params["model"] not in (self.served.model_id, DEFAULT_MODEL):
+            raise APIError(404, f"the model {request.path_params['model']!r} does not exist",
+                           "model", "model_not_found")  # fmt: skip
+        return JSONResponse(self.card)
+
+    async def chat(self, request: Request) -> Response:
+        return await self.answer(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self.answer(request, "completion")
+
+    async def answer(self, request: Request, kind: Kind) -> Response:
+        raw = await read_limited(request, self.settings.max_body_bytes, self.settings.body_timeout)
+        if self.worker.closed:  # not worth tokenizing
+            raise APIError(503, "the server is shutting down", kind="server_error")
+        make_job = chat_job if kind == "chat" else completion_job
+        loop = asyncio.get_running_loop()
+        job: Job = await loop.run_in_executor(self.prepare, make_job, raw, self.served)
+        ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
+        shape = Shape(kind, self.served.model_id, self.token_text, job.include_usage)
+        if job.stream:
+            stream = stream_events(ticket, shape)
+            return EventStream(stream, on_close=lambda: self.worker.cancel(ticket))
+        return await whole_answer(request, self.worker, ticket, shape)
+
+
+async def http_error(request: Request, e: Exception) -> Response:
+    assert isinstance(e, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    return error_response(APIError(e.status_code, message, code=code))
+
+
+async def server_error(request: Request, e: Exception) -> Response:
+    message = f"internal error: {type(e).__name__}: {e}"
+    return error_response(APIError(500, message, kind="server_error"))
+
+
+def lifespan(routes: Routes, on_ready: Callable[[], None] | None):
+    """Start the worker with the server; stop it and the tokenizing threads after."""
+
+    @contextlib.asynccontextmanager
+    async def span(app: Starlette) -> AsyncIterator[None]:
+        routes.worker.start(asyncio.get_running_loop())
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            routes.prepare.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(routes.worker.stop)
+
+    return span
 
 
 def create_app(served: Served, worker: Worker, settings: AppSettings | None = None) -> Starlette:
     settings = settings or AppSettings()
-    token_text = TokenText(served.tokenizer)
-    card = {"id": served.model_id, "object": "model", "created": 0, "owned_by": "elm-mlx"}
-
-    def api(handler: Handler) -> Handler:
-        """Bearer auth, then the handler; an APIError becomes its JSON error."""
-
-        async def wrapped(request: Request) -> Response:
-            try:
-                if settings.api_key is not None:
-                    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-                    if scheme.lower() != "bearer" or not hmac.compare_digest(
-                        key.strip().encode(), settings.api_key.encode()
-                    ):
-                        raise APIError(
-                            401,
-                            "a valid API key is required: Authorization: Bearer KEY",
-                            code="invalid_api_key",
-                        )
-                return await handler(request)
-            except APIError as e:
-                return error_response(e)
-
-        return wrapped
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": served.model_id, **worker.stats()})
-
-    async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [card]})
-
-    async def get_model(request: Request) -> Response:
-        if request.path_params["model"] not in (served.model_id, DEFAULT_MODEL):
-            raise APIError(404, f"the model {request.path_params['model']!r} does not exist",
-                           "model", "model_not_found")  # fmt: skip
-        return JSONResponse(card)
-
-    async def answer(request: Request, kind: Kind) -> Response:
-        raw = await read_limited(request, settings.max_body_bytes)
-        job: Job = (chat_job if kind == "chat" else completion_job)(raw, served)
-        ticket = worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
-        shape = Shape(kind, served.model_id, token_text, job.include_usage)
-        if job.stream:
-            return EventStream(stream(ticket, shape), on_close=lambda: worker.cancel(ticket))
-        return await whole(request, ticket, shape)
-
-    async def stream(ticket: Ticket, shape: Shape) -> AsyncIterator[str]:
-        if (first := shape.first_chunk()) is not None:
-            yield sse(first)
-        while True:
-            item = await ticket.events.get()
-            if isinstance(item, Failure):
-                yield sse(item.error.body())
-                break
-            for chunk in shape.chunks(item):
-                yield sse(chunk)
-            if item.finish_reason is not None:
-                break
-        yield sse("[DONE]")
-
-    async def whole(request: Request, ticket: Ticket, shape: Shape) -> Response:
-        """Wait for the whole answer; a client that leaves meanwhile cancels it."""
-
-        async def until_disconnect() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        watcher = asyncio.ensure_future(until_disconnect())
-        events: list[batch.Event] = []
-        try:
-            while True:
-                getter = asyncio.ensure_future(ticket.events.get())
-                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    return Response(status_code=499)  # nobody reads it
-                item = getter.result()
-                if isinstance(item, Failure):
-                    raise item.error
-                events.append(item)
-                if item.finish_reason is not None:
-                    return JSONResponse(shape.whole(events))
-        finally:
-            watcher.cancel()
-            worker.cancel(ticket)
-
-    async def chat_completions(request: Request) -> Response:
-        return await answer(request, "chat")
-
-    async def completions(request: Request) -> Response:
-        return await answer(request, "completion")
-
-    async def http_error(request: Request, e: Exception) -> Response:
-        assert isinstance(e, HTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        message = f"{request.method} {request.url.path}: {e.detail}"
-        return error_response(APIError(e.status_code, message, code=code))
-
-    async def server_error(request: Request, e: Exception) -> Response:
-        message = f"internal error: {type(e).__name__}: {e}"
-        return error_response(APIError(500, message, kind="server_error"))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        worker.start(asyncio.get_running_loop())
-        if settings.on_ready is not None:
-            settings.on_ready()
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(worker.stop)
-
-    routes = [
-        Route("/health", health),
-        Route("/v1/models", api(list_models)),
-        Route("/v1/models/{model:path}", api(get_model)),
-        Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
-        Route("/v1/completions", api(completions), methods=["POST"]),
-    ]
+    routes = Routes(served, worker, settings)
     return Starlette(
-        routes=routes,
+        routes=routes.routes(),
+        middleware=guards(settings.loopback, settings.allowed_hosts, settings.allowed_origins),
         exception_handlers={HTTPException: http_error, Exception: server_error},
-        lifespan=lifespan,
+        lifespan=lifespan(routes, settings.on_ready),
     )

@@ -14,25 +14,45 @@ class ServeOptions:
     port: int = 8080
     api_key: str | None = None
     max_batch: int = 8  # requests decoded together
-    max_queue: int = 64  # requests waiting for a slot; more get 429
+    max_queue: int = 64  # requests waiting for a slot beyond those; more get 429
     max_context: int | None = None  # default: the model's
     template: str | None = None  # a Jinja chat template instead of the tokenizer's
     max_body_bytes: int = 4 * 2**20
     graceful_seconds: float = 10.0  # how long a stop waits for requests in flight
+    prompt_cache_bytes: int = 2**30  # KV entries of past requests kept for reuse (0: none)
+    # slow or idle clients: a connection must send its request line and headers within
+    # header_timeout and its body within body_timeout; past max_connections open at once, a
+    # new one closes the oldest that has not finished its headers (or is refused)
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 512
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS (none: CORS off)
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_queue", "max_context", "max_body_bytes"):
+        for name in ("max_batch", "max_queue", "max_context", "max_body_bytes", "max_connections"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("graceful_seconds", "header_timeout", "body_timeout", "prompt_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ServeError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if not 0 <= self.port < 65536:
             raise ServeError(f"--port must be in [0, 65535], got {self.port}")
+        for origin in self.allowed_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ServeError(
+                    f"--allowed-origins takes origins such as http://localhost:3000 (or *), "
+                    f"got {origin!r}"
+                )
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False

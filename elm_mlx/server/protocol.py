@@ -15,6 +15,7 @@ from ..errors import ElmError, OptionError
 from ..tokenizer import Tokenizer, encode_prompt, render_chat
 
 MAX_TOP_LOGPROBS = 20
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a body (JSON schemas need ~10)
 DEFAULT_MODEL = "default"  # the name that always means the served model
 
 
@@ -54,8 +55,10 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_call_id: str | None = None  # role "tool": the call this message answers
+    name: str | None = None
 
 
 class StreamOptions(_Strict):
@@ -129,13 +132,36 @@ def _validation_error(e: ValidationError) -> APIError:
     return APIError(400, f"{param}: {error['msg']}", param)
 
 
+def _nested_deeper(data: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (level by level: no recursion)."""
+    level = [data]
+    for _ in range(limit + 1):
+        level = [
+            v
+            for x in level
+            if isinstance(x, dict | list)
+            for v in (x.values() if isinstance(x, dict) else x)
+        ]
+        if not level:
+            return False
+    return True
+
+
 def read_body(raw: bytes, schema: type[_Strict]) -> Any:
+    too_deep = APIError(
+        400, f"the request body nests arrays and objects over {MAX_JSON_DEPTH} deep",
+        code="invalid_json",
+    )  # fmt: skip
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise too_deep from e
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if _nested_deeper(data, MAX_JSON_DEPTH):
+        raise too_deep
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -156,6 +182,9 @@ class Served:
     vocab_size: int
     defaults: GenerationConfig
     template: str | None = None
+    # the longest token's text: a prompt of more than context_length x this many characters
+    # cannot fit, and is refused before it is tokenized
+    max_token_chars: int = 64
 
 
 @dataclass(frozen=True)
@@ -240,10 +269,82 @@ def _fit(
     return replace(config, max_tokens=min(config.max_tokens, room))
 
 
-def _text(content: str | list[TextPart] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "\n".join(part.text for part in content)
+def longest_token_chars(tokenizer: Tokenizer) -> int:
+    """The most characters one token stands for (vocabulary pieces spell a byte-level token's
+    bytes and a SentencePiece token's characters, added tokens their text)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def _text(content: str | list[TextPart] | None, param: str) -> str:
+    """A message's or prompt's text; refused when it cannot be UTF-8 (a lone surrogate, which
+    JSON's \\ud800 escapes can spell)."""
+    text = (
+        (content or "")
+        if content is None or isinstance(content, str)
+        else "\n".join(part.text for part in content)
+    )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400, f"{param} holds a lone surrogate ({text[e.start]!r} at {e.start}): not text", param
+        ) from e
+    return text
+
+
+def _check_length(chars: int, served: Served, field: str) -> None:
+    """Refuse, before tokenizing it, a prompt too long for the context whatever its tokens."""
+    limit = served.context_length * served.max_token_chars
+    if chars > limit:
+        raise APIError(
+            400,
+            f"the prompt is {chars} characters, more than the context ({served.context_length} "
+            f"tokens of at most {served.max_token_chars} characters) can hold: send a shorter "
+            "prompt",
+            field,
+            "context_length_exceeded",
+        )
+
+
+def _chat_messages(body: ChatBody) -> list[dict[str, str]]:
+    """The messages as chat templates take them ("developer" is "system")."""
+    messages = []
+    for i, m in enumerate(body.messages):
+        message = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": _text(m.content, f"messages[{i}].content"),
+        }
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise APIError(
+                    400, "a tool message needs tool_call_id", f"messages[{i}].tool_call_id"
+                )
+            message["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            message["name"] = m.name
+        messages.append(message)
+    return messages
+
+
+def _as_user_turns(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Tool results as user turns, for templates that know no "tool" role."""
+    return [
+        {"role": "user", "content": f"Result of tool call {m['tool_call_id']}:\n{m['content']}"}
+        if m["role"] == "tool"
+        else m
+        for m in messages
+    ]
+
+
+def _render(served: Served, messages: list[dict[str, str]]) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return render_chat(served.tokenizer, messages, served.model_type, served.template)
+    except TemplateError as e:
+        if any(m["role"] == "tool" for m in messages):
+            return _render(served, _as_user_turns(messages))
+        raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
 
 
 def chat_job(raw: bytes, served: Served) -> Job:
@@ -260,17 +361,9 @@ def chat_job(raw: bytes, served: Served) -> Job:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     config = _config(body, served, field, getattr(body, field))
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-        for m in body.messages
-    ]
-    from jinja2 import TemplateError
-
-    try:
-        text = render_chat(served.tokenizer, messages, served.model_type, served.template)
-    except TemplateError as e:
-        raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
-    prompt = encode_prompt(served.tokenizer, text)
+    messages = _chat_messages(body)
+    _check_length(sum(len(m["content"]) for m in messages), served, "messages")
+    prompt = encode_prompt(served.tokenizer, _render(served, messages))
     return Job(
         prompt=prompt,
         config=_fit(prompt, config, served, "messages"),
@@ -296,7 +389,8 @@ def completion_job(raw: bytes, served: Served) -> Job:
             raise APIError(400, "prompt must be one prompt: this server answers one", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        tokens = encode_prompt(served.tokenizer, prompt) if prompt else []
+        _check_length(len(prompt), served, "prompt")
+        tokens = encode_prompt(served.tokenizer, _text(prompt, "prompt")) if prompt else []
     else:
         if any(not 0 <= t < served.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.vocab_size})", "prompt")

@@ -1,6 +1,7 @@
 """Serve a loaded model: bind the socket (a taken port is an error before anything starts;
 port 0 picks a free one), build the engine, worker and app, and run uvicorn until Ctrl-C or
-SIGTERM, which finish the requests in flight (for up to `graceful_seconds`) and exit cleanly."""
+SIGTERM. A stop with nothing in flight exits at once; otherwise new requests get 503 while
+those in flight finish (for up to `graceful_seconds`), then it exits cleanly."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from ..errors import ServeError
 from ..models import CausalLM, context_length, vocab_size
 from ..tokenizer import Tokenizer
 from .app import AppSettings, create_app
+from .connections import guarded_protocol
 from .options import ServeOptions, is_loopback
-from .protocol import Served
+from .protocol import Served, longest_token_chars
 from .worker import Worker
 
 
@@ -44,17 +46,27 @@ def url_of(sock: socket.socket) -> str:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which on Ctrl-C or SIGTERM also drains the worker: new requests get
-    503, those in flight have `grace` seconds to finish before they get a 503 error too."""
+    """uvicorn's server, which on Ctrl-C or SIGTERM first drains the worker: new requests get
+    503 (the socket still accepts them), those in flight have `grace` seconds to finish before
+    they get a 503 error too; uvicorn stops as soon as none is left, so at once when none
+    runs. A second Ctrl-C or SIGTERM stops uvicorn without waiting."""
 
     def __init__(self, config: uvicorn.Config, worker: Worker, grace: float):
         super().__init__(config)
         self.worker, self.grace = worker, grace
+        self.draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        super().handle_exit(sig, frame)
-        if self.worker.loop is not None:  # on the event loop: not in a signal handler
-            self.worker.loop.call_soon_threadsafe(self.worker.drain, self.grace)
+        loop = self.worker.loop
+        if self.draining or loop is None or loop.is_closed():
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        # on the event loop, not in the signal handler; the worker ends uvicorn once drained
+        loop.call_soon_threadsafe(self.worker.drain, self.grace, self._drained)
+
+    def _drained(self) -> None:
+        self.should_exit = True  # read by uvicorn's main loop on its next tick
 
 
 def _say(text: str) -> None:
@@ -83,6 +95,7 @@ def serve(
         vocab_size=vocab_size(model),
         defaults=defaults,
         template=options.template,
+        max_token_chars=longest_token_chars(tokenizer),
     )
     if options.api_key is None and not is_loopback(options.host):
         print(
@@ -91,7 +104,8 @@ def serve(
             file=sys.stderr,
         )
     sock = bind(options.host, options.port)
-    engine = BatchGenerator(model, tokenizer, options.max_batch, prompt_cache=PromptCache())
+    cache = PromptCache(options.prompt_cache_bytes) if options.prompt_cache_bytes else None
+    engine = BatchGenerator(model, tokenizer, options.max_batch, prompt_cache=cache)
     worker = Worker(engine, options.max_queue)
     ready = (
         f"elm serve: {url_of(sock)} · model {model_id!r} · context {served.context_length} · "
@@ -100,13 +114,20 @@ def serve(
     settings = AppSettings(
         api_key=options.api_key,
         max_body_bytes=options.max_body_bytes,
+        body_timeout=options.body_timeout,
         on_ready=lambda: say(ready),
+        loopback=is_loopback(options.host),
+        allowed_hosts=options.allowed_hosts,
+        allowed_origins=options.allowed_origins,
     )
     app = create_app(served, worker, settings)
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(options.header_timeout, options.max_connections),
         log_level="warning",
         access_log=False,
+        timeout_keep_alive=5,  # idle connections between requests close after 5 s
+        h11_max_incomplete_event_size=64 * 1024,  # the request line and headers: 64 KiB
         # a backstop: the worker fails what is left after graceful_seconds itself
         timeout_graceful_shutdown=int(options.graceful_seconds) + 5,
     )

@@ -1,9 +1,11 @@
 """The worker thread: the only thread that touches the `BatchGenerator` (and so MLX).
 
 The event loop submits `Ticket`s and cancels them through an inbox; the worker hands waiting
-requests to the generator as slots free up (at most `max_batch` at once, so that the waiting
-ones can be counted and refused here), steps it and passes each event to its ticket's asyncio
-queue. An exception fails the requests it touched, never the worker.
+requests to the generator as slots free up (at most `max_batch` at once), steps it and passes
+each event to its ticket's asyncio queue. Admission counts every request not yet finished, so
+`max_batch + max_queue` of them are taken at once (a burst fills the free slots, then the
+queue) and the next one is refused (429). An exception fails the requests it touched, never
+the worker.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import queue
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..engine.reference import wired_limit
@@ -48,9 +51,10 @@ class Worker:
         self.counts: Counter[str] = Counter()  # completed, cancelled, failed
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._queued = 0  # submitted, not yet admitted
+        self._outstanding = 0  # submitted, not yet finished (running or waiting)
         self._active = 0
         self._closed = False
+        self._on_drained: Callable[[], None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once started
         self._thread: threading.Thread | None = None
 
@@ -69,28 +73,36 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def drain(self, seconds: float) -> None:
-        """Refuse new requests (503) now and fail those still running after `seconds`."""
+    def drain(self, seconds: float, on_drained: Callable[[], None] | None = None) -> None:
+        """Refuse new requests (503) now, fail those still running after `seconds`, and end the
+        thread then, or as soon as none is left (at once when none runs), calling `on_drained`
+        (on the worker thread)."""
         with self._lock:
             self._closed = True
+        self._on_drained = on_drained
+        self._inbox.put(("drain", None))  # wakes an idle worker to see that nothing runs
         timer = threading.Timer(seconds, self._inbox.put, args=((_STOP, None),))
         timer.daemon = True
         timer.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def submit(self, request: Request) -> Ticket:
         """Queue a request (called on the event loop); a full queue is a 429."""
         with self._lock:
             if self._closed:
                 raise APIError(503, "the server is shutting down", kind="server_error")
-            if self._queued >= self.max_queue:
+            if self._outstanding >= self.engine.max_batch + self.max_queue:
                 raise APIError(
                     429,
-                    f"the server is busy: {self._active} requests running and {self._queued} "
-                    "waiting; retry later",
+                    f"the server is busy: {self._active} requests running and "
+                    f"{self._outstanding - self._active} waiting; retry later",
                     code="queue_full",
                     kind="rate_limit_error",
                 )
-            self._queued += 1
+            self._outstanding += 1
         ticket = Ticket(request)
         self._inbox.put(("add", ticket))
         return ticket
@@ -104,7 +116,7 @@ class Worker:
         cache = self.engine.prompt_cache
         return {
             "active": self._active,
-            "queued": self._queued,
+            "queued": max(self._outstanding - self._active, 0),
             "max_batch": self.engine.max_batch,
             **{k: self.counts[k] for k in ("completed", "cancelled", "failed")},
             "prompt_cache_entries": len(cache) if cache is not None else 0,
@@ -116,6 +128,8 @@ class Worker:
     def _run(self) -> None:
         with wired_limit(self.engine.model):
             self._loop()
+        if self._on_drained is not None:
+            self._on_drained()
 
     def _loop(self) -> None:
         waiting: deque[Ticket] = deque()
@@ -128,17 +142,17 @@ class Worker:
             for kind, ticket in messages:
                 if kind is _STOP:
                     closing = APIError(503, "the server is shutting down", kind="server_error")
-                    self._unqueue(len(waiting))
                     self._fail([*waiting, *active.values()], closing)
                     self._active = 0
                     return
+                if kind == "drain":
+                    continue
                 if kind == "add":
                     waiting.append(ticket)
                 elif ticket.done:
                     continue
                 elif ticket in waiting:
                     waiting.remove(ticket)
-                    self._unqueue(1)
                     self._retire(ticket, "cancelled")
                 elif ticket.uid in active:
                     del active[ticket.uid]
@@ -149,11 +163,12 @@ class Worker:
             if active:
                 self._step(active)
                 self._active = len(active)
+            if self._closed and self._on_drained is not None and not waiting and not active:
+                return  # draining, and nothing is left
 
     def _admit(self, waiting: deque[Ticket], active: dict[int, Ticket]) -> None:
         while waiting and len(active) < self.engine.max_batch:
             ticket = waiting.popleft()
-            self._unqueue(1)
             try:
                 ticket.uid = self.engine.add(ticket.request)
             except OptionError as e:  # the engine's own checks: the request's fault
@@ -197,13 +212,11 @@ class Worker:
         except Exception:
             log.exception("cancelling a request failed")
 
-    def _unqueue(self, n: int) -> None:
-        with self._lock:
-            self._queued -= n
-
     def _retire(self, ticket: Ticket, outcome: str) -> None:
         ticket.done = True
         self.counts[outcome] += 1
+        with self._lock:
+            self._outstanding -= 1
 
     def _fail(self, tickets: list[Ticket], error: APIError) -> None:
         for ticket in tickets:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import write_tiny_chat_model
 
 STARTUP = 180  # seconds for a server to load its model on a busy 2-core machine
 TIMEOUT = 300  # seconds for one answer
@@ -69,3 +72,25 @@ class Server:
         self.proc.send_signal(sig)
         out, _ = self.proc.communicate(timeout=TIMEOUT)
         return self.proc.returncode, out
+
+
+def write_serving_model(folder: Path, context: int) -> Path:
+    """The tiny ChatML model (tests/helpers.py) with room for `context` tokens."""
+    write_tiny_chat_model(folder, "chatml")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = context  # room for a request that outlives the test
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_endless_model(model_dir: Path, folder: Path) -> Path:
+    """A copy of a model with its EOS id outside its vocabulary: a request runs to max_tokens
+    (thousands of tokens), so it is still running whenever a test acts on it."""
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = config["vocab_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder

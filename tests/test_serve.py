@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,8 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
-from helpers import CHAT_CORPUS, load_smollm2_example, write_tiny_chat_model
-from serving import STARTUP, TIMEOUT, Server
+from helpers import CHAT_CORPUS, load_smollm2_example
+from serving import STARTUP, TIMEOUT, Server, write_endless_model, write_serving_model
 
 from elm_mlx import generate, load
 from elm_mlx.server.options import is_loopback
@@ -36,11 +35,7 @@ KEY = "sesame"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = write_tiny_chat_model(tmp_path_factory.mktemp("serve") / "tiny-chatml", "chatml")
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = CONTEXT  # room for a request that outlives the test
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return write_serving_model(tmp_path_factory.mktemp("serve") / "tiny-chatml", CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -360,15 +355,7 @@ def test_oversized_body_unknown_route_and_method(server):
 def endless_dir(model_dir, tmp_path_factory) -> Path:
     """The tiny model with its EOS id outside its vocabulary: a request runs to max_tokens
     (thousands of tokens), so it is still running whenever a test acts on it."""
-    folder = tmp_path_factory.mktemp("endless") / "tiny-endless"
-    shutil.copytree(model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["eos_token_id"] = config["vocab_size"]
-    (folder / "config.json").write_text(json.dumps(config))
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer_config["eos_token"] = None
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    return folder
+    return write_endless_model(model_dir, tmp_path_factory.mktemp("endless") / "tiny-endless")
 
 
 @pytest.fixture(scope="module")

@@ -174,6 +174,7 @@ class Routes:
         self.card = {"id": served.model_id, "object": "model", "created": 0, "owned_by": "elm-mlx"}
         # checking, templating and tokenizing happen here, off the event loop
         self.prepare = ThreadPoolExecutor(settings.prepare_threads, "elm-serve-prepare")
+        self.preparing = 0  # requests being checked and tokenized now
 
     def routes(self) -> list[Route]:
         api = self.settings.api_key
@@ -187,7 +188,8 @@ class Routes:
 
     async def health(self, request: Request) -> Response:
         status = "draining" if self.worker.closed else "ok"
-        body = {"status": status, "model": self.served.model_id, **self.worker.stats()}
+        stats = {**self.worker.stats(), "preparing": self.preparing}
+        body = {"status": status, "model": self.served.model_id, **stats}
         return JSONResponse(body, status_code=503 if self.worker.closed else 200)
 
     async def list_models(self, request: Request) -> Response:
@@ -211,7 +213,11 @@ class Routes:
             raise APIError(503, "the server is shutting down", kind="server_error")
         make_job = chat_job if kind == "chat" else completion_job
         loop = asyncio.get_running_loop()
-        job: Job = await loop.run_in_executor(self.prepare, make_job, raw, self.served)
+        self.preparing += 1
+        try:
+            job: Job = await loop.run_in_executor(self.prepare, make_job, raw, self.served)
+        finally:
+            self.preparing -= 1
         ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
         shape = Shape(kind, self.served.model_id, self.token_text, job.include_usage)
         if job.stream:

@@ -59,13 +59,17 @@ class GuardedH11Protocol(H11Protocol):
             self._deadline = None
 
     def _too_slow(self) -> None:
+        """No whole request line and headers in time: a 408 if some of them came (a slow
+        sender), else (an idle connection) just close."""
         self._deadline = None
-        if self.awaiting_request and not self.transport.is_closing():
+        if not self.awaiting_request or self.transport.is_closing():
+            return
+        if self.conn.trailing_data[0]:
             message = (
                 f"the request line and headers did not arrive within {self.header_timeout:g} s"
             )
             self.transport.write(error_bytes(408, "Request Timeout", message, "request_timeout"))
-            self.transport.close()
+        self.transport.close()
 
     # ------------------------------------------------------------------ uvicorn's hooks
 

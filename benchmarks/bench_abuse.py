@@ -231,6 +231,7 @@ def main() -> None:
         normal_load(server, args.clients, 2, args.max_tokens)  # warm up
         quiet = normal_load(server, args.clients, args.requests, args.max_tokens)
         rows.append({"kind": "quiet", **quiet})
+        print(f"quiet: {quiet}", file=sys.stderr, flush=True)
         for kind, abuser in abusers(server, longest).items():
             if args.kinds and kind not in args.kinds.split(","):
                 continue
@@ -242,6 +243,7 @@ def main() -> None:
             stop.set()
             thread.join(120)
             rows.append({"kind": kind, **result})
+            print(f"{kind}: {result}", file=sys.stderr, flush=True)
             health = httpx.get(f"{server.url.removesuffix('/v1')}/health", timeout=TIMEOUT)
             assert health.status_code == 200, health.text
     finally:

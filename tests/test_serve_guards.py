@@ -19,7 +19,7 @@ import pytest
 from serving import TIMEOUT, Server, write_endless_model, write_serving_model
 
 from elm_mlx import load
-from elm_mlx.engine.config import MAX_STOPS
+from elm_mlx.engine.config import MAX_STOPS, GenerationConfig
 from elm_mlx.server.protocol import MAX_JSON_DEPTH, Served, chat_job, longest_token_chars
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
@@ -266,17 +266,19 @@ def test_tool_results_become_user_turns_for_templates_without_the_role(endless_d
         "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     )
-    served = Served("m", tokenizer, model.model_type, CONTEXT, 300, _defaults(), strict)
+    served = Served(
+        model_id="m",
+        tokenizer=tokenizer,
+        model_type=model.model_type,
+        context_length=CONTEXT,
+        vocab_size=300,
+        defaults=GenerationConfig(),
+        template=strict,
+    )
     body = {"messages": [{"role": "tool", "tool_call_id": "call_9", "content": "42"}]}
     job = chat_job(json.dumps(body).encode(), served)
     want = "user: Result of tool call call_9:\n42\nassistant:"
     assert job.prompt == encode_prompt(tokenizer, want)
-
-
-def _defaults():
-    from elm_mlx.engine.config import GenerationConfig
-
-    return GenerationConfig()
 
 
 # ------------------------------------------------------------------------------ local guards

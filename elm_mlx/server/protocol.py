@@ -278,11 +278,10 @@ def longest_token_chars(tokenizer: Tokenizer) -> int:
 def _text(content: str | list[TextPart] | None, param: str) -> str:
     """A message's or prompt's text; refused when it cannot be UTF-8 (a lone surrogate, which
     JSON's \\ud800 escapes can spell)."""
-    text = (
-        (content or "")
-        if content is None or isinstance(content, str)
-        else "\n".join(part.text for part in content)
-    )
+    if content is None or isinstance(content, str):
+        text = content or ""
+    else:
+        text = "\n".join(part.text for part in content)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -145,19 +145,7 @@ class Worker:
                     self._fail([*waiting, *active.values()], closing)
                     self._active = 0
                     return
-                if kind == "drain":
-                    continue
-                if kind == "add":
-                    waiting.append(ticket)
-                elif ticket.done:
-                    continue
-                elif ticket in waiting:
-                    waiting.remove(ticket)
-                    self._retire(ticket, "cancelled")
-                elif ticket.uid in active:
-                    del active[ticket.uid]
-                    self._retire(ticket, "cancelled")
-                    self._engine_cancel(ticket)
+                self._take(kind, ticket, waiting, active)
             self._admit(waiting, active)
             self._active = len(active)
             if active:
@@ -165,6 +153,22 @@ class Worker:
                 self._active = len(active)
             if self._closed and self._on_drained is not None and not waiting and not active:
                 return  # draining, and nothing is left
+
+    def _take(
+        self, kind: str, ticket: Ticket, waiting: deque[Ticket], active: dict[int, Ticket]
+    ) -> None:
+        """An inbox message: a request to add or to cancel ("drain" only wakes the loop)."""
+        if kind == "add":
+            waiting.append(ticket)
+        elif kind != "cancel" or ticket.done:
+            return
+        elif ticket in waiting:
+            waiting.remove(ticket)
+            self._retire(ticket, "cancelled")
+        elif ticket.uid in active:
+            del active[ticket.uid]
+            self._retire(ticket, "cancelled")
+            self._engine_cancel(ticket)
 
     def _admit(self, waiting: deque[Ticket], active: dict[int, Ticket]) -> None:
         while waiting and len(active) < self.engine.max_batch:

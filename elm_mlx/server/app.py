@@ -95,7 +95,7 @@ async def read_limited(request: Request, limit: int, timeout: float) -> bytes:
 
     try:
         return await asyncio.wait_for(read(), timeout)
-    except TimeoutError as e:
+    except asyncio.TimeoutError as e:  # not yet the builtin TimeoutError on Python 3.10
         message = f"the request body did not arrive within {timeout:g} s"
         raise APIError(408, message, code="request_timeout") from e
 

@@ -173,6 +173,45 @@ def busy_machine() -> Iterator[None]:
             hog.wait()
 
 
+# The prompt of `elm chat` alone, echoing each message it reads.
+ECHO_PROMPT = """
+import sys
+from pathlib import Path
+from elm_mlx.cli.terminal import Interrupts, LineReader
+with Interrupts() as interrupts:
+    reader = LineReader(Path(sys.argv[1]), ["/help"], True, interrupts.prompt_drawn)
+    while True:
+        try:
+            print(f"read {reader.read()!r}")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            break
+"""
+
+
+def test_ctrl_c_at_the_prompt_comes_in_order_with_the_keys(tmp_path):
+    """Ctrl-C the moment a prompt is drawn, then a line typed at once, hundreds of times on a
+    loaded machine: every Ctrl-C gives a fresh prompt and every line after it is read (a Ctrl-C
+    that waited, as Python's readline lets one wait, would take the next line with it)."""
+    env = {**os.environ, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(
+        sys.executable, ["-c", ECHO_PROMPT, str(tmp_path / "history")],
+        env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 200),
+    )  # fmt: skip
+    child.delaybeforesend = None
+    child.expect(PROMPT)
+    with busy_machine():
+        for i in range(300):
+            child.sendintr()
+            child.sendline(f"line {i}")
+            child.expect(PROMPT)  # the fresh line after Ctrl-C
+            child.expect(f"read 'line {i}'")
+            child.expect(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
 def test_a_second_ctrl_c_is_never_lost(model_dir, tmp_path):
     """A Ctrl-C at many moments after a first one stopped an answer (while the answer stops and
     its cache is trimmed, while its numbers print, while the prompt is drawn, at the prompt), on

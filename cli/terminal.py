@@ -57,8 +57,8 @@ class Interrupts:
 
     - while an answer streams (`arm` .. `disarm`): the first Ctrl-C asks it to stop at the next
       token; a further one raises KeyboardInterrupt at once, and only once: the handler disarms
-      itself before raising, so the answer's clean-up (the cache trimmed to what it holds) and
-      what follows it run to the end;
+      itself before raising, so the answer's clean-up (the session keeps the partial answer
+      and a cache that matches it) and what follows it run to the end;
     - at any other moment (the answer stopping, its numbers printed, a /command, the prompt
       being set up or taken down): it is kept in `pending`. The prompt clears it when it is
       drawn (a prompt is what that Ctrl-C asked for); an answer about to start is not started.

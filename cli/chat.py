@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
@@ -30,7 +30,7 @@ from .options import (
     TopP,
     generation_config,
 )
-from .terminal import Printer, StopOnInterrupt, Style, read_message, setup_readline
+from .terminal import Interrupts, LineReader, Printer, Style
 
 if TYPE_CHECKING:
     from ..engine.chat_session import ChatSession
@@ -45,7 +45,6 @@ HELP = '''commands:
   /quit              leave (Ctrl-D too)
 Ctrl-C stops an answer. A paste of several lines is one message; so is text between two
 lines holding only """.'''
-COMMANDS = ("/help", "/reset", "/system", "/save", "/load", "/stats", "/set", "/quit", "/exit")
 # `/set NAME VALUE`: the GenerationConfig fields a chat may change, and how to read the value.
 SETTINGS: dict[str, tuple[str, type]] = {
     "temp": ("temperature", float),
@@ -59,36 +58,46 @@ SETTINGS: dict[str, tuple[str, type]] = {
 NULLABLE = {"repetition_penalty", "seed"}  # these also take "none"
 
 
-def answer(session: ChatSession, text: str, printer: Printer, notices: TextIO) -> None:
-    """Stream the answer to `text`; afterwards a dim line with the turn's numbers."""
+def answer(
+    session: ChatSession, text: str, printer: Printer, notices: TextIO, interrupts: Interrupts
+) -> None:
+    """Stream the answer to `text`; afterwards a dim line with the turn's numbers. Ctrl-C stops
+    it (see `Interrupts`); one pressed since the message was entered means no answer at all."""
+    style = printer.style
+    if interrupts.pending:
+        notices.write(f"{style.dim}(stopped before the answer began){style.off}\n")
+        return
     stream = session.send(text)
     started = False
-    with StopOnInterrupt() as stop:
-        try:
-            for r in stream:
-                if not started and session.dropped:
-                    notices.write(
-                        f"{printer.style.dim}(context full: dropped the {session.dropped} oldest "
-                        f"messages; the system prompt is kept){printer.style.off}\n"
-                    )
-                started = True
-                printer.write(r.text, r.generation_tps)
-                if stop.requested:
-                    break
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stream.close()  # the session settles its cache and keeps the partial answer
+    try:
+        interrupts.arm(stream)
+        for r in stream:
+            if not started and session.dropped:
+                notices.write(
+                    f"{style.dim}(context full: dropped the {session.dropped} oldest "
+                    f"messages; the system prompt is kept){style.off}\n"
+                )
+            started = True
+            printer.write(r.text, r.generation_tps)
+            if interrupts.stop:
+                break
+        interrupts.disarm()
+    except KeyboardInterrupt:
+        if not interrupts.installed:  # a script: Ctrl-C ends it (see `command`)
+            raise
+        # else a second Ctrl-C: the handler disarmed itself before raising it
+    finally:
+        stream.close()  # the session settles its cache and keeps the partial answer
     printer.write("\n")
     turn = session.stats.last
     if not started:
-        notices.write(f"{printer.style.dim}(stopped before the answer began){printer.style.off}\n")
+        notices.write(f"{style.dim}(stopped before the answer began){style.off}\n")
     elif turn is not None:
         end = {"length": " · max_tokens reached", "interrupted": " · interrupted"}
         notices.write(
-            f"{printer.style.dim}[{turn.generation_tokens} tokens, {turn.generation_tps:.1f} "
+            f"{style.dim}[{turn.generation_tokens} tokens, {turn.generation_tps:.1f} "
             f"tok/s · prompt {turn.prompt_tokens} new + {turn.reused_tokens} cached tokens, "
-            f"{turn.prompt_seconds:.2f} s{end.get(turn.finish_reason, '')}]{printer.style.off}\n"
+            f"{turn.prompt_seconds:.2f} s{end.get(turn.finish_reason, '')}]{style.off}\n"
         )
     notices.flush()
 
@@ -140,86 +149,114 @@ def set_option(session: ChatSession, name: str, value: str) -> None:
     session.config = config
 
 
+def show_help(session: ChatSession, arg: str, out: TextIO) -> None:
+    out.write(HELP + "\n")
+
+
+def reset_conversation(session: ChatSession, arg: str, out: TextIO) -> None:
+    session.reset()
+    out.write("(conversation cleared)\n")
+
+
+def show_or_set_system(session: ChatSession, arg: str, out: TextIO) -> None:
+    if arg:
+        session.set_system(arg)
+        out.write("(system prompt set)\n")
+    else:
+        out.write(f"{session.system or '(no system prompt)'}\n")
+
+
+def save_conversation(session: ChatSession, arg: str, out: TextIO) -> None:
+    if not arg:
+        out.write("usage: /save FILE\n")
+        return
+    out.write(f"(saved {len(session.messages)} messages to {session.save(arg)})\n")
+
+
+def load_conversation(session: ChatSession, arg: str, out: TextIO) -> None:
+    if not arg:
+        out.write("usage: /load FILE\n")
+        return
+    session.load(arg)
+    out.write(f"(loaded {len(session.messages)} messages from {arg})\n")
+
+
+def show_stats(session: ChatSession, arg: str, out: TextIO) -> None:
+    out.write(stats_text(session) + "\n")
+
+
+def set_command(session: ChatSession, arg: str, out: TextIO) -> None:
+    words = arg.split()
+    if len(words) != 2:
+        out.write("usage: /set temp|top_p|top_k|min_p|max_tokens|... VALUE\n")
+        return
+    set_option(session, *words)
+    out.write(f"({' = '.join(words)})\n")
+
+
+# What each /command does with the session, the text after it, and where to write.
+ACTIONS: dict[str, Callable[[ChatSession, str, TextIO], None]] = {
+    "/help": show_help,
+    "/reset": reset_conversation,
+    "/system": show_or_set_system,
+    "/save": save_conversation,
+    "/load": load_conversation,
+    "/stats": show_stats,
+    "/set": set_command,
+}
+LEAVE = ("/quit", "/exit")
+COMMANDS = (*ACTIONS, *LEAVE)  # what Tab completes
+
+
 def run_command(session: ChatSession, line: str, out: TextIO) -> bool:
     """One /command; False means leave."""
     name, _, arg = line.strip().partition(" ")
-    arg = arg.strip()
-    if name in ("/quit", "/exit"):
+    if name in LEAVE:
         return False
-    if name == "/help":
-        out.write(HELP + "\n")
-    elif name == "/reset":
-        session.reset()
-        out.write("(conversation cleared)\n")
-    elif name == "/system":
-        if arg:
-            session.set_system(arg)
-            out.write("(system prompt set)\n")
-        else:
-            out.write(f"{session.system or '(no system prompt)'}\n")
-    elif name in ("/save", "/load") and not arg:
-        out.write(f"usage: {name} FILE\n")
-    elif name == "/save":
-        out.write(f"(saved {len(session.messages)} messages to {session.save(arg)})\n")
-    elif name == "/load":
-        session.load(arg)
-        out.write(f"(loaded {len(session.messages)} messages from {arg})\n")
-    elif name == "/stats":
-        out.write(stats_text(session) + "\n")
-    elif name == "/set":
-        if len(arg.split()) != 2:
-            out.write("usage: /set temp|top_p|top_k|min_p|max_tokens|... VALUE\n")
-        else:
-            set_option(session, *arg.split())
-            out.write(f"({' = '.join(arg.split())})\n")
-    else:
+    action = ACTIONS.get(name)
+    if action is None:
         out.write(f"unknown command {line.strip()!r}; /help lists them\n")
+    else:
+        action(session, arg.strip(), out)
     return True
 
 
 def interactive(session: ChatSession, title: str, history: Path) -> None:
     style = Style(sys.stdout.isatty() and "NO_COLOR" not in os.environ)
-    readline = setup_readline(history, COMMANDS)
-    # \001 \002 tell readline the escapes take no room, so line editing stays aligned
-    prompt = f"\001{style.bold}\002>>> \001{style.off}\002" if style.bold else ">>> "
     print(f"{title}\n/help lists the commands; Ctrl-C stops an answer, Ctrl-D leaves.")
-    try:
+    with Interrupts() as interrupts:
+        reader = LineReader(history, COMMANDS, bool(style.bold), interrupts.prompt_drawn)
         while True:
             try:
-                text = read_message(prompt)
-            except KeyboardInterrupt:
-                print()
+                text = reader.read()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
                 continue
             except EOFError:
-                print()
                 return
             printer = Printer(sys.stdout, style, live=bool(style.dim))
-            if not turn(session, text, printer, sys.stdout):
+            if not turn(session, text, printer, sys.stdout, interrupts):
                 return
-    finally:
-        if readline is not None:
-            with contextlib.suppress(OSError):  # history is a convenience, never an error
-                history.parent.mkdir(parents=True, exist_ok=True)
-                readline.write_history_file(history)
 
 
 def scripted(session: ChatSession, lines: TextIO) -> None:
     """One message per line; answers on stdout, everything else on stderr."""
+    interrupts = Interrupts()  # not installed: Ctrl-C ends a script
     for line in lines:
-        if not turn(
-            session, line.rstrip("\n"), Printer(sys.stdout, Style(False), False), sys.stderr
-        ):
+        printer = Printer(sys.stdout, Style(False), False)
+        if not turn(session, line.rstrip("\n"), printer, sys.stderr, interrupts):
             return
 
 
-def turn(session: ChatSession, text: str, printer: Printer, notices: TextIO) -> bool:
+def turn(
+    session: ChatSession, text: str, printer: Printer, notices: TextIO, interrupts: Interrupts
+) -> bool:
     """A command or a message; a library error (a bad value, an unreadable file) is reported
     and the chat goes on. False means leave."""
     try:
         if text.startswith("/"):
             return run_command(session, text, notices)
         if text.strip():
-            answer(session, text, printer, notices)
+            answer(session, text, printer, notices, interrupts)
     except ElmError as e:
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)

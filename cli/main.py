@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -39,13 +40,24 @@ def translate_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-app.command("convert")(translate_errors(convert.command))
-app.command("generate")(translate_errors(generate.command))
-app.command("chat")(translate_errors(chat.command))
-app.command("finetune")(translate_errors(finetune.command))
-app.command("fuse")(translate_errors(fuse.command))
-app.command("eval")(translate_errors(eval.command))
-app.command("serve")(translate_errors(serve.command))
+def summary(doc: str | None) -> str:
+    """A docstring's first sentence on one line: the command's line in `elm --help` (its whole
+    docstring is `elm COMMAND --help`)."""
+    text = " ".join((doc or "").split())
+    first = re.match(r".+?[.!?](?=\s|$)", text)
+    return first.group(0) if first else text
+
+
+for name, module in [
+    ("convert", convert),
+    ("generate", generate),
+    ("chat", chat),
+    ("finetune", finetune),
+    ("fuse", fuse),
+    ("eval", eval),
+    ("serve", serve),
+]:
+    app.command(name, short_help=summary(module.command.__doc__))(translate_errors(module.command))
 
 
 def main() -> None:

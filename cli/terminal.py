@@ -1,15 +1,14 @@
 """Terminal handling for `elm chat`: styles, the streaming printer with its live tokens/s,
-Ctrl-C during an answer, multi-line paste, and readline (history, completion)."""
+Ctrl-C (one handler for the whole session), and the prompt (prompt_toolkit: line editing,
+history, completion, multi-line paste)."""
 
 from __future__ import annotations
 
-import contextlib
-import select
+import inspect
 import shutil
 import signal
-import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -47,64 +46,128 @@ class Printer:
         self.out.flush()
 
 
-class StopOnInterrupt:
-    """Ctrl-C asks the answer to stop at the next token; a second Ctrl-C interrupts at once."""
+class Interrupts:
+    """The one SIGINT handler of an interactive chat, installed for the whole session.
 
-    def __enter__(self) -> StopOnInterrupt:
-        self.requested = False
+    At the prompt the terminal is in raw mode (`LineReader`): a Ctrl-C there is a key, read in
+    order with the keys around it, never a signal. Anywhere else it is a SIGINT, and what it
+    does depends only on this object's state, which the main thread changes by plain
+    assignments (a Python signal handler runs in the main thread between two bytecodes, so it
+    never meets a half-changed state), and there is no moment without this handler:
+
+    - while an answer streams (`arm` .. `disarm`): the first Ctrl-C asks it to stop at the next
+      token; a further one raises KeyboardInterrupt at once, and only once: the handler disarms
+      itself before raising, so the answer's clean-up (the session keeps the partial answer
+      and a cache that matches it) and what follows it run to the end;
+    - at any other moment (the answer stopping, its numbers printed, a /command, the prompt
+      being set up or taken down): it is kept in `pending`. The prompt clears it when it is
+      drawn (a prompt is what that Ctrl-C asked for); an answer about to start is not started.
+    """
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.answering = False
+        self.stop = False
+        self.pending = False
+        self.stream: Iterator[object] | None = None
+
+    def __enter__(self) -> Interrupts:
         self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.installed = True
         return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
 
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGINT, self.previous)
+        self.installed = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self.answering:
+            self.pending = True
+        elif not self.stop or not started(self.stream):
+            self.stop = True
+        else:
+            self.answering = False
+            raise KeyboardInterrupt
+
+    def arm(self, stream: Iterator[object]) -> None:
+        """An answer starts streaming from `stream`."""
+        self.stream, self.stop = stream, False
+        self.answering = True
+
+    def disarm(self) -> None:
+        self.answering = False
+        self.stream = None
+
+    def prompt_drawn(self) -> None:
+        self.pending = False
 
 
-def pending_input(fd: int) -> bool:
-    """Whether more typed or pasted bytes are waiting (a paste without bracketed-paste mode
-    arrives as several lines at once). Checked in non-canonical mode so that a last pasted
-    line without its newline counts too."""
-    try:
-        import termios
-    except ImportError:  # no termios (Windows): no paste detection
-        return False
-    old = termios.tcgetattr(fd)
-    raw = list(old)
-    raw[3] &= ~termios.ICANON
-    termios.tcsetattr(fd, termios.TCSANOW, raw)
-    try:
-        return bool(select.select([fd], [], [], 0.03)[0])
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, old)
-
-
-def read_message(prompt: str) -> str:
-    lines = [input(prompt)]
-    if lines[0].strip() == '"""':
-        lines = []
-        while (line := input("... ")).strip() != '"""':
-            lines.append(line)
-    while pending_input(sys.stdin.fileno()):
-        lines.append(input(""))
-    return "\n".join(lines)
-
-
-def setup_readline(history: Path, commands: Sequence[str]) -> object | None:
-    try:
-        import readline
-    except ImportError:  # no readline (Windows): plain input() still works
-        return None
-    with contextlib.suppress(OSError):  # no history yet
-        readline.read_history_file(history)
-    readline.set_history_length(1000)
-    readline.set_completer(
-        lambda text, i: ([c for c in commands if c.startswith(text)] + [None])[i]
+def started(stream: Iterator[object] | None) -> bool:
+    """Whether a generator runs or waits at a yield. One interrupted before its first step
+    could not clean up (its `finally` never runs), so a Ctrl-C then only asks it to stop."""
+    return not inspect.isgenerator(stream) or (
+        inspect.getgeneratorstate(stream) != inspect.GEN_CREATED
     )
-    readline.set_completer_delims(" ")
-    libedit = "libedit" in (readline.__doc__ or "")
-    readline.parse_and_bind("bind ^I rl_complete" if libedit else "tab: complete")
-    return readline
+
+
+class LineReader:
+    """The prompt: prompt_toolkit's line editing, history in a file, Tab completes commands.
+
+    While a line is edited the terminal is in raw mode, so Ctrl-C arrives as a key, in order
+    with the keys typed before and after it: it clears the line (KeyboardInterrupt), and Ctrl-D
+    on an empty line leaves (EOFError). (Python's readline gets Ctrl-C as a SIGINT and waits in
+    a select() that such a signal interrupts only if it comes once that wait has begun; one
+    that came while the prompt was drawn waited for the next key.)
+    A paste of several lines is one message: with bracketed paste (most terminals) it is
+    inserted as it is; without, an Enter with more keys already read inserts a newline. A line
+    holding only three double quotes starts a message of several lines, up to the next one.
+    """
+
+    def __init__(
+        self, history: Path, commands: Sequence[str], bold: bool, on_draw: Callable[[], None]
+    ):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.completion import WordCompleter
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+        from prompt_toolkit.shortcuts import CompleteStyle
+
+        try:  # history is a convenience, never an error
+            history.parent.mkdir(parents=True, exist_ok=True)
+            history.touch()
+            kept = FileHistory(str(history))
+        except OSError:
+            kept = InMemoryHistory()
+        keys = KeyBindings()
+
+        @keys.add("enter")
+        def _enter(event) -> None:
+            if event.app.key_processor.input_queue:  # a paste without bracketed-paste mode
+                event.current_buffer.newline(copy_margin=False)
+            else:
+                event.current_buffer.validate_and_handle()
+
+        self.session = PromptSession(
+            history=kept,
+            completer=WordCompleter(list(commands), sentence=True),
+            complete_while_typing=False,
+            complete_style=CompleteStyle.READLINE_LIKE,
+            key_bindings=keys,
+            enable_suspend=True,
+        )
+        self.session.app.before_render += lambda _app: on_draw()
+        self.bold = bold
+
+    def prompt(self, text: str) -> str:
+        # handle_sigint=False: the session's one SIGINT handler stays (see `Interrupts`)
+        return self.session.prompt([("bold", text)] if self.bold else text, handle_sigint=False)
+
+    def read(self) -> str:
+        """One message; KeyboardInterrupt on Ctrl-C, EOFError on Ctrl-D."""
+        first = self.prompt(">>> ")
+        if first.strip() != '"""':
+            return first
+        lines = []
+        while (line := self.prompt("... ")).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)

@@ -4,11 +4,15 @@ and Ctrl-D. What is checked is what the person sees on the screen and what /save
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +23,17 @@ pytestmark = pytest.mark.slow
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smollm2.py"
 TIMEOUT = 300  # seconds for one answer on a slow, shared 2-core machine
-PROMPT = ">>> "
+# A prompt being drawn: prompt_toolkit turns bracketed paste on whenever it starts reading a line
+# (and redraws the line as it is edited, so ">>>" alone also shows up before an answer).
+PROMPT = r"\x1b\[\?2004h.*?>>>"
 STATS = r"\[(\d+) tokens, [\d.]+ tok/s · prompt (\d+) new \+ (\d+) cached tokens[^\]]*\]"
+# the numbers of an answer that was not interrupted
+FINISHED = (
+    r"\[(\d+) tokens, [\d.]+ tok/s · prompt (\d+) new \+ (\d+) cached tokens, [\d.]+ s"
+    r"(?: · max_tokens reached)?\]"
+)
+# a prompt after a Ctrl-C: at most one more token of the answer, then its numbers and the prompt
+AFTER_CTRL_C = 120
 # The answer's live tokens/s is drawn after the text between save/restore-cursor escapes.
 LIVE_RATE = re.compile(r"\x1b7.*?\x1b8")
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -59,6 +72,7 @@ class Person:
         env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
         # ELM_MLX_CACHE: the input history goes there, not into the user's
         env.update(TERM="xterm-256color", HF_HUB_OFFLINE="1", ELM_MLX_CACHE=str(home))
+        env["PROMPT_TOOLKIT_NO_CPR"] = "1"  # pexpect answers no cursor position requests
         args = ["-m", "elm_mlx.cli.main", "chat", "-m", str(model_dir), *options]
         self.child = pexpect.spawn(
             sys.executable, args, env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 200)
@@ -72,7 +86,7 @@ class Person:
         shown = screen(self.child.before)
         numbers = self.child.match
         self.child.expect(PROMPT)
-        return shown.split(text, 1)[-1].strip(), numbers
+        return shown.rsplit(text, 1)[-1].strip(), numbers  # after the line's last redraw
 
     def command(self, text: str) -> str:
         self.child.sendline(text)
@@ -144,6 +158,98 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(model_dir, tmp_path):
     story, follow_up = messages(saved)[1], messages(saved)[2]
     assert story["role"] == "assistant" and story["content"]  # the partial answer was kept
     assert follow_up["content"] == "What was the story about?\nAnswer in one sentence."
+
+
+@contextlib.contextmanager
+def busy_machine() -> Iterator[None]:
+    """Every core spinning in another process, so that `elm chat` is descheduled at any moment."""
+    spin = [sys.executable, "-c", "while True: pass"]
+    hogs = [subprocess.Popen(spin) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+# The prompt of `elm chat` alone, echoing each message it reads.
+ECHO_PROMPT = """
+import sys
+from pathlib import Path
+from elm_mlx.cli.terminal import Interrupts, LineReader
+with Interrupts() as interrupts:
+    reader = LineReader(Path(sys.argv[1]), ["/help"], True, interrupts.prompt_drawn)
+    while True:
+        try:
+            print(f"read {reader.read()!r}")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            break
+"""
+
+
+def test_ctrl_c_at_the_prompt_comes_in_order_with_the_keys(tmp_path):
+    """Ctrl-C the moment a prompt is drawn, then a line typed at once, hundreds of times on a
+    loaded machine: every Ctrl-C gives a fresh prompt and every line after it is read (a Ctrl-C
+    that waited, as Python's readline lets one wait, would take the next line with it)."""
+    env = {**os.environ, "TERM": "xterm-256color", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(
+        sys.executable, ["-c", ECHO_PROMPT, str(tmp_path / "history")],
+        env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 200),
+    )  # fmt: skip
+    child.delaybeforesend = None
+    child.expect(PROMPT)
+    with busy_machine():
+        for i in range(300):
+            child.sendintr()
+            child.sendline(f"line {i}")
+            child.expect(PROMPT)  # the fresh line after Ctrl-C
+            child.expect(f"read 'line {i}'")
+            child.expect(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_a_second_ctrl_c_is_never_lost(model_dir, tmp_path):
+    """A Ctrl-C at many moments after a first one stopped an answer (while the answer stops and
+    its cache is trimmed, while its numbers print, while the prompt is drawn, at the prompt), on
+    a quiet and on a loaded machine: each time the chat is at a prompt that takes the next line,
+    and afterwards a plain turn answers with the whole conversation kept."""
+    person = Person(model_dir, tmp_path, "--max-tokens", "400")
+    child = person.child
+    child.delaybeforesend = None  # the delays below are the only ones between two keys
+    delays = [0.0, 0.002, 0.01, 0.03, 0.1, 0.3]
+    rounds = 0
+    for machine in (contextlib.nullcontext, busy_machine):
+        with machine():
+            for delay in delays:
+                child.sendline(f"Tell me a long story about dragon number {rounds + 1}.")
+                child.expect("tok/s")  # streaming
+                child.expect("tok/s")
+                child.sendintr()
+                time.sleep(delay)  # the moment under test, not a wait for the program
+                child.sendintr()
+                rounds += 1
+                # a command typed now is read and run: the second Ctrl-C was not held back
+                child.sendline("/stats")
+                child.expect(rf"conversation: {2 * rounds} messages;", timeout=AFTER_CTRL_C)
+                child.expect(PROMPT)
+
+    person.command("/set max_tokens 30")
+    child.sendline("What was the first story about? Answer in one sentence.")
+    child.expect(FINISHED)
+    numbers = child.match
+    child.expect(PROMPT)
+    assert int(numbers.group(3)) > int(numbers.group(2)) > 0  # the conversation came from the cache
+    saved = tmp_path / "dragons.json"
+    person.command(f"/save {saved}")
+    person.leave()
+    kept = messages(saved)
+    assert [m["role"] for m in kept] == ["user", "assistant"] * (rounds + 1)
+    assert all(m["content"] for m in kept)  # every stopped answer kept what it had said
+    assert kept[0]["content"] == "Tell me a long story about dragon number 1."
 
 
 def test_context_overflow_drops_old_turns(model_dir, tmp_path):

@@ -4,10 +4,12 @@ split between generated text (stdout) and statistics (stderr)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import numpy as np
 import pytest
+from elm_mlx.cli.chat import HELP
 from elm_mlx.cli.main import app
 from elm_mlx.convert import ConvertOptions
 from helpers import random_ids, write_hf_llama
@@ -15,6 +17,7 @@ from oracles import logits_of, torch_logits
 from typer.testing import CliRunner
 
 from elm_mlx import _blas, generate
+from elm_mlx.engine.chat_session import ChatSession
 from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.loader import load_model
 from elm_mlx.tokenizer import render_chat
@@ -28,6 +31,32 @@ def test_elm_help_in_a_real_process():
     assert proc.returncode == 0, proc.stderr
     for command in ("convert", "generate"):
         assert command in proc.stdout
+
+
+def first_sentence(doc: str) -> str:
+    """Up to the first full stop that ends a sentence (followed by a space or the end)."""
+    text = " ".join(doc.split())
+    end = next((i for i, c in enumerate(text) if c == "." and text[i + 1 : i + 2] in ("", " ")))
+    return text[: end + 1]
+
+
+def test_each_command_is_summed_up_by_its_first_sentence():
+    """`elm --help` lists each command with its docstring's first sentence, on one line;
+    `elm COMMAND --help` still shows the whole docstring."""
+    env = {**os.environ, "COLUMNS": "300"}  # wide enough that no summary needs wrapping
+    proc = subprocess.run(["elm", "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    top = next(i for i, line in enumerate(lines) if "Commands" in line)
+    rows = lines[top + 1 : next(i for i in range(top, len(lines)) if lines[i].startswith("╰"))]
+    listed = [row.strip("│ ").split(maxsplit=1) for row in rows]
+    commands = {c.name: c.callback.__doc__ for c in app.registered_commands}
+    assert [name for name, _ in listed] == list(commands)  # no row continues a summary
+    for name, summary in listed:
+        assert summary == first_sentence(commands[name])
+    for name in ("chat", "serve"):  # the two whose first sentence used to break
+        full = runner.invoke(app, [name, "--help"], env={"COLUMNS": "300"}).stdout
+        assert " ".join(commands[name].split()) in " ".join(full.replace("│", " ").split())
 
 
 @pytest.mark.parametrize(
@@ -125,3 +154,42 @@ def test_generate_chat_and_prompt_file(tiny, tmp_path):
     text = render_chat(tokenizer, messages, "openelm")
     assert text.endswith("<|assistant|>\n")  # OpenELM's Zephyr-style turns
     assert result.stdout == generate(model, tokenizer, text, max_tokens=8) + "\n"
+
+
+def test_chat_commands_in_a_script(tiny, tmp_path):
+    """Every /command of `elm chat`, its usage errors and an unknown one, read from a pipe:
+    what each says (on stderr) and does; the one message is answered as the library answers."""
+    folder = tiny.converted("llama")
+    model, tokenizer = tiny.load("llama")
+    session = ChatSession(
+        model, tokenizer, system="be brief", config=GenerationConfig(max_tokens=4)
+    )
+    expected = "".join(r.text for r in session.send("hello"))
+    saved = tmp_path / "chat.json"
+    said = [
+        ("/help", HELP),
+        ("/system be brief", "(system prompt set)"),
+        ("/system", "be brief"),
+        ("hello", ""),
+        ("/save", "usage: /save FILE"),
+        (f"/save {saved}", f"(saved 3 messages to {saved})"),
+        ("/reset", "(conversation cleared)"),
+        ("/stats", "conversation: 1 messages"),
+        ("/load", "usage: /load FILE"),
+        (f"/load {saved}", f"(loaded 3 messages from {saved})"),
+        ("/stats", "conversation: 3 messages"),
+        ("/set temp", "usage: /set temp|top_p|top_k|min_p|max_tokens|... VALUE"),
+        ("/set top_k 3", "(top_k = 3)"),
+        ("/set seed none", "(seed = none)"),
+        ("/frobnicate now", "unknown command '/frobnicate now'; /help lists them"),
+        ("/exit", ""),
+        ("never sent", ""),
+    ]
+    script = "".join(f"{line}\n" for line, _ in said)
+    result = runner.invoke(app, ["chat", "-m", str(folder), "--max-tokens", "4"], input=script)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+    at = 0
+    for _, reply in said:  # each reply, in order
+        at = result.stderr.index(reply, at)
+    assert json.loads(saved.read_text())["messages"] == session.messages

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,10 +101,13 @@ def check_output(out: Path, force: bool, source: Path | None = None) -> None:
 @contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
     """A hidden temporary sibling of `out` to write into; renamed to `out` when the block
-    succeeds, removed when it fails, so a half-written model folder never appears."""
+    succeeds, removed when it fails, so a half-written model folder never appears. Made with a
+    plain mkdir, not mkdtemp (mode 0700), so the model gets the usual permissions the umask
+    allows and other users or a service account can read it."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+        tmp.mkdir()
     except OSError as e:
         raise OutputError(
             f"cannot create {out}: {e.strerror or e} ({e.filename or out.parent}); "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import mlx.core as mx
@@ -68,6 +70,20 @@ def test_output_layout(tiny, family):
     # Same names as the HF checkpoint (modules mirror HF), minus what is recomputed or tied.
     hf_names = set(read_hf_tensors(src))
     assert set(tensors) == hf_names
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_output_folder_gets_the_usual_permissions(tiny, tmp_path, umask):
+    """The folder and its files get the modes the umask allows (0755/0644 under umask 022),
+    not the staging folder's 0700, so another user or a service account can read the model."""
+    old = os.umask(umask)
+    try:
+        out = convert_tiny(tiny.hf("llama"), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~umask}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
 
 
 def test_sharded_output_loads_the_same(tiny, tmp_path):

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import zlib
 from pathlib import Path
 
@@ -294,6 +296,19 @@ def test_fuse_keeps_the_stored_dtype(root, tmp_path):
         fused = mx.load(str(out / "model.safetensors"))
         assert {k: v.dtype for k, v in fused.items()} == {k: v.dtype for k, v in stored.items()}
         assert mx.float16 in {v.dtype for v in fused.values()}
+
+
+def test_fused_folder_gets_the_usual_permissions(root, tmp_path):
+    """Like the adapter folder: the modes the umask allows, not the staging folder's 0700."""
+    model, _ = lora_model(root / "llama")
+    save_adapters(model, tmp_path / "adapter", LoRAConfig())
+    old = os.umask(0o022)
+    try:
+        out = fuse(root / "llama", tmp_path / "adapter", tmp_path / "fused")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
 
 
 def test_cli_finetune_generate_fuse(root, tmp_path):

@@ -12,24 +12,9 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 import typer
 
 from ..convert.hub_cache import DEFAULT_BITS, cache_root, ensure_model
+from ..engine.config import GenerationConfig
 from ..errors import ChatError, ElmError, OptionError
-from .options import (
-    GENERATION,
-    Adapter,
-    ChatTemplate,
-    HfToken,
-    HubBits,
-    HubQuantize,
-    MaxNgram,
-    MinP,
-    PromptLookup,
-    RepetitionPenalty,
-    Seed,
-    Temp,
-    TopK,
-    TopP,
-    generation_config,
-)
+from .options import Adapter, ChatTemplate, HfToken, HubBits, HubQuantize, generation_options
 from .terminal import Interrupts, LineReader, Printer, Style
 
 if TYPE_CHECKING:
@@ -263,6 +248,10 @@ def turn(
     return True
 
 
+@generation_options(
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+    "prompt_lookup", "max_ngram",
+)  # fmt: skip
 def command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
@@ -270,17 +259,6 @@ def command(
     adapter: Adapter = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     chat_template: ChatTemplate = None,
-    max_tokens: Annotated[
-        int, typer.Option(help="Most new tokens per answer.")
-    ] = GENERATION.max_tokens,
-    temp: Temp = GENERATION.temperature,
-    top_p: TopP = GENERATION.top_p,
-    top_k: TopK = GENERATION.top_k,
-    min_p: MinP = GENERATION.min_p,
-    repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
-    seed: Seed = GENERATION.seed,
-    prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
-    max_ngram: MaxNgram = GENERATION.max_ngram,
     max_context: Annotated[
         int | None,
         typer.Option(help="Context length in tokens (default: the model's); older turns drop."),
@@ -288,6 +266,8 @@ def command(
     bits: HubBits = DEFAULT_BITS,
     quantize: HubQuantize = True,
     hf_token: HfToken = None,
+    *,
+    config: GenerationConfig,
 ) -> None:
     """Chat with a model in the terminal. The conversation's KV cache is kept, so each turn
     processes only its new tokens. A hub id is converted once into ~/.cache/elm-mlx (or
@@ -296,17 +276,6 @@ def command(
     from ..engine.chat_session import ChatSession, load_template
     from ..loader import load
 
-    config = generation_config(
-        max_tokens=max_tokens,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        prompt_lookup=prompt_lookup,
-        max_ngram=max_ngram,
-    )
     template = load_template(chat_template) if chat_template else None
     try:
         path = ensure_model(model, quantize=quantize, bits=bits, token=hf_token)

@@ -18,7 +18,7 @@ def command(
     dtype: Annotated[
         str | None,
         typer.Option(
-            help="float16, bfloat16 or float32 [default: float16; bfloat16 for OpenELM-3B]"
+            help="float16, bfloat16 or float32.", show_default="float16; bfloat16 for OpenELM-3B"
         ),
     ] = DEFAULTS.dtype,
     quantize: Annotated[
@@ -52,8 +52,8 @@ def command(
     calibration_file: Annotated[
         Path | None,
         typer.Option(
-            help="UTF-8 text to calibrate on; its tail is held out for perplexity "
-            "[default: the Python documentation bundled with Python]."
+            help="UTF-8 text to calibrate on; its tail is held out for perplexity.",
+            show_default="the Python documentation bundled with Python",
         ),
     ] = DEFAULTS.calibration_file,
     bpw: Annotated[

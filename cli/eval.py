@@ -82,7 +82,11 @@ def command(
         typer.Option(help="Text file whose perplexity to measure ('-' reads stdin; repeatable)."),
     ] = None,
     window: Annotated[
-        int | None, typer.Option(help="Perplexity window in tokens (default: the model's context).")
+        int | None,
+        typer.Option(
+            help="Perplexity window in tokens (default: the model's whole context, e.g. 8192 for "
+            "SmolLM2: slow on a CPU, where 512 or 1024 is quicker)."
+        ),
     ] = DEFAULTS.window,
     stride: Annotated[
         int | None,
@@ -113,7 +117,7 @@ def command(
     Perplexity: in windows of the model's context (--window, --stride);
     prints tokens, perplexity, bits per byte and time.
 
-    Tasks: lm-eval's names, e.g. arc_easy,hellaswag (pip install lm-eval).
+    Tasks: lm-eval's names, e.g. arc_easy,hellaswag (pip install 'elm-mlx\\[eval]').
 
     Data-parallel: mlx.launch -n 2 -- elm eval ...
     """

@@ -5,27 +5,17 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..engine.config import GenerationConfig
 from ..errors import GenerationError
-from .options import (
-    GENERATION,
-    Adapter,
-    DraftModel,
-    MaxNgram,
-    MaxTokens,
-    MinP,
-    NumDraft,
-    PromptLookup,
-    RepetitionPenalty,
-    Seed,
-    Temp,
-    TopK,
-    TopP,
-    generation_config,
-)
+from .options import Adapter, DraftModel, generation_options
+
+if TYPE_CHECKING:
+    from ..engine.generation import GenerationResponse
+    from ..tokenizer import Tokenizer
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -39,6 +29,24 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise GenerationError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from e
 
 
+def ended_at_once(last: GenerationResponse, tokenizer: Tokenizer) -> bool:
+    """The first new token was end-of-sequence: the answer is empty by the model's choice."""
+    return last.generation_tokens == 1 and last.token in tokenizer.eos_token_ids
+
+
+def empty_answer_notice(chat: bool) -> str:
+    if chat:
+        return "(empty answer: the model ended its turn at once)"
+    return (
+        "(empty answer: the model ended at once. An Instruct model expects its chat format: "
+        "try --chat)"
+    )
+
+
+@generation_options(
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+    "prompt_lookup", "max_ngram", "num_draft",
+)  # fmt: skip
 def command(
     model: Annotated[str, typer.Option("--model", "-m", help="MLX model folder or hub id.")],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
@@ -47,24 +55,13 @@ def command(
     ] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat format.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    max_tokens: MaxTokens = GENERATION.max_tokens,
-    temp: Temp = GENERATION.temperature,
-    top_p: TopP = GENERATION.top_p,
-    top_k: TopK = GENERATION.top_k,
-    min_p: MinP = GENERATION.min_p,
-    repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
-    seed: Seed = GENERATION.seed,
-    stop: Annotated[
-        list[str] | None, typer.Option(help="Stop at this string (repeatable).")
-    ] = None,
-    prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
-    max_ngram: MaxNgram = GENERATION.max_ngram,
     draft_model: DraftModel = None,
-    num_draft: NumDraft = GENERATION.num_draft,
     adapter: Adapter = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print backend and speculation details.")
     ] = False,
+    *,
+    config: GenerationConfig,
 ) -> None:
     """Generate text from a prompt. The text goes to stdout; speeds and memory to stderr."""
     import mlx.core as mx
@@ -78,20 +75,7 @@ def command(
         text = sys.stdin.read()
     else:
         text = read_prompt(prompt, prompt_file)
-    config = generation_config(  # checked before anything is loaded
-        max_tokens=max_tokens,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop,
-        prompt_lookup=prompt_lookup,
-        max_ngram=max_ngram,
-        num_draft=num_draft,
-    )
-    if draft_model and prompt_lookup:
+    if draft_model and config.prompt_lookup:
         raise GenerationError("give --prompt-lookup or --draft-model, not both")
     lm, tokenizer = load(model, adapter_path=adapter)
     if draft_model:
@@ -103,11 +87,14 @@ def command(
         text = render_chat(tokenizer, messages, lm.model_type)
     if verbose:
         typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)
-    last = None
+    last, printed = None, ""
     for last in stream_generate(lm, tokenizer, text, config):
         sys.stdout.write(last.text)
         sys.stdout.flush()
+        printed += last.text
     sys.stdout.write("\n")
+    if last is not None and not printed and ended_at_once(last, tokenizer):
+        typer.echo(empty_answer_notice(chat), err=True)
     if last is not None:
         typer.echo(
             f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"

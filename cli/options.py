@@ -1,41 +1,108 @@
-"""What several commands share: sampling options (their defaults stay in GenerationConfig), the
-one place a GenerationConfig is built from flags, and the flag that names a library option."""
+"""What several commands share: the generation flags, declared once here (their defaults are
+GenerationConfig's), the model-loading flags, and the flag that names a library option."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from ..engine.config import GenerationConfig
-from ..models import CausalLM
 
 GENERATION = GenerationConfig()  # the defaults the options show
+PANEL = "Generation options"  # their own section of --help
 
-MaxTokens = Annotated[int, typer.Option(help="Most new tokens.")]
-Temp = Annotated[float, typer.Option(help="Temperature; 0 is greedy.")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.")]
-TopK = Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")]
-MinP = Annotated[float, typer.Option(help="Drop tokens below min_p * p_max.")]
-RepetitionPenalty = Annotated[
-    float | None, typer.Option(help="Hugging Face repetition penalty (1.0: none).")
-]
-Seed = Annotated[int | None, typer.Option(help="Random seed.")]
-PromptLookup = Annotated[
-    int | None, typer.Option(help="Prompt-lookup speculative decoding: tokens proposed per step.")
-]
-MaxNgram = Annotated[int, typer.Option(help="Longest n-gram prompt lookup matches.")]
+
+@dataclass(frozen=True)
+class GenerationFlag:
+    """A GenerationConfig field as a command-line option."""
+
+    type: Any  # what the command line parses (a list for a repeatable flag)
+    help: str
+    name: str | None = None  # the flag, when it is not `--` + the field name with dashes
+
+
+GENERATION_FLAGS: dict[str, GenerationFlag] = {
+    "max_tokens": GenerationFlag(int, "Most new tokens (per answer in a chat)."),
+    "temperature": GenerationFlag(float, "Temperature; 0 is greedy.", "--temp"),
+    "top_p": GenerationFlag(float, "Nucleus sampling: the smallest set of tokens with this mass."),
+    "top_k": GenerationFlag(int, "Keep the k most likely tokens (0: all)."),
+    "min_p": GenerationFlag(float, "Drop tokens below min_p * p_max."),
+    "repetition_penalty": GenerationFlag(
+        float | None, "Hugging Face repetition penalty (1.0: none)."
+    ),
+    "seed": GenerationFlag(int | None, "Random seed."),
+    "stop": GenerationFlag(list[str] | None, "Stop at this string (repeatable)."),
+    "prompt_lookup": GenerationFlag(
+        int | None, "Prompt-lookup speculative decoding: tokens proposed per step."
+    ),
+    "max_ngram": GenerationFlag(int, "Longest n-gram prompt lookup matches."),
+    "num_draft": GenerationFlag(int, "Tokens the draft model proposes per step."),
+}
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a library option (a dataclass field name)."""
+    known = GENERATION_FLAGS.get(option)
+    return (known and known.name) or "--" + option.replace("_", "-")
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def generation_options(*fields: str) -> Callable[[Command], Command]:
+    """Give a command the flags of these GenerationConfig fields. The command declares a
+    keyword `config: GenerationConfig` instead, and receives them in it, validated before the
+    command runs (an OptionError names the field; the CLI turns it into the flag)."""
+    unknown = set(fields) - set(GENERATION_FLAGS)
+    assert not unknown, f"no generation flag for {unknown}"
+
+    def option(field: str) -> inspect.Parameter:
+        spec, default = GENERATION_FLAGS[field], getattr(GENERATION, field)
+        info = typer.Option(flag(field), help=spec.help, rich_help_panel=PANEL)
+        return inspect.Parameter(
+            field,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[spec.type, info],
+            default=None if default == () else default,  # a repeatable flag: none given
+        )
+
+    def decorate(command: Command) -> Command:
+        own = inspect.signature(command, eval_str=True).parameters
+        assert "config" in own, f"{command.__name__} must take `config: GenerationConfig`"
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.values()]
+        params = [p for p in params if p.name != "config"] + [option(f) for f in fields]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            flags = {f: values.pop(f) for f in fields}
+            if "stop" in flags:
+                flags["stop"] = tuple(flags["stop"] or ())
+            config = GenerationConfig(**flags)
+            config.validate()
+            return command(**values, config=config)
+
+        wrapper.__signature__ = inspect.Signature(params)  # what typer reads
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+# Options that are no GenerationConfig field but still shared.
 DraftModel = Annotated[
     str | None, typer.Option(help="Draft model (folder or hub id) for speculative decoding.")
 ]
-NumDraft = Annotated[int, typer.Option(help="Tokens the draft model proposes per step.")]
 Adapter = Annotated[Path | None, typer.Option(help="LoRA adapter folder.")]
 ChatTemplate = Annotated[
     Path | None,
     typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
 ]
-# A hub id given as --model is converted once into the local cache (convert/cache.py).
+# A hub id given as --model is converted once into the local cache (convert/hub_cache.py).
 HubBits = Annotated[int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")]
 HubQuantize = Annotated[
     bool, typer.Option(help="For a hub id: --no-quantize keeps float16 weights.")
@@ -43,45 +110,3 @@ HubQuantize = Annotated[
 HfToken = Annotated[
     str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
 ]
-
-# Library option names whose flag is not `--` + the name with dashes.
-RENAMED_FLAGS = {"temperature": "--temp"}
-
-
-def flag(option: str) -> str:
-    """The command-line flag of a library option (a dataclass field name)."""
-    return RENAMED_FLAGS.get(option, "--" + option.replace("_", "-"))
-
-
-def generation_config(
-    *,
-    max_tokens: int,
-    temp: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float | None,
-    seed: int | None,
-    prompt_lookup: int | None,
-    max_ngram: int,
-    stop: list[str] | None = None,
-    draft_model: CausalLM | None = None,
-    num_draft: int = GENERATION.num_draft,
-) -> GenerationConfig:
-    """The GenerationConfig of the sampling flags (validated: an OptionError names the field)."""
-    config = GenerationConfig(
-        max_tokens=max_tokens,
-        temperature=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=tuple(stop or ()),
-        prompt_lookup=prompt_lookup,
-        max_ngram=max_ngram,
-        draft_model=draft_model,
-        num_draft=num_draft,
-    )
-    config.validate()
-    return config

@@ -9,26 +9,17 @@ from typing import Annotated
 import typer
 
 from ..convert.hub_cache import DEFAULT_BITS, ensure_model
+from ..engine.config import GenerationConfig
 from ..errors import GenerationError
 from ..server.options import ServeOptions
 from .options import (
-    GENERATION,
     Adapter,
     ChatTemplate,
     DraftModel,
     HfToken,
     HubBits,
     HubQuantize,
-    MaxNgram,
-    MaxTokens,
-    MinP,
-    NumDraft,
-    PromptLookup,
-    RepetitionPenalty,
-    Temp,
-    TopK,
-    TopP,
-    generation_config,
+    generation_options,
 )
 
 SERVE = ServeOptions()  # the defaults the options show
@@ -40,15 +31,16 @@ def served_id(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
+@generation_options(
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "prompt_lookup", "max_ngram", "num_draft",
+)  # fmt: skip
 def command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
     ],
     adapter: Adapter = None,
     draft_model: DraftModel = None,
-    num_draft: NumDraft = GENERATION.num_draft,
-    prompt_lookup: PromptLookup = GENERATION.prompt_lookup,
-    max_ngram: MaxNgram = GENERATION.max_ngram,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = SERVE.host,
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = SERVE.port,
     api_key: Annotated[
@@ -87,15 +79,11 @@ def command(
         int | None, typer.Option(help="Context length in tokens (default: the model's).")
     ] = SERVE.max_context,
     chat_template: ChatTemplate = None,
-    max_tokens: MaxTokens = GENERATION.max_tokens,
-    temp: Temp = GENERATION.temperature,
-    top_p: TopP = GENERATION.top_p,
-    top_k: TopK = GENERATION.top_k,
-    min_p: MinP = GENERATION.min_p,
-    repetition_penalty: RepetitionPenalty = GENERATION.repetition_penalty,
     bits: HubBits = DEFAULT_BITS,
     quantize: HubQuantize = True,
     hf_token: HfToken = None,
+    *,
+    config: GenerationConfig,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models) until Ctrl-C. The sampling options are the defaults of requests that do not
@@ -104,19 +92,7 @@ def command(
     from ..loader import load
     from ..server.run import serve
 
-    defaults = generation_config(  # checked before anything is loaded
-        max_tokens=max_tokens,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=None,
-        prompt_lookup=prompt_lookup,
-        max_ngram=max_ngram,
-        num_draft=num_draft,
-    )
-    if draft_model and prompt_lookup:
+    if draft_model and config.prompt_lookup:
         raise GenerationError("give --prompt-lookup or --draft-model, not both")
     options = ServeOptions(
         host=host,
@@ -140,7 +116,7 @@ def command(
         lm, tokenizer = load(path, adapter_path=adapter)
         if draft_model:
             draft_path = ensure_model(draft_model, quantize=quantize, bits=bits, token=hf_token)
-            defaults = replace(defaults, draft_model=load(draft_path)[0])
+            config = replace(config, draft_model=load(draft_path)[0])
     except KeyboardInterrupt:  # while converting or loading
         raise typer.Exit(130) from None
-    serve(lm, tokenizer, served_id(model), defaults, options)
+    serve(lm, tokenizer, served_id(model), config, options)  # config: the requests' defaults

@@ -2,8 +2,11 @@
 
 The Linux `mlx[cpu]` wheel bundles the reference BLAS, about 100x slower on a 2048x2048 matmul
 than OpenBLAS. Loading OpenBLAS with RTLD_GLOBAL *before* mlx is imported makes the dynamic
-linker resolve MLX's BLAS symbols to it. This module imports nothing from mlx on purpose.
-Set ELM_BLAS=reference to keep the bundled one.
+linker resolve MLX's BLAS symbols to it. After the import it is too late: Python opens
+extension modules with RTLD_NOW (sys.getdlopenflags()), so libmlx's BLAS symbols are bound to
+the bundled library as mlx.core loads (LD_DEBUG=bindings shows it), and a library loaded later
+is never consulted. Only LD_PRELOAD, set before Python starts, works in any import order.
+This module imports nothing from mlx on purpose. Set ELM_BLAS=reference to keep the bundled one.
 """
 
 from __future__ import annotations
@@ -35,17 +38,22 @@ def use_openblas() -> str | None:
     if "mlx.core" in sys.modules:
         # Too late: mlx already bound the bundled BLAS (loading OpenBLAS now changes nothing).
         if not _openblas_mapped():
-            warnings.warn(
-                "mlx was imported before elm_mlx, so MLX keeps its bundled reference BLAS "
-                "(matmuls ~20-100x slower on CPU). Import elm_mlx first, or run with "
-                f"LD_PRELOAD={candidate}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warnings.warn(too_late(candidate), RuntimeWarning, stacklevel=3)
         return None
     ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
     _loaded = candidate
     return candidate
+
+
+def too_late(candidate: str) -> str:
+    return (
+        "mlx was imported before elm_mlx, so MLX is bound to its bundled reference BLAS "
+        "(matmuls 20-100x slower on this CPU) and elm can no longer change that. Put a plain "
+        "`import elm_mlx` line above every `import mlx...` (and `import mlx_lm`) of your "
+        "program; import sorting (isort, ruff) keeps it there, while it moves a "
+        "`from elm_mlx import ...` line below them. Or start Python with "
+        f"LD_PRELOAD={candidate}"
+    )
 
 
 def _openblas_mapped() -> bool:

@@ -10,7 +10,8 @@
 - MLX folders written straight from our modules (whose parameter names are the HF ones): for
   training (`write_lora_model`, `write_jsonl`), speculative decoding (`spec_model`) and chat
   (`write_tiny_chat_model`); weights are seeded, so each builder gives the same model each time;
-- local lm-eval tasks (`write_eval_tasks`) and the real SmolLM2 example (`load_smollm2_example`).
+- local lm-eval tasks (`write_eval_tasks`) and the real SmolLM2 example (`load_smollm2_example`,
+  and its float32 conversion `smollm2_fp32_folder`).
 
 What the tests compare these with (transformers, mlx-lm, exact distributions) is in oracles.py.
 """
@@ -857,3 +858,23 @@ def load_smollm2_example() -> ModuleType:
     sys.modules["smollm2"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def smollm2_fp32_folder() -> Path:
+    """The real SmolLM2-135M-Instruct in float32, converted once beside the HF folder (where
+    scripts/demo.sh puts it on Linux) and reused.
+
+    Not the 8-bit folder other tests use: MLX's CPU backend multiplies quantized weights by
+    more than one row ~25x slower than float32 ones (20 s for a 96-token forward pass here),
+    which would make a training test take a quarter of an hour."""
+    from elm_mlx.errors import OutputError
+
+    smollm2 = load_smollm2_example()
+    hf = smollm2.build_hf_folder(smollm2.default_cache_dir())
+    out = hf.parent / "smollm2-135m-instruct-fp32"
+    if not (out / "config.json").exists():
+        try:
+            convert(hf, out, ConvertOptions(dtype="float32"), progress=False)
+        except OutputError:  # another process converted it meanwhile
+            assert (out / "config.json").exists()
+    return out

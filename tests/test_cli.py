@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -16,7 +17,7 @@ from helpers import random_ids, write_hf_llama
 from oracles import logits_of, torch_logits
 from typer.testing import CliRunner
 
-from elm_mlx import _blas, generate
+from elm_mlx import _blas, generate, stream_generate
 from elm_mlx.engine.chat_session import ChatSession
 from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.loader import load_model
@@ -193,3 +194,24 @@ def test_chat_commands_in_a_script(tiny, tmp_path):
     for _, reply in said:  # each reply, in order
         at = result.stderr.index(reply, at)
     assert json.loads(saved.read_text())["messages"] == session.messages
+
+
+def test_generate_says_why_an_answer_is_empty(tiny, tmp_path):
+    """When the first new token ends the answer, stdout is empty and stderr says so (hinting
+    --chat); an answer that does not end at once gets no such notice. The model's greedy
+    first token is made its end-of-sequence token by listing it in config.json."""
+    model, tokenizer = tiny.load("llama")
+    first = next(stream_generate(model, tokenizer, PROMPT, max_tokens=1)).token
+    folder = tmp_path / "ends-at-once"
+    shutil.copytree(tiny.converted("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], first]
+    (folder / "config.json").write_text(json.dumps(config))
+    args = ["generate", "-m", str(folder), "--max-tokens", "8", "-p"]
+    result = runner.invoke(app, [*args, PROMPT])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "\n"
+    assert "empty answer: the model ended at once" in result.stderr and "--chat" in result.stderr
+    other = runner.invoke(app, [*args, "the quick brown fox"])
+    assert other.exit_code == 0, other.stderr
+    assert other.stdout.strip() and "empty answer" not in other.stderr

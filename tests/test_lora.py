@@ -18,7 +18,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from elm_mlx.cli.main import app
-from helpers import LORA_CONFIGS, train_spm_tokenizer, write_jsonl, write_lora_model
+from helpers import (
+    LORA_CONFIGS,
+    smollm2_fp32_folder,
+    train_spm_tokenizer,
+    write_jsonl,
+    write_lora_model,
+)
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
@@ -430,31 +436,9 @@ def test_grad_checkpointing_trains_the_same_adapter(root, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_fp32() -> Path:
-    """The real SmolLM2-135M-Instruct in float32 (built once, cached beside the HF folder).
-
-    Not the 8-bit folder other tests use: MLX's CPU backend multiplies quantized weights by
-    more than one row ~25x slower than float32 ones (20 s for a 96-token forward pass here),
-    which would make a training test take a quarter of an hour. QLoRA is covered by the tiny
-    quantized models above.
-    """
-    import importlib.util
-
-    from elm_mlx.convert import ConvertOptions, convert
-
-    from elm_mlx.errors import OutputError
-
-    example = Path(__file__).resolve().parent.parent / "examples" / "smollm2.py"
-    spec = importlib.util.spec_from_file_location("smollm2_example", example)
-    smollm2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smollm2)
-    hf = smollm2.build_hf_folder(smollm2.default_cache_dir())
-    out = hf.parent / "smollm2-135m-instruct-fp32"
-    if not (out / "config.json").exists():
-        try:
-            convert(hf, out, ConvertOptions(dtype="float32"), progress=False)
-        except OutputError:  # another process converted it meanwhile
-            assert (out / "config.json").exists()
-    return out
+    """The real SmolLM2 in float32 (see helpers); QLoRA is covered by the tiny quantized models
+    above."""
+    return smollm2_fp32_folder()
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ def generation_options(*fields: str) -> Callable[[Command], Command]:
     keyword `config: GenerationConfig` instead, and receives them in it, validated before the
     command runs (an OptionError names the field; the CLI turns it into the flag)."""
     unknown = set(fields) - set(GENERATION_FLAGS)
-    assert not unknown, f"no generation flag for {unknown}"
+    if unknown:
+        raise ValueError(f"no generation flag for {sorted(unknown)}")
 
     def option(field: str) -> inspect.Parameter:
         spec, default = GENERATION_FLAGS[field], getattr(GENERATION, field)
@@ -74,7 +75,8 @@ def generation_options(*fields: str) -> Callable[[Command], Command]:
 
     def decorate(command: Command) -> Command:
         own = inspect.signature(command, eval_str=True).parameters
-        assert "config" in own, f"{command.__name__} must take `config: GenerationConfig`"
+        if "config" not in own:
+            raise TypeError(f"{command.__name__} must take a keyword `config: GenerationConfig`")
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.values()]
         params = [p for p in params if p.name != "config"] + [option(f) for f in fields]
 
@@ -82,10 +84,8 @@ def generation_options(*fields: str) -> Callable[[Command], Command]:
         def wrapper(**values: Any) -> Any:
             flags = {f: values.pop(f) for f in fields}
             if "stop" in flags:
-                flags["stop"] = tuple(flags["stop"] or ())
-            config = GenerationConfig(**flags)
-            config.validate()
-            return command(**values, config=config)
+                flags["stop"] = flags["stop"] or ()  # none given
+            return command(**values, config=GenerationConfig(**flags).normalized())
 
         wrapper.__signature__ = inspect.Signature(params)  # what typer reads
         return wrapper  # type: ignore[return-value]

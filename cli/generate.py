@@ -87,11 +87,11 @@ def command(
         text = render_chat(tokenizer, messages, lm.model_type)
     if verbose:
         typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)
-    last, printed = None, ""
+    last, printed = None, False
     for last in stream_generate(lm, tokenizer, text, config):
         sys.stdout.write(last.text)
         sys.stdout.flush()
-        printed += last.text
+        printed = printed or bool(last.text)
     sys.stdout.write("\n")
     if last is not None and not printed and ended_at_once(last, tokenizer):
         typer.echo(empty_answer_notice(chat), err=True)

@@ -15,6 +15,7 @@ import pytest
 import typer
 from elm_mlx.cli.main import app
 from helpers import smollm2_fp32_folder, write_tiny_chat_model
+from serving import Server
 from typer.testing import CliRunner
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -158,19 +159,12 @@ def test_readme_client_snippet_runs_against_elm_serve(snippet_env):
     work, env = snippet_env
     (code,) = python_blocks(command_section("serve"))
     assert README_URL in code
-    model = README_MODEL.replace("~", env["HOME"])
-    server = subprocess.Popen(
-        [sys.executable, "-m", "elm_mlx.cli.main", "serve", "-m", model, "--port", "0",
-         "--max-tokens", "16"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
+    model = Path(README_MODEL.replace("~", env["HOME"]))
+    server = Server(model, work / "serve.log", "--max-tokens", "16")
     try:
-        line = server.stdout.readline()  # "elm serve: http://127.0.0.1:PORT/v1 ..."
-        assert line.startswith("elm serve: http://127.0.0.1:"), line
-        result = run_python(code.replace(README_URL, line.split()[2]), work, env)
+        result = run_python(code.replace(README_URL, server.url), work, env)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 

@@ -15,7 +15,7 @@ connections open), for as long as the normal load runs:
   trickled in.
 
     python benchmarks/bench_abuse.py [--model FOLDER] [--clients 2] [--requests 12]
-                                     [--max-tokens 16] [--kinds a,b] [--json FILE]
+                                     [--max-tokens 16] [--kinds "a|b"] [--json FILE]
 
 Each abused run is compared with a quiet run of the same load just before it (a busy machine's
 load drifts). Goal: p99 within 1.5x of the quiet run for every kind. Prints a table and a JSON
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--kinds", default=None, help="comma-separated subset of the abusers")
+    parser.add_argument("--kinds", default=None, help="a subset of the abusers, separated by |")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     folder = args.model or smollm2.build_hf_folder(smollm2.default_cache_dir())
@@ -238,7 +238,7 @@ def main() -> None:
     try:
         normal_load(server, args.clients, 2, args.max_tokens)  # warm up
         for kind, abuser in abusers(server, longest).items():
-            if args.kinds and kind not in args.kinds.split(","):
+            if args.kinds and kind not in args.kinds.split("|"):
                 continue
             quiet = load()  # just before: the busy machine's load drifts
             # a process of its own: its client work must not take the normal clients' GIL

@@ -10,13 +10,8 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import GenerationError, OptionError
 from ..models import PREFILL_STEP_SIZE, CausalLM
-from .sampling import (
-    ConstraintSpec,
-    LogitsProcessor,
-    Transform,
-    make_logits_processors,
-    make_transform,
-)
+from .constraint import ConstraintSpec
+from .sampling import LogitsProcessor, Transform, make_logits_processors, make_transform
 
 # Bounds on what one request may cost per step (a server takes these fields from strangers):
 # a proposal of k tokens makes every verify pass of its batch k + 1 tokens wide, and speculation
@@ -46,7 +41,7 @@ class GenerationConfig:
     max_ngram: int = 3
     draft_model: CausalLM | None = field(default=None, compare=False, repr=False)
     num_draft: int = 4
-    # the output must match this (JSON schema, regular expression, grammar)
+    # the output must match this (JSON schema, JSON object, regular expression, grammar)
     constraint: ConstraintSpec | None = None
 
     def validate(self) -> None:
@@ -84,6 +79,12 @@ class GenerationConfig:
                 raise OptionError(name, f"{problem}, got {reprlib.repr(getattr(self, name))}")
         if self.prompt_lookup and self.draft_model is not None:
             raise OptionError("prompt_lookup", "and a draft model cannot be combined: use one")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, ConstraintSpec):
+                raise OptionError(
+                    "constraint", f"must be a ConstraintSpec, got {self.constraint!r}"
+                )
+            self.constraint.validate()
 
     def normalized(self) -> GenerationConfig:
         """This config with a lone stop string made a tuple, validated (OptionError)."""

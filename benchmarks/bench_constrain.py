@@ -9,7 +9,8 @@ ahead during the forward pass, unpacked into (V,) bools; `to_mx` = that as an mx
 = mx.where on the logits, evaluated; `total` = the three. The answer's tokens are then replayed:
 the forward passes alone (`step`), and llguidance's mask computed with no overlap, right after
 each forward pass (`cold`) and again at once (`hot`). Goal (issue 15): mask <= 250 us p50, under 5% of a 5 ms Metal step of
-a 270M model. Prints a table and a JSON line.
+a 270M model. Then decode throughput through the engine (BatchGenerator), constrained vs
+unconstrained, alone and 8 at once (goal: >= 0.9x). Prints tables and a JSON line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import mlx.core as mx
 import numpy as np
 
 from elm_mlx import _blas
+from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.engine.constraint import ConstraintSpec, apply_mask, bridge
+from elm_mlx.engine.scheduler import BatchGenerator, Request
 from elm_mlx.loader import load
 from elm_mlx.models import make_cache
 from elm_mlx.tokenizer import encode_prompt, render_chat
@@ -143,11 +146,62 @@ def run_schema(model, tokenizer, prompt: list[int], spec: ConstraintSpec, max_to
     return tokenizer.decode(tokens), compile_s, times
 
 
+def decode_rate(model, tokenizer, prompts: list[list[int]], configs: list[GenerationConfig]):
+    """Decode tokens/s of the engine with these requests together: B / the median time of
+    the steps during which all B rows run (prefill apart)."""
+    gen = BatchGenerator(model, tokenizer, max_batch=len(prompts))
+    for prompt, config in zip(prompts, configs, strict=True):
+        gen.add(Request(prompt, config))
+    full: list[float] = []
+    while gen.has_work:
+        t0 = time.perf_counter()
+        events = gen.step()
+        seconds = time.perf_counter() - t0
+        if len(events) == len(prompts) and gen.active == len(prompts):
+            full.append(seconds)
+    return len(prompts) / statistics.median(full) if full else float("nan"), len(full)
+
+
+def throughput(model, tokenizer, rounds: int, max_tokens: int) -> list[dict]:
+    """Constrained (each request its schema) vs unconstrained decoding, alone and 8 at once,
+    in alternating rounds so that both see the same machine load."""
+    specs = [
+        ConstraintSpec.json_schema(s) if s else ConstraintSpec("json_object")
+        for s in SCHEMAS.values()
+    ]
+    rows = []
+    for batch in (1, 8):
+        prompts, constrained, free = [], [], []
+        for i in range(batch):
+            spec = specs[i % len(specs)]
+            question = f"Write a JSON record about city number {i} and its weather."
+            messages = [{"role": "user", "content": question}]
+            text = render_chat(tokenizer, messages, model.model_type)
+            prompts.append(encode_prompt(tokenizer, text))
+            free.append(GenerationConfig(max_tokens=max_tokens))
+            constrained.append(GenerationConfig(max_tokens=max_tokens, constraint=spec))
+        rates: dict[str, list[float]] = {"free": [], "constrained": []}
+        for _ in range(rounds):
+            rates["free"].append(decode_rate(model, tokenizer, prompts, free)[0])
+            rates["constrained"].append(decode_rate(model, tokenizer, prompts, constrained)[0])
+        f, c = statistics.median(rates["free"]), statistics.median(rates["constrained"])
+        rows.append(
+            {
+                "batch": batch,
+                "free_tps": round(f, 1),
+                "constrained_tps": round(c, 1),
+                "ratio": round(c / f, 3),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2-135M (HF)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2, help="answers per schema")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (0: none)")
     args = parser.parse_args()
     folder = args.model or smollm2.build_hf_folder(smollm2.default_cache_dir())
     model, tokenizer = load(folder)
@@ -195,6 +249,12 @@ def main() -> None:
         summary[f"{k}_p50_us"] = round(us(merged_all[k], 50), 1)
         summary[f"{k}_p99_us"] = round(us(merged_all[k], 99), 1)
     summary["rows"] = rows
+    if args.rounds:
+        tput = throughput(model, tokenizer, args.rounds, args.max_tokens)
+        print("batch | unconstrained tok/s | constrained tok/s | ratio")
+        for r in tput:
+            print(f"{r['batch']} | {r['free_tps']} | {r['constrained_tps']} | {r['ratio']}")
+        summary["throughput"] = tput
     print(json.dumps(summary))
 
 

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
 from ..convert.hub_cache import DEFAULT_BITS, cache_root, ensure_model
 from ..engine.config import GenerationConfig
 from ..errors import ChatError, ElmError, OptionError
+from .constraint_options import JsonSchema, constraint_spec, schema_spec
 from .options import Adapter, ChatTemplate, HfToken, HubBits, HubQuantize, generation_options
 from .terminal import Interrupts, LineReader, Printer, Style
 
@@ -27,11 +28,12 @@ HELP = '''commands:
   /load FILE         continue a conversation written by /save
   /stats             tokens, speed, memory and cache size
   /set NAME VALUE    change temp, top_p, top_k, min_p, max_tokens, repetition_penalty, seed
+  /set json_schema FILE|none   answers are JSON valid against the schema in FILE (or free)
   /quit              leave (Ctrl-D too)
 Ctrl-C stops an answer. A paste of several lines is one message; so is text between two
 lines holding only """.'''
 # `/set NAME VALUE`: the GenerationConfig fields a chat may change, and how to read the value.
-SETTINGS: dict[str, tuple[str, type]] = {
+SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "temp": ("temperature", float),
     "top_p": ("top_p", float),
     "top_k": ("top_k", int),
@@ -39,8 +41,9 @@ SETTINGS: dict[str, tuple[str, type]] = {
     "max_tokens": ("max_tokens", int),
     "repetition_penalty": ("repetition_penalty", float),
     "seed": ("seed", int),
+    "json_schema": ("constraint", schema_spec),
 }
-NULLABLE = {"repetition_penalty", "seed"}  # these also take "none"
+NULLABLE = {"repetition_penalty", "seed", "json_schema"}  # these also take "none"
 
 
 def answer(
@@ -124,6 +127,8 @@ def set_option(session: ChatSession, name: str, value: str) -> None:
         parsed = None if name in NULLABLE and value.lower() == "none" else kind(value)
     except ValueError as e:
         raise ChatError(f"/set {name}: {value!r} is not a {kind.__name__}") from e
+    except OptionError as e:  # a schema file that cannot be read or used
+        raise ChatError(f"/set {name} {value}: {e.problem}") from e
     config = replace(session.config, **{field: parsed})
     try:
         config.validate()
@@ -266,16 +271,18 @@ def command(
     bits: HubBits = DEFAULT_BITS,
     quantize: HubQuantize = True,
     hf_token: HfToken = None,
+    json_schema: JsonSchema = None,
     *,
     config: GenerationConfig,
 ) -> None:
     """Chat with a model in the terminal. The conversation's KV cache is kept, so each turn
     processes only its new tokens. A hub id is converted once into ~/.cache/elm-mlx (or
     $ELM_MLX_CACHE). With standard input not a terminal, each line is one message and the
-    answers go to stdout."""
+    answers go to stdout. --json-schema FILE makes every answer JSON valid against it."""
     from ..engine.chat_session import ChatSession, load_template
     from ..loader import load
 
+    config = replace(config, constraint=constraint_spec(json_schema))
     template = load_template(chat_template) if chat_template else None
     try:
         path = ensure_model(model, quantize=quantize, bits=bits, token=hf_token)

@@ -11,6 +11,7 @@ import typer
 
 from ..engine.config import GenerationConfig
 from ..errors import GenerationError
+from .constraint_options import Grammar, JsonObject, JsonSchema, Regex, constraint_spec
 from .options import Adapter, DraftModel, generation_options
 
 if TYPE_CHECKING:
@@ -57,13 +58,18 @@ def command(
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
     draft_model: DraftModel = None,
     adapter: Adapter = None,
+    json_schema: JsonSchema = None,
+    json_object: JsonObject = False,
+    regex: Regex = None,
+    grammar: Grammar = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print backend and speculation details.")
     ] = False,
     *,
     config: GenerationConfig,
 ) -> None:
-    """Generate text from a prompt. The text goes to stdout; speeds and memory to stderr."""
+    """Generate text from a prompt. The text goes to stdout; speeds and memory to stderr.
+    --json-schema, --json, --regex or --grammar constrain the output to match (one at most)."""
     import mlx.core as mx
 
     from .. import _blas
@@ -77,7 +83,10 @@ def command(
         text = read_prompt(prompt, prompt_file)
     if draft_model and config.prompt_lookup:
         raise GenerationError("give --prompt-lookup or --draft-model, not both")
+    config = replace(config, constraint=constraint_spec(json_schema, json_object, regex, grammar))
     lm, tokenizer = load(model, adapter_path=adapter)
+    if config.constraint is not None:
+        config.constraint.check(tokenizer)  # against this tokenizer, before decoding
     if draft_model:
         config = replace(config, draft_model=load(draft_model)[0])
     if chat:

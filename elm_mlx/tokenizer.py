@@ -113,18 +113,21 @@ def default_chat_template(tokenizer: Tokenizer, model_type: str) -> str | None:
 
 def render_chat(
     tokenizer: Tokenizer,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     model_type: str,
     template: str | None = None,
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Messages -> prompt text, with the given template, the tokenizer's, or our fallback."""
+    """Messages -> prompt text, with the given template, the tokenizer's, or our fallback.
+    `tools`: function tools (OpenAI's JSON) for templates that take them."""
     template = template or default_chat_template(tokenizer, model_type)
     return tokenizer._tokenizer.apply_chat_template(
         messages,
         chat_template=template,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
+        tools=tools,
     )
 
 

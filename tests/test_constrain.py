@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
+from elm_mlx.cli.chat import set_option
+from elm_mlx.cli.main import app
 from helpers import load_smollm2_example, write_tiny_chat_model
+from typer.testing import CliRunner
 
-from elm_mlx import load
+from elm_mlx import batch_generate, generate, load, stream_generate
+from elm_mlx.engine.chat_session import ChatSession
 from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.engine.constraint import ConstraintSpec, apply_mask, bridge
-from elm_mlx.errors import OptionError
+from elm_mlx.errors import ChatError, OptionError
 from elm_mlx.models import make_cache
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
+runner = CliRunner()
 KINDS = {"spm": "zephyr", "bpe": "chatml"}  # tokenizer kind -> tiny chat model kind
 
 SCHEMAS = {
@@ -277,6 +283,11 @@ def test_smollm2_answers_validate(smollm2, name):
         tokens, finished, _ = decode(model, tokenizer, prompt, spec, 200, temperature, seed)
         assert finished
         jsonschema.validate(json.loads(tokenizer.decode(tokens)), SCHEMAS[name])
+    if name == "nested":  # the engine's rows: the same greedy answer, also speculating
+        config = GenerationConfig(max_tokens=200, constraint=spec)
+        greedy = tokenizer.decode(decode(model, tokenizer, prompt, spec, 200)[0])
+        assert generate(model, tokenizer, prompt, config) == greedy
+        assert generate(model, tokenizer, prompt, replace(config, prompt_lookup=4)) == greedy
 
 
 @pytest.mark.slow
@@ -290,3 +301,120 @@ def test_smollm2_regex_and_grammar(smollm2):
     eval(compile(text, "<grammar output>", "eval"), {})
     tokens, finished, _ = decode(model, tokenizer, prompt, ConstraintSpec("regex", REGEX))
     assert finished and re.fullmatch(REGEX, tokenizer.decode(tokens))
+
+
+# ---------------------------------------------------------------------------- the engine's rows
+
+PROMPT = "tell me about the weather in paris"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_constrained_alone_batched_and_speculating(tiny_models, kind):
+    """Greedy constrained output is the same alone, speculating (prompt lookup, self-draft)
+    and in a batch beside unconstrained and sampled rows; every output matches."""
+    model, tokenizer = tiny_models[kind]
+    schema = SCHEMAS["enum_and_bounds"]
+    base = GenerationConfig(max_tokens=300, constraint=ConstraintSpec.json_schema(schema))
+    alone = generate(model, tokenizer, PROMPT, base)
+    jsonschema.validate(json.loads(alone), schema)
+    assert generate(model, tokenizer, PROMPT, replace(base, prompt_lookup=4)) == alone
+    assert generate(model, tokenizer, PROMPT, replace(base, draft_model=model)) == alone
+    regex = GenerationConfig(max_tokens=100, constraint=ConstraintSpec("regex", REGEX))
+    configs = [
+        replace(base, prompt_lookup=3),
+        GenerationConfig(max_tokens=12),
+        replace(base, temperature=1.0, seed=7),
+        replace(regex, temperature=1.0, seed=3, prompt_lookup=2),
+        replace(regex, repetition_penalty=1.3),
+    ]
+    outs = batch_generate(model, tokenizer, [PROMPT] * len(configs), configs)
+    assert outs[0] == alone
+    assert outs[1] == generate(model, tokenizer, PROMPT, configs[1])
+    jsonschema.validate(json.loads(outs[2]), schema)
+    assert outs[2] == generate(model, tokenizer, PROMPT, configs[2])  # seeded: same alone
+    assert re.fullmatch(REGEX, outs[3]) and re.fullmatch(REGEX, outs[4]), outs[3:]
+
+
+def test_engine_finish_reasons(tiny_models):
+    model, tokenizer = tiny_models["bpe"]
+    spec = ConstraintSpec.json_schema(SCHEMAS["enum_and_bounds"])  # more than 5 tokens
+    config = GenerationConfig(max_tokens=300, constraint=spec)
+    *_, last = stream_generate(model, tokenizer, PROMPT, config)
+    assert last.finish_reason == "stop"  # the object closed: nothing may follow
+    whole = generate(model, tokenizer, PROMPT, config)
+    pieces = [
+        r.text for r in stream_generate(model, tokenizer, PROMPT, replace(config, max_tokens=5))
+    ]
+    *_, last = stream_generate(model, tokenizer, PROMPT, replace(config, max_tokens=5))
+    assert last.finish_reason == "length" and whole.startswith("".join(pieces))
+
+
+def test_engine_refuses_a_spec_the_tokenizer_cannot_use(tiny_models):
+    model, tokenizer = tiny_models["bpe"]
+    spec = ConstraintSpec("grammar", 'start: "a" <[99999]>', "grammar")  # no such token
+    with pytest.raises(OptionError) as e:
+        generate(model, tokenizer, PROMPT, constraint=spec)
+    assert e.value.option == "grammar"
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--regex", "a(b"], "error: --regex is not usable for constrained decoding"),
+        (["--json-schema", "missing.json"], "error: --json-schema cannot read missing.json"),
+        (["--grammar", "missing.lark"], "error: --grammar cannot read missing.lark"),
+        (["--json", "--regex", "[a-z]+"], "error: --regex cannot be combined with --json"),
+    ],
+)
+def test_cli_refuses_bad_constraints_before_loading(flags, message):
+    args = ["generate", "-m", "no-such-model-folder", "-p", "hi", *flags]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+
+
+def test_chat_set_json_schema(tiny_models, tmp_path):
+    model, tokenizer = tiny_models["bpe"]
+    session = ChatSession(model, tokenizer)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS["array"]))
+    set_option(session, "json_schema", str(schema))
+    assert session.config.constraint == ConstraintSpec.json_schema(SCHEMAS["array"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "bogus"}')
+    with pytest.raises(ChatError, match="Invalid type"):
+        set_option(session, "json_schema", str(bad))
+    assert session.config.constraint is not None  # unchanged
+    set_option(session, "json_schema", "none")
+    assert session.config.constraint is None
+
+
+def test_cli_generate_and_chat_constrained(tiny_models, tmp_path):
+    folder = str(tmp_path / "model")
+    write_tiny_chat_model(tmp_path / "model", "chatml")
+    model, tokenizer = load(folder)
+    args = ["generate", "-m", folder, "-p", PROMPT, "--max-tokens", "100", "--regex", REGEX]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert re.fullmatch(REGEX, result.stdout.removesuffix("\n"))
+    config = GenerationConfig(max_tokens=100, constraint=ConstraintSpec("regex", REGEX))
+    assert result.stdout == generate(model, tokenizer, PROMPT, config) + "\n"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS["array"]))
+    result = runner.invoke(
+        app,
+        ["chat", "-m", folder, "--json-schema", str(schema), "--max-tokens", "300"],
+        input="hello there\nmy name is alice\n",
+    )
+    assert result.exit_code == 0, result.stderr
+    decoder, text, answers = json.JSONDecoder(), result.stdout, []
+    while text.strip():  # the answers, each followed by a newline (they may hold newlines)
+        answer, end = decoder.raw_decode(text)
+        assert text[end] == "\n"
+        answers.append(answer)
+        text = text[end + 1 :]
+    assert len(answers) == 2
+    for answer in answers:
+        jsonschema.validate(answer, SCHEMAS["array"])

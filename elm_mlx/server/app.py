@@ -26,6 +26,7 @@ from ..engine import scheduler as batch
 from .guards import guards
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
 from .responses import Kind, Shape, TokenText
+from .tool_calls import ToolShape
 from .worker import Failure, Ticket, Worker
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -220,6 +221,8 @@ class Routes:
             self.preparing -= 1
         ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
         shape = Shape(kind, self.served.model_id, self.token_text, job.include_usage)
+        if job.tools is not None:
+            shape = ToolShape(shape, job.tools)
         if job.stream:
             stream = stream_events(ticket, shape)
             return EventStream(stream, on_close=lambda: self.worker.cancel(ticket))

@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..engine.config import GenerationConfig
 from ..errors import ElmError, OptionError
 from ..tokenizer import Tokenizer, encode_prompt, render_chat
+from .tools import (
+    MODELS,
+    ResponseFormat,
+    ToolCall,
+    ToolChoice,
+    ToolDef,
+    ToolPlan,
+    plan_chat,
+    response_constraint,
+)
 
 MAX_TOP_LOGPROBS = 20
 MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a body (JSON schemas need ~10)
@@ -58,7 +68,8 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    tool_call_id: str | None = None  # role "tool": the call this message answers
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
     name: str | None = None
 
 
@@ -91,8 +102,10 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionBody(_Sampling):
@@ -101,6 +114,7 @@ class CompletionBody(_Sampling):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 # what a field of a union type must be, said once instead of once per member
@@ -108,13 +122,22 @@ EXPECTED = {
     "stop": "a string or a list of strings",
     "prompt": "a string, a list of token ids, or a list holding one of these",
     "content": "a string or a list of text parts",
+    "tool_choice": "'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
 }
 
 
 _FIELDS = {
-    name
-    for body in (ChatBody, CompletionBody, Message, TextPart, StreamOptions)
-    for name in body.model_fields
+    info.alias or name
+    for body in (
+        ChatBody,
+        CompletionBody,
+        Message,
+        TextPart,
+        StreamOptions,
+        ResponseFormat,
+        *MODELS,
+    )
+    for name, info in body.model_fields.items()
 }
 
 
@@ -199,6 +222,7 @@ class Job:
     logprobs: int | None  # None: none; k: the chosen token's and the k most likely
     stream: bool
     include_usage: bool
+    tools: ToolPlan | None = None  # the answer may hold tool calls
 
 
 def _refuse_unsupported(body: _Sampling) -> None:
@@ -308,7 +332,7 @@ def _check_length(chars: int, served: Served, field: str) -> None:
         )
 
 
-def _chat_messages(body: ChatBody) -> list[dict[str, str]]:
+def _chat_messages(body: ChatBody) -> list[dict[str, Any]]:
     """The messages as chat templates take them ("developer" is "system")."""
     messages = []
     for i, m in enumerate(body.messages):
@@ -324,11 +348,13 @@ def _chat_messages(body: ChatBody) -> list[dict[str, str]]:
             message["tool_call_id"] = m.tool_call_id
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
         messages.append(message)
     return messages
 
 
-def _as_user_turns(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+def _as_user_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tool results as user turns, for templates that know no "tool" role."""
     return [
         {"role": "user", "content": f"Result of tool call {m['tool_call_id']}:\n{m['content']}"}
@@ -338,14 +364,18 @@ def _as_user_turns(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     ]
 
 
-def _render(served: Served, messages: list[dict[str, str]]) -> str:
+def _render(
+    served: Served, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
     from jinja2 import TemplateError
 
     try:
-        return render_chat(served.tokenizer, messages, served.model_type, served.template)
+        return render_chat(
+            served.tokenizer, messages, served.model_type, served.template, tools=tools
+        )
     except TemplateError as e:
         if any(m["role"] == "tool" for m in messages):
-            return _render(served, _as_user_turns(messages))
+            return _render(served, _as_user_turns(messages), tools)
         raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
 
 
@@ -353,10 +383,6 @@ def chat_job(raw: bytes, served: Served) -> Job:
     body = read_body(raw, ChatBody)
     _check_model(body, served)
     _refuse_unsupported(body)
-    if body.tools:
-        raise APIError(400, "tools are not supported by this server", "tools")
-    if body.response_format and body.response_format.get("type") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
     if not body.messages:
         raise APIError(400, "messages must hold at least one message", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -365,13 +391,28 @@ def chat_job(raw: bytes, served: Served) -> Job:
     config = _config(body, served, field, getattr(body, field))
     messages = _chat_messages(body)
     _check_length(sum(len(m["content"]) for m in messages), served, "messages")
-    prompt = encode_prompt(served.tokenizer, _render(served, messages))
+    try:
+        plan = plan_chat(
+            messages,
+            body.tools,
+            body.tool_choice,
+            body.parallel_tool_calls,
+            body.response_format,
+            served.tokenizer,
+            served.model_type,
+            served.template,
+            render=lambda turns, tools: _render(served, turns, tools),
+        )
+    except OptionError as e:
+        raise APIError(400, f"{e.option} {e.problem}", e.option) from e
+    prompt = encode_prompt(served.tokenizer, plan.prompt)
     return Job(
         prompt=prompt,
-        config=_fit(prompt, config, served, "messages"),
+        config=_fit(prompt, replace(config, constraint=plan.constraint), served, "messages"),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        tools=plan.tools,
     )
 
 
@@ -398,6 +439,13 @@ def completion_job(raw: bytes, served: Served) -> Job:
             raise APIError(400, f"prompt token ids must be in [0, {served.vocab_size})", "prompt")
         tokens = list(prompt)
     config = _config(body, served, "max_tokens", body.max_tokens)
+    try:
+        constraint, _ = response_constraint(body.response_format)
+        if constraint is not None:
+            constraint.check(served.tokenizer)
+    except OptionError as e:
+        raise APIError(400, f"{e.option} {e.problem}", e.option) from e
+    config = replace(config, constraint=constraint)
     return Job(
         prompt=tokens,
         config=_fit(tokens, config, served, "prompt"),

@@ -9,26 +9,20 @@ BPE); the real SmolLM2 answers schemas and calls a tool.
 from __future__ import annotations
 
 import json
-import os
-import selectors
-import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from helpers import load_smollm2_example, write_tiny_chat_model
+from helpers import load_smollm2_example
+from serving import TIMEOUT, Server, write_serving_model
 
 from elm_mlx import load
 from elm_mlx.engine.constraint import ConstraintSpec
 from elm_mlx.server.tools import HERMES, LLAMA3, ToolDef, plan_chat
 from elm_mlx.tokenizer import encode_prompt
 
-STARTUP, TIMEOUT = 180, 300
 WEATHER = {
     "type": "function",
     "function": {
@@ -80,51 +74,17 @@ SCHEMA = {
 QUESTION = [{"role": "user", "content": "tell me about the weather in paris and rome"}]
 
 
-class Server:
-    """`elm serve -m FOLDER --port 0` in a process of its own."""
-
-    def __init__(self, folder: Path, log: Path):
-        env = {k: v for k, v in os.environ.items() if k != "ELM_API_KEY"} | {"HF_HUB_OFFLINE": "1"}
-        args = [sys.executable, "-m", "elm_mlx.cli.main", "serve", "-m", str(folder), "--port", "0"]
-        self.log = log
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env
-        )
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(STARTUP):
-                self.proc.kill()
-                pytest.fail(f"elm serve did not start: {log.read_text()}")
-        line = self.proc.stdout.readline()
-        assert line.startswith("elm serve: http://127.0.0.1:"), log.read_text()
-        self.url = line.split()[2]
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=TIMEOUT)
-
-    def health(self) -> dict:
-        return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=TIMEOUT).json()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.communicate(timeout=TIMEOUT)
-        assert self.proc.returncode == 0, self.log.read_text()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = write_tiny_chat_model(tmp_path_factory.mktemp("tools") / "tiny-chatml", "chatml")
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 8192  # the tool prompt is long in a tiny vocabulary
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    # a long context: the tool prompt is long in a tiny vocabulary
+    return write_serving_model(tmp_path_factory.mktemp("tools") / "tiny-chatml", 8192)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     s = Server(model_dir, tmp_path_factory.mktemp("log") / "serve.txt")
     yield s
-    s.stop()
+    assert s.stop()[0] == 0, s.log.read_text()
 
 
 def schema_format(schema: dict, name: str = "answer") -> dict:
@@ -402,7 +362,7 @@ def smollm2_server(tmp_path_factory):
         example.build_hf_folder(example.default_cache_dir()), tmp_path_factory.mktemp("s") / "log"
     )
     yield s
-    s.stop()
+    assert s.stop()[0] == 0, s.log.read_text()
 
 
 @pytest.mark.slow

@@ -196,10 +196,10 @@ def launch(
 ) -> Launch:
     """Start a step: each row's next input first (B,) (possibly still being computed), then its
     draft, padded to the longest -> each row's choice at every position, asynchronously."""
-    masks = []
+    masks: list[mx.array | None] = [None] * len(rows)
     for i, row in enumerate(rows):
-        drafts[i], row_masks = row.constrain(drafts[i])
-        masks.append(row_masks)
+        if drafts[i]:  # a proposal is cut where its constraint refuses it: before the pass
+            drafts[i], masks[i] = row.constrain(drafts[i])
     width = 1 + max(map(len, drafts), default=0)
     with mx.stream(generation_stream()):
         inputs = first[:, None]  # (B, 1)
@@ -207,6 +207,11 @@ def launch(
             rest = [d + [0] * (width - 1 - len(d)) for d in drafts]
             inputs = mx.concatenate([inputs, mx.array(rest, mx.uint32)], axis=1)  # (B, W)
         logits = model(inputs, cache=cache)  # (B, W, V)
+        waiting = [i for i, row in enumerate(rows) if row.constraint is not None and not drafts[i]]
+        if waiting:  # the pass runs while the constraints compute their masks
+            mx.async_eval(logits)
+            for i in waiting:
+                masks[i] = rows[i].constrain([])[1]
         if any(row.processors or m is not None for row, m in zip(rows, masks, strict=True)):
             logits = mx.stack(
                 [row.processed(logits[i], drafts[i], masks[i]) for i, row in enumerate(rows)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -43,12 +43,6 @@ class Constraint(Protocol):
     def done(self) -> bool:
         """The output is complete and nothing may follow."""
         ...
-
-
-class ConstraintSpec(Protocol):
-    """A request's constraint, checked when the request is made; each row builds its own."""
-
-    def build(self, tokenizer: Any, vocab_size: int) -> Constraint: ...
 
 
 def make_transform(

@@ -2,7 +2,7 @@
 
 - HF checkpoints (`write_hf_*`, cached per session by `TinyModels`): a random checkpoint in the
   exact Hugging Face layout of its family (tensor names, shapes and config keys of the public
-  repos): Llama and OLMo through transformers' own `save_pretrained` (or `torch.save` for a
+  repos): Llama and OLMo (1, 2, 3) through transformers' own `save_pretrained` (or `torch.save` for a
   pickled `.bin`), OpenELM by hand from the tensor table of Apple's repos (`openelm_shapes`),
   since its modeling code is remote. Weights are drawn with a larger spread than HF's init (std
   0.1, norm weights around 1) so that a wrong rotation, norm or clamp changes the logits by far
@@ -168,6 +168,29 @@ def olmo_config(**overrides: Any) -> dict[str, Any]:
         "pad_token_id": 1,
         "tie_word_embeddings": True,
     }
+    return {**config, **overrides}
+
+
+def olmo2_config(**overrides: Any) -> dict[str, Any]:
+    """HF Olmo2Config kwargs of a tiny OLMo-2-1124 lookalike, with GQA as in OLMo 2 32B."""
+    config = olmo_config(num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    return {**config, "rope_theta": 500000.0, **overrides}
+
+
+def olmo3_config(
+    sliding_window: int = 8, rope_scaling: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """HF Olmo3Config kwargs of a tiny OLMo-3-1025 lookalike: 4 layers, the last one full, the
+    others sliding over `sliding_window` positions; `rope_scaling` for the full layers (the
+    7B's is YaRN), given as transformers 5 wants it (`rope_parameters` per layer type)."""
+    theta = overrides.pop("rope_theta", 500000.0)
+    full = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": theta}
+    config = olmo2_config(num_hidden_layers=4, sliding_window=sliding_window)
+    config["rope_parameters"] = {
+        "full_attention": full,
+        "sliding_attention": {"rope_type": "default", "rope_theta": theta},
+    }
+    del config["rope_theta"]
     return {**config, **overrides}
 
 
@@ -367,6 +390,46 @@ def write_hf_olmo(
     return folder
 
 
+def write_hf_olmo_next(
+    folder: Path,
+    model_type: str,
+    dtype: str = "float32",
+    sharded: bool = False,
+    tie: bool = False,
+    seed: int = 0,
+    tokenizer: Path | None = None,
+    legacy_config: bool = True,
+    **config: Any,
+) -> Path:
+    """A random Olmo2ForCausalLM or Olmo3ForCausalLM checkpoint (`model_type` "olmo2" or
+    "olmo3"; `config`: overrides of `olmo2_config` / `olmo3_config`). `legacy_config` writes
+    the transformers-4 keys the public repos hold (`rope_theta`, `rope_scaling`)."""
+    import torch
+    import transformers
+
+    name = model_type.capitalize()
+    Config = getattr(transformers, f"{name}Config")
+    Model = getattr(transformers, f"{name}ForCausalLM")
+    make_config = olmo2_config if model_type == "olmo2" else olmo3_config
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = Model(Config(**make_config(tie_word_embeddings=tie, **config)))
+    _randomize(model, seed, dtype)
+    _save_torch_model(model, folder, dtype, sharded, "safetensors")
+    if legacy_config:
+        path = folder / "config.json"
+        written = json.loads(path.read_text())
+        rope = written.get("rope_parameters") or {}
+        if "full_attention" in rope:  # OLMo 3: the public repos name the full layers' RoPE
+            written["rope_parameters"] = rope["full_attention"]
+            path.write_text(json.dumps(written, indent=2))
+        _legacy_config(folder, dtype)
+    if tokenizer is not None:
+        copy_tokenizer_files(tokenizer, folder)
+    return folder
+
+
 def write_safetensors(
     folder: Path, tensors: dict[str, Any], shards: int = 1, metadata: dict | None = None
 ) -> None:
@@ -436,7 +499,7 @@ class TinyModels:
 
     `hf("llama", dtype="bfloat16", sharded=True)` -> HF folder; `converted("llama",
     hf={...}, quantize=True, bits=8)` -> MLX folder; `load(...)` -> (model, tokenizer).
-    Llama and OpenELM get the SentencePiece tokenizer, OLMo the byte-level BPE one; OpenELM's
+    Llama and OpenELM get the SentencePiece tokenizer, the OLMos the byte-level BPE one; OpenELM's
     HF folder has no tokenizer (as on the hub) and gets it at conversion.
     """
 
@@ -458,6 +521,8 @@ class TinyModels:
                 write_hf_llama(folder, tokenizer=self.spm, **kwargs)
             elif family == "olmo":
                 write_hf_olmo(folder, tokenizer=self.bpe, **kwargs)
+            elif family in ("olmo2", "olmo3"):
+                write_hf_olmo_next(folder, family, tokenizer=self.bpe, **kwargs)
             elif family == "openelm":
                 write_hf_openelm(folder, **kwargs)
             else:

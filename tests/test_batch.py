@@ -52,11 +52,13 @@ def _prefilled(model, ids: list[int]):
     return cache
 
 
+@pytest.mark.parametrize("family", ["llama", "olmo", "openelm", "olmo3"])
 @pytest.mark.parametrize("lengths", [[1, 6, 17, 300], [9, 9]])
 def test_batch_cache_rows_equal_single_rows(tiny, family, lengths):
     """Rows of different lengths (one crossing the 256-position allocation step) fed several
     tokens at once, rewound by different amounts, one leaving and one joining: every row's
-    logits equal that row run alone with a plain KVCache."""
+    logits equal that row run alone with a plain KVCache (olmo3: sliding-window layers, whose
+    window of 8 each row passes at its own position)."""
     model, _ = tiny.load(family)
     seqs = [random_ids(n, seed=n) for n in lengths]
     batch = make_batch_cache(model)
@@ -213,6 +215,19 @@ def test_batch_generate_equals_generate(tiny):
     assert got == [generate(model, tokenizer, p, config) for p in prompts]
     with pytest.raises(GenerationError, match="4 prompts but 1 configs"):
         batch_generate(model, tokenizer, prompts, [config])
+
+
+def test_sliding_window_batch_equals_each_prompt_alone(tiny):
+    """OLMo 3 (sliding window of 8): prompts shorter and longer than the window, generating past
+    it, batched (rows at different positions, so windowed masks per row) as each alone."""
+    model, tokenizer = tiny.load("olmo3")
+    prompts = [random_ids(n, vocab=300, seed=n) for n in (2, 7, 13, 30)]
+    config = GenerationConfig(max_tokens=20)
+    got = batch_generate(model, tokenizer, prompts, config, max_batch=4)
+    assert got == [generate(model, tokenizer, p, config) for p in prompts]
+    # the short prompts do generate past the window (no early end of sequence)
+    lengths = [len(list(stream_generate(model, tokenizer, p, config))) for p in prompts[:2]]
+    assert min(n + len(p) for n, p in zip(lengths, prompts, strict=False)) > 8
 
 
 def test_refuses_bad_requests(tiny):

@@ -1,5 +1,6 @@
 """Each family, converted from a checkpoint in the exact HF layout, against the oracles:
-transformers' torch models (Llama, OLMo) and mlx-lm's implementations (Llama, OpenELM)."""
+transformers' torch models (Llama, OLMo 1-3) and mlx-lm's implementations (Llama, OLMo 2-3,
+OpenELM)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from oracles import logits_of, mlx_lm_model, read_hf_tensors, torch_logits
 
 from elm_mlx.errors import ConfigError
 from elm_mlx.loader import build_model, load_model
+from elm_mlx.models import make_cache
 from elm_mlx.models.openelm import ModelArgs as OpenELMArgs
 
 ATOL = 1e-4  # fp32 on both sides; observed differences are ~2e-6
@@ -30,9 +32,30 @@ CHECKPOINTS = [
     ("olmo", {}),  # tied, like OLMo-1B-hf
     ("olmo", {"tie": False, "clip_qkv": 0.5}),  # untied + clip_qkv, like OLMo-7B-0424-hf
     ("olmo", {"dtype": "bfloat16", "sharded": True, "tie": False, "clip_qkv": 0.5}),
+    ("olmo2", {}),  # untied, GQA, like OLMo-2-1124-*
+    ("olmo2", {"dtype": "bfloat16", "sharded": True, "tie": True}),  # tied like OLMo-2-0425-1B
+    ("olmo3", {}),  # sliding layers over 8 positions, a full one; 16 tokens pass the window
+    ("olmo3", {"legacy_config": False}),  # transformers 5: rope_parameters per layer type
+    ("olmo3", {"rope_scaling": "yarn", "max_position_embeddings": 64}),  # like Olmo-3-1025-7B
     ("openelm", {}),  # fp32 base model, one file
     ("openelm", {"dtype": "bfloat16", "sharded": True}),  # bf16, sharded like 3B
 ]
+
+
+# Olmo-3-1025-7B's YaRN, with the original context scaled down to the tiny model's.
+OLMO3_YARN = {
+    "rope_type": "yarn",
+    "factor": 8.0,
+    "original_max_position_embeddings": 8,
+    "attention_factor": 1.2079441541679836,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+
+
+def _hf(hf: dict) -> dict:
+    """A CHECKPOINTS entry as `TinyModels.hf` keyword arguments (named scalings expanded)."""
+    return {**hf, "rope_scaling": OLMO3_YARN} if hf.get("rope_scaling") == "yarn" else hf
 
 
 def _id(case):
@@ -42,7 +65,7 @@ def _id(case):
 
 @pytest.mark.parametrize("case", CHECKPOINTS, ids=_id)
 def test_converted_logits_match_oracles(tiny, case):
-    family, hf = case
+    family, hf = case[0], _hf(case[1])
     src = tiny.hf(family, **hf)
     model = load_model(tiny.converted(family, hf)).model
     ids = random_ids(16)
@@ -50,15 +73,45 @@ def test_converted_logits_match_oracles(tiny, case):
     # Weights of std 0.1 give logits of std ~0.8: the tolerance is small against them.
     assert ours.std() > 0.3
     checked = 0
-    if family in ("llama", "olmo"):
+    if family != "openelm":
         np.testing.assert_allclose(ours, torch_logits(src, ids), atol=ATOL, rtol=0)
         checked += 1
-    if family in ("llama", "openelm"):
-        config = json.loads((src / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
+    if family != "olmo" and not (family == "olmo3" and "rope_parameters" in config):
+        # (mlx-lm reads OLMo 3's RoPE from transformers-4 keys only)
         oracle = mlx_lm_model(family, config, read_hf_tensors(src))
         np.testing.assert_allclose(ours, logits_of(oracle, ids), atol=ATOL, rtol=0)
         checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("hf", [{}, {"rope_scaling": "yarn", "max_position_embeddings": 64}])
+def test_olmo3_through_the_cache_past_the_window(tiny, hf):
+    """Prompt chunks and single tokens fed through the cache up to 40 positions (five times the
+    sliding window of 8) give transformers' logits of the whole sequence at every position."""
+    hf = _hf(hf)
+    src = tiny.hf("olmo3", **hf)
+    model = load_model(tiny.converted("olmo3", hf)).model
+    ids = random_ids(40, seed=3)
+    want = torch_logits(src, ids)
+    cache = make_cache(model)
+    got, start = [], 0
+    for size in (5, 1, 1, 7, 1, 12, 1, 1, 1, 10):  # chunks that start inside and past windows
+        chunk = mx.array(ids[start : start + size], mx.uint32)[None]
+        got.append(np.array(model(chunk, cache=cache)[0].astype(mx.float32)))
+        start += size
+    assert start == len(ids)
+    np.testing.assert_allclose(np.concatenate(got), want, atol=ATOL, rtol=0)
+    # the window and the scaling matter: transformers without them gives other logits
+    wide = torch_logits(src, ids, sliding_window=4096)
+    assert np.abs(wide[8:] - want[8:]).max() > 1e-2
+    assert np.abs(wide[:8] - want[:8]).max() < ATOL  # inside the window, nothing differs
+    if hf:
+        default = {"rope_type": "default", "rope_theta": 500000.0}
+        plain = torch_logits(
+            src, ids, rope_parameters={"full_attention": default, "sliding_attention": default}
+        )
+        assert np.abs(plain - want).max() > 1e-2
 
 
 ROPE_SCALINGS = {
@@ -97,8 +150,8 @@ def test_llama_rope_scaling_matches_transformers(tiny, kind, legacy_config):
 def test_unknown_rope_scaling_is_refused(tiny, tmp_path):
     src = tiny.hf("llama")
     config = json.loads((src / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
-    with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not supported"):
+    config["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
+    with pytest.raises(ConfigError, match="rope_scaling type 'longrope' is not supported"):
         build_model(config)
 
 
@@ -110,7 +163,7 @@ def test_olmo_clip_qkv_is_exercised(tiny):
     assert np.abs(clipped - unclipped).max() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "olmo"])
+@pytest.mark.parametrize("family", ["llama", "olmo", "olmo2"])
 def test_tied_checkpoints_have_no_lm_head(tiny, family):
     for tie in (True, False):
         out = tiny.converted(family, {"tie": tie})

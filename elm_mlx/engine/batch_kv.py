@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from ..models import CausalLM, KVCache
+from ..models.base import window_mask
 
 
 def _round_up(n: int, step: int) -> int:
@@ -79,15 +80,13 @@ class BatchKVCache:
         self._set_lengths([n + length for n in self.lengths], self.offset + length)
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def make_mask(self, length: int) -> str | mx.array | None:
-        """The mask of `length` new queries: query j of row b sees positions <= lengths[b] + j.
-        Aligned rows get the kernel's own causal mask, as a `KVCache` does."""
+    def make_mask(self, length: int, window: int | None = None) -> str | mx.array | None:
+        """The mask of `length` new queries: query j of row b sees positions <= lengths[b] + j
+        (and, with a `window`, only the last `window` of them). Aligned rows get the kernel's
+        own causal mask where the window allows, as a `KVCache` does."""
         start = max(self.lengths)
-        if min(self.lengths) == start:
-            return "causal" if length > 1 else None
-        queries = self.offset[:, None] + mx.arange(length)  # (B, L)
-        keys = mx.arange(start + length)  # (S,)
-        return (keys[None, None, :] <= queries[:, :, None])[:, None]  # (B, 1, L, S)
+        aligned = min(self.lengths) == start
+        return window_mask(length, window, start, None if aligned else self.offset)
 
     def trim(self, n: int) -> int:
         """Forget the last n positions of every row (as `KVCache.trim`)."""

@@ -67,10 +67,11 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
-    def make_mask(self, length: int) -> str | None:
+    def make_mask(self, length: int, window: int | None = None) -> str | mx.array | None:
         """The attention mask for `length` new queries: every row of the batch holds the same
-        positions, so the kernel's bottom-right aligned causal mask fits (None for one query)."""
-        return "causal" if length > 1 else None
+        positions, so the kernel's bottom-right aligned causal mask fits (None for one query).
+        With a `window`, a query sees only the last `window` positions up to its own."""
+        return window_mask(length, window, self.offset)
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
@@ -118,14 +119,38 @@ class CausalLM(Protocol):
         ...
 
 
-def causal_mask(h: mx.array, cache: list[KVCache] | None) -> str | mx.array | None:
-    """The mask of a forward pass over h (B, L, D). The cache decides, since only it knows
-    where each row's positions are (a batch cache of rows of different lengths gives an array);
-    without one, the causal mask ("causal": mx.fast.scaled_dot_product_attention aligns it to the
-    bottom right, which is also what a cached prefix needs)."""
+def window_mask(
+    length: int, window: int | None, start: int, offsets: mx.array | None = None
+) -> str | mx.array | None:
+    """The mask of `length` new queries after `start` cached positions (the longest row's;
+    `offsets` (B,): each row's own, when rows differ), keys at positions 0 .. start + length - 1:
+    query j of row b, at position p = offsets[b] + j, sees keys k with p - window < k <= p.
+    Rows alike whose window no query reaches past get the kernel's own causal mask ("causal",
+    aligned to the bottom right; None for one query); else (B, 1, L, S) booleans."""
+    end = start + length
+    if offsets is None and (window is None or end <= window):
+        return "causal" if length > 1 else None
+    if offsets is None:
+        offsets = mx.array([start])
+    queries = (offsets[:, None] + mx.arange(length))[:, :, None]  # (B, L, 1)
+    keys = mx.arange(end)[None, None, :]  # (1, 1, S)
+    mask = keys <= queries
+    if window is not None:
+        mask &= keys > queries - window
+    return mask[:, None]  # (B, 1, L, S)
+
+
+def causal_mask(
+    h: mx.array, cache: list[KVCache] | None, window: int | None = None, layer: int = 0
+) -> str | mx.array | None:
+    """The mask of a forward pass over h (B, L, D) for the layers that see the last `window`
+    positions (None: all), asked of layer `layer`'s cache, since only it knows where each row's
+    positions are (a batch cache of rows of different lengths gives an array); without one,
+    the causal mask ("causal": mx.fast.scaled_dot_product_attention aligns it to the bottom
+    right, which is also what a cached prefix needs)."""
     if cache:
-        return cache[0].make_mask(h.shape[1])
-    return "causal" if h.shape[1] > 1 else None
+        return cache[layer].make_mask(h.shape[1], window)
+    return window_mask(h.shape[1], window, 0)
 
 
 def attention(

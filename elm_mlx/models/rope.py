@@ -1,8 +1,10 @@
 """Rotary position embeddings with the scalings Llama-architecture checkpoints declare in
 config.json (`rope_scaling`, or `rope_parameters` in transformers >= 5): none, `linear`
 (positions divided by `factor`), `dynamic` (NTK-aware: the base grows once a sequence passes
-`max_position_embeddings`) and `llama3` (Llama 3.1+: low frequencies divided by `factor`,
-high ones kept, a smooth blend between). Formulas as in transformers' `modeling_rope_utils`.
+`max_position_embeddings`), `llama3` (Llama 3.1+: low frequencies divided by `factor`,
+high ones kept, a smooth blend between) and `yarn` (OLMo 3: the same blend over a linear ramp
+of dimensions, and queries and keys scaled by an attention factor). Formulas as in
+transformers' `modeling_rope_utils`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:
@@ -45,6 +47,7 @@ def check_scaling(scaling: dict[str, Any] | None) -> None:
     required["llama3"] = (
         "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
     )  # fmt: skip
+    required["yarn"] = ("original_max_position_embeddings",)
     if missing := [k for k in required.get(kind, ()) if k not in scaling]:
         raise ValueError(f"rope_scaling of type {kind!r} lacks {', '.join(missing)}")
 
@@ -66,11 +69,47 @@ def llama3_inv_freq(dims: int, base: float, scaling: dict[str, Any]) -> mx.array
     return mx.where(medium, blended, scaled)
 
 
+def yarn_inv_freq(
+    dims: int, base: float, scaling: dict[str, Any], max_positions: int
+) -> tuple[mx.array, float]:
+    """YaRN's inverse frequencies and attention factor (arXiv 2309.00071): dimensions that turn
+    fewer than `beta_slow` times over the original context are interpolated (divided by
+    `factor`), those turning more than `beta_fast` times kept, a linear ramp between."""
+    old_context = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_positions / old_context
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dims * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
+    if low == high:
+        high += 0.001  # no singularity
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    inv_freq = _inv_freq(dims, base)
+    keep = 1 - ramp  # (dims/2,) 1: extrapolate (keep), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 class ScaledRoPE(nn.Module):
     """RoPE from explicit inverse frequencies (llama3), or whose base grows with the
     sequence length (dynamic NTK: for a sequence of n > max_positions tokens the base is
     base * (factor * n / max_positions - factor + 1) ** (dims / (dims - 2)), applied to the
-    positions of this call as transformers does)."""
+    positions of this call as transformers does); `mscale` multiplies the result (YaRN)."""
 
     def __init__(
         self,
@@ -80,9 +119,10 @@ class ScaledRoPE(nn.Module):
         inv_freq: mx.array | None = None,
         dynamic_factor: float | None = None,
         max_positions: int = 0,
+        mscale: float = 1.0,
     ):
         super().__init__()
-        self.dims, self.traditional, self.base = dims, traditional, base
+        self.dims, self.traditional, self.base, self.mscale = dims, traditional, base, mscale
         self.dynamic_factor, self.max_positions = dynamic_factor, max_positions
         if inv_freq is not None:
             self._freqs = 1.0 / inv_freq  # mx.fast.rope takes periods: (dims/2,)
@@ -99,10 +139,11 @@ class ScaledRoPE(nn.Module):
                 )
                 freqs = 1.0 / _inv_freq(dims, base)
         base = None if freqs is not None else self.base
-        return mx.fast.rope(
+        out = mx.fast.rope(
             x, self.dims, traditional=self.traditional, base=base, scale=1.0, offset=offset,
             freqs=freqs,
         )  # fmt: skip
+        return out if self.mscale == 1.0 else out * self.mscale
 
 
 def make_rope(
@@ -121,6 +162,9 @@ def make_rope(
         return nn.RoPE(dims, traditional=traditional, base=base, scale=1 / scaling["factor"])
     if kind == "llama3":
         return ScaledRoPE(dims, traditional, base, inv_freq=llama3_inv_freq(dims, base, scaling))
+    if kind == "yarn":
+        inv_freq, mscale = yarn_inv_freq(dims, base, scaling, max_positions)
+        return ScaledRoPE(dims, traditional, base, inv_freq=inv_freq, mscale=mscale)
     return ScaledRoPE(
         dims, traditional, base, dynamic_factor=scaling["factor"], max_positions=max_positions
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import GenerationError, OptionError
 from ..models import PREFILL_STEP_SIZE, CausalLM
+from .batch_kv import KVConfig
 from .constraint import ConstraintSpec
 from .sampling import LogitsProcessor, Transform, make_logits_processors, make_transform
 
@@ -43,6 +44,11 @@ class GenerationConfig:
     num_draft: int = 4
     # the output must match this (JSON schema, JSON object, regular expression, grammar)
     constraint: ConstraintSpec | None = None
+    # the KV cache: quantized (8 or 4 bits, the first tokens kept in full precision), windowed
+    kv_bits: int | None = KVConfig.bits
+    kv_group_size: int = KVConfig.group_size
+    kv_full_tokens: int = KVConfig.full_tokens
+    max_kv_size: int | None = KVConfig.max_size
 
     def validate(self) -> None:
         stops = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -77,6 +83,7 @@ class GenerationConfig:
         for name, ok, problem in checks:
             if not ok:
                 raise OptionError(name, f"{problem}, got {reprlib.repr(getattr(self, name))}")
+        self.kv_config().validate()
         if self.prompt_lookup and self.draft_model is not None:
             raise OptionError("prompt_lookup", "and a draft model cannot be combined: use one")
         if self.constraint is not None:
@@ -95,6 +102,10 @@ class GenerationConfig:
             config = replace(self, stop=tuple(self.stop))
         config.validate()
         return config
+
+    def kv_config(self) -> KVConfig:
+        """The batch cache these options ask for (`batch_kv.make_batch_cache`)."""
+        return KVConfig(self.kv_bits, self.kv_group_size, self.kv_full_tokens, self.max_kv_size)
 
     @property
     def speculative(self) -> bool:

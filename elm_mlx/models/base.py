@@ -104,6 +104,12 @@ class Block(Protocol):
         ...
 
 
+def layer_windows(model: CausalLM) -> list[int | None]:
+    """The window each layer attends to (None: all positions), as the model declares it
+    (`layer_windows`, OLMo 3's sliding layers); a cache need keep no more."""
+    return getattr(model, "layer_windows", None) or [None] * len(model.layers)
+
+
 class CausalLM(Protocol):
     """The contract every family's `Model` fulfils (and that mlx-lm's models fulfil too)."""
 
@@ -159,9 +165,14 @@ def attention(
     values: mx.array,
     scale: float,
     mask: str | mx.array | None,
+    cache: Any = None,
 ) -> mx.array:
-    """(B, Hq, L, D) x (B, Hkv, S, D) -> (B, L, Hq*D); GQA is handled by the kernel."""
-    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    """(B, Hq, L, D) x (B, Hkv, S, D) -> (B, L, Hq*D); GQA is handled by the kernel. A cache
+    that stores keys and values its own way (quantized) attends itself (`cache.attend`)."""
+    if (attend := getattr(cache, "attend", None)) is not None:
+        out = attend(queries, keys, values, scale, mask)
+    else:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     batch, _, length, _ = queries.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
 

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return self.o_proj(attention(q, k, v, self.scale, mask))
+        return self.o_proj(attention(q, k, v, self.scale, mask, cache))
 
 
 def default_rope(args: ModelArgs) -> nn.Module:

@@ -101,6 +101,11 @@ class Olmo3Model(olmo2.Olmo2Model):
 class Model(olmo2.Model):
     Body = Olmo3Model
 
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """What each layer attends to: a batch cache keeps only that (see models.base)."""
+        return [self.args.sliding_window if t == SLIDING else None for t in self.args.layer_types]
+
 
 FAMILY = Family(
     model_type="olmo3",

@@ -17,6 +17,7 @@ from oracles import chi_square_p, exact_distribution
 from elm_mlx import batch_generate, generate, stream_generate
 from elm_mlx.engine.batch_kv import add_rows, keep_rows, make_batch_cache, set_lengths
 from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.prompt_cache import PromptCache
 from elm_mlx.engine.scheduler import BatchGenerator, Request
 from elm_mlx.engine.spec_budget import RowLength, StepCost, Want, speculation_width
 from elm_mlx.errors import GenerationError, OptionError
@@ -228,6 +229,19 @@ def test_sliding_window_batch_equals_each_prompt_alone(tiny):
     # the short prompts do generate past the window (no early end of sequence)
     lengths = [len(list(stream_generate(model, tokenizer, p, config))) for p in prompts[:2]]
     assert min(n + len(p) for n, p in zip(lengths, prompts, strict=False)) > 8
+
+
+def test_sliding_window_rows_past_their_window_skip_the_prompt_cache(tiny):
+    """A row whose sliding layers dropped positions (past the window plus the compaction slack)
+    cannot give its prompt to the prompt cache: it is left out, and generation is as alone."""
+    model, tokenizer = tiny.load("olmo3")
+    cache = PromptCache()
+    short, long = random_ids(20, vocab=300, seed=1), random_ids(320, vocab=300, seed=2)
+    config = GenerationConfig(max_tokens=4)
+    got = batch_generate(model, tokenizer, [short, long], config, prompt_cache=cache)
+    assert got == [generate(model, tokenizer, p, config) for p in (short, long)]
+    held = [entry.tokens for entry in cache.entries.values()]
+    assert any(t[:20] == short for t in held) and not any(len(t) >= 320 for t in held)
 
 
 def test_refuses_bad_requests(tiny):

@@ -303,8 +303,9 @@ class BatchGenerator:
             if keep and self.prompt_cache is not None:
                 held = len(row.tokens) - 1  # the last token is the next input, never fed
                 layers = row_cache(self.cache, index[id(row)], held)
-                mx.eval(layers)
-                self.prompt_cache.insert(row.tokens[:held], layers)
+                if layers is not None:  # (None: a windowed cache dropped some)
+                    mx.eval(layers)
+                    self.prompt_cache.insert(row.tokens[:held], layers)
         stay = [i for i, row in enumerate(self.rows) if not row.done]
         keep_rows(self.cache, stay)
         self.rows = [self.rows[i] for i in stay]

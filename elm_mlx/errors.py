@@ -51,6 +51,10 @@ class ChatError(ElmError):
     """A chat command, conversation file or chat template is invalid."""
 
 
+class PromptCacheError(ElmError):
+    """A prompt cache file cannot be used: unreadable, or made for another model or KV settings."""
+
+
 class OptionError(ElmError):
     """An option has a value it cannot take. `option` is the field of the options dataclass
     (GenerationConfig, ConvertOptions, TrainConfig, LoRAConfig, ...); the CLI names the flag."""

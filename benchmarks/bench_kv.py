@@ -1,0 +1,188 @@
+"""Long contexts in bounded memory: elm's quantized and windowed KV caches vs mlx-lm's
+(`--kv-bits`: QuantizedKVCache from the first token; `--max-kv-size`: RotatingKVCache keeping 4
+sinks), on the real SmolLM2-135M-Instruct (context 8192), the same fp32 weights for both.
+
+For each length (1k, 4k, 8k tokens of held-out text: the end of the standard library's pydoc
+topics) and each setting, both engines prefill the text in chunks of --chunk tokens (every chunk
+attends to the cache as generation would), then decode --decode tokens greedily. Reported:
+prompt tokens/s and peak memory above the weights while prefilling, KV bytes after the prompt,
+decode tokens/s and peak above the weights while decoding; then, in a second pass, perplexity
+of the text's tokens predicted through that cache (chunks of --chunk; the first chunk's own
+predictions included). mlx-lm cannot combine the two (RotatingKVCache.to_quantized raises).
+
+    python benchmarks/bench_kv.py                        # 1k, 4k, 8k
+    python benchmarks/bench_kv.py --lengths 1024 --decode 16
+    python benchmarks/bench_kv.py --lengths 4096 --settings full kv8 --no-ppl
+
+One run; prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
+
+# isort: split
+import mlx.core as mx
+from elm_mlx.convert import ConvertOptions, convert
+
+from elm_mlx.engine.batch_kv import KVConfig, add_rows, make_batch_cache
+from elm_mlx.loader import load as elm_load
+from elm_mlx.models import make_cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import smollm2
+
+SETTINGS = {  # name: (kv_bits, max_kv_size)
+    "full": (None, None),
+    "kv8": (8, None),
+    "kv4": (4, None),
+    "window": (None, 1024),
+    "kv8+window": (8, 1024),
+}
+
+
+def model_folder(root: Path) -> Path:
+    out = root / "smollm2-135m-instruct-fp32"
+    if not (out / "config.json").exists():
+        src = smollm2.build_hf_folder(smollm2.default_cache_dir())
+        convert(src, out, ConvertOptions(dtype="float32"), progress=False)
+    return out
+
+
+def held_out_tokens(tokenizer, n: int) -> list[int]:
+    from elm_mlx.quantize import default_text
+
+    text = default_text()
+    ids = tokenizer.encode(text[-len(text) // 3 :])
+    if len(ids) < n:
+        raise SystemExit(f"the held-out text has {len(ids)} tokens, fewer than {n}")
+    return ids[-n:]
+
+
+def elm_cache(model, bits, size, group):
+    cache = make_batch_cache(model, KVConfig(bits=bits, group_size=group, max_size=size))
+    add_rows(cache, [make_cache(model)])
+    return cache, lambda: None
+
+
+def mlx_lm_cache(model, bits, size, group):
+    from mlx_lm.generate import maybe_quantize_kv_cache
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if bits is not None and size is not None:
+        return None, None  # not supported by mlx-lm
+    cache = make_prompt_cache(model, max_kv_size=size)
+    # as generate_step does after each chunk, from the first token (--quantized-kv-start 0)
+    return cache, lambda: maybe_quantize_kv_cache(cache, 0, group, bits)
+
+
+def _nbytes(cache) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def run(model, make: Callable, ids: list[int], setting, args) -> dict | None:
+    bits, size = setting
+    cache, after_chunk = make(model, bits, size, args.group_size)
+    if cache is None:
+        return None
+    weights = mx.get_active_memory()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for start in range(0, len(ids), args.chunk):
+        model(mx.array(ids[start : start + args.chunk], mx.uint32)[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        after_chunk()
+    prompt_s = time.perf_counter() - tic
+    prompt_peak = mx.get_peak_memory() - weights
+    kv_bytes = _nbytes(cache)
+    mx.reset_peak_memory()
+    token = mx.array([[ids[-1]]], mx.uint32)
+    tic = time.perf_counter()
+    for _ in range(args.decode):
+        token = mx.argmax(model(token, cache=cache)[:, -1:], axis=-1).astype(mx.uint32)
+        mx.eval(token)
+        after_chunk()
+    decode_s = time.perf_counter() - tic
+    decode_peak = mx.get_peak_memory() - weights
+    del cache
+    mx.clear_cache()
+    return {
+        "prompt_tps": len(ids) / prompt_s,
+        "prompt_peak_mb": prompt_peak / 2**20,
+        "kv_mb": kv_bytes / 2**20,
+        "decode_tps": args.decode / decode_s,
+        "decode_peak_mb": decode_peak / 2**20,
+        "ppl": perplexity(model, make, ids, setting, args) if args.ppl else float("nan"),
+    }
+
+
+def perplexity(model, make: Callable, ids: list[int], setting, args) -> float:
+    bits, size = setting
+    cache, after_chunk = make(model, bits, size, args.group_size)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, args.chunk):
+        chunk = ids[start : start + args.chunk]
+        targets = mx.array(ids[start + 1 : start + 1 + len(chunk)])
+        logits = model(mx.array(chunk, mx.uint32)[None], cache=cache)[0, : len(targets)]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        nll += -mx.take_along_axis(logprobs, targets[:, None], axis=-1).sum().item()
+        count += len(targets)
+        after_chunk()
+    mx.clear_cache()
+    return math.exp(nll / count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip perplexity")
+    parser.add_argument("--root", type=Path, default=smollm2.default_cache_dir().parent)
+    args = parser.parse_args(argv)
+
+    import mlx_lm
+
+    folder = model_folder(args.root)
+    model, tokenizer = elm_load(folder)
+    theirs = mlx_lm.load(str(folder))[0]
+    results = []
+    print(f"{'tokens':>6} {'setting':<11} {'engine':<7} {'prompt t/s':>10} {'prompt MB':>9} "
+          f"{'KV MB':>7} {'decode t/s':>10} {'decode MB':>9} {'ppl':>8}")  # fmt: skip
+    for n in args.lengths:
+        ids = held_out_tokens(tokenizer, n)
+        for name in args.settings:
+            for engine, m, make in (("elm", model, elm_cache), ("mlx-lm", theirs, mlx_lm_cache)):
+                r = run(m, make, ids, SETTINGS[name], args)
+                if r is None:
+                    print(f"{n:>6} {name:<11} {engine:<7} {'(not supported)':>10}")
+                    continue
+                results.append({"tokens": n, "setting": name, "engine": engine, **r})
+                print(
+                    f"{n:>6} {name:<11} {engine:<7} {r['prompt_tps']:>10.0f} "
+                    f"{r['prompt_peak_mb']:>9.1f} {r['kv_mb']:>7.1f} {r['decode_tps']:>10.1f} "
+                    f"{r['decode_peak_mb']:>9.1f} {r['ppl']:>8.3f}",
+                    flush=True,
+                )
+    info = {
+        "machine": platform.machine(),
+        "backend": "cpu" if not mx.metal.is_available() else "metal",
+    }
+    print(json.dumps({"bench": "kv", **info, "args": {k: str(v) for k, v in vars(args).items()},
+                      "results": results}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Prompt caches on disk: a prompt's keys and values, computed once, kept in a safetensors file
+(`layers.{i}.keys`, `layers.{i}.values`, (1, H, n, D) each, full precision as a `KVCache` holds
+them) whose metadata names what they depend on: the model (its name and a hash of its
+arguments), the KV settings they were computed under, and the n tokens. A run that loads the
+file with another model or other settings is refused with a message naming both; the entry goes
+into a `PromptCache`, so generation continues after the prompt without processing it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..errors import PromptCacheError
+from ..models import CausalLM
+from .batch_kv import KVConfig, make_batch_cache, row_cache
+
+FORMAT = "elm-prompt-cache/1"
+
+
+def model_hash(model: CausalLM) -> str:
+    """A short hash of the model's arguments (its config.json as the family reads it)."""
+    text = json.dumps(model.args.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _identity(name: str, model: CausalLM, kv: KVConfig) -> dict[str, str]:
+    return {"model": name, "config_sha256": model_hash(model), "kv": json.dumps(asdict(kv))}
+
+
+def _describe(meta: dict[str, str]) -> str:
+    return f"model {meta.get('model')!r} (config {meta.get('config_sha256')}), KV {meta.get('kv')}"
+
+
+def prefill(
+    model: CausalLM, tokens: Sequence[int], kv: KVConfig | None = None, chunk: int = 512
+) -> list[tuple[mx.array, mx.array]]:
+    """The keys and values of every token of `tokens` under `kv`, fed in chunks as generation
+    feeds a prompt; per layer (1, H, n, D) each."""
+    kv = kv or KVConfig()
+    cache = make_batch_cache(model, kv)
+    for layer in cache:
+        layer.extend(None, None, [0])  # one empty row
+    for start in range(0, len(tokens), chunk):
+        model(mx.array(list(tokens[start : start + chunk]), mx.uint32)[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    layers = row_cache(cache, 0, len(tokens))
+    if layers is None:
+        raise PromptCacheError(
+            f"the prompt's {len(tokens)} tokens pass the KV window, which keeps only the last "
+            "ones: a prompt cache needs them all; cache a shorter prompt or no --max-kv-size"
+        )
+    mx.eval(layers)
+    return layers
+
+
+def save(
+    path: Path,
+    tokens: Sequence[int],
+    layers: list[tuple[mx.array, mx.array]],
+    name: str,
+    model: CausalLM,
+    kv: KVConfig | None = None,
+) -> Path:
+    """Write the file atomically (a temporary file in the same folder, then renamed)."""
+    path = Path(path)
+    tensors = {}
+    for i, (keys, values) in enumerate(layers):
+        tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = keys, values
+    meta = {
+        "format": FORMAT,
+        "tokens": json.dumps(list(tokens)),
+        **_identity(name, model, kv or KVConfig()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, tensors, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(
+    path: Path, name: str, model: CausalLM, kv: KVConfig | None = None
+) -> tuple[list[int], list[tuple[mx.array, mx.array]]]:
+    """(tokens, per layer keys and values) of a file made for this model and these settings."""
+    path = Path(path)
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # MLX raises bare RuntimeError/ValueError for unreadable files
+        raise PromptCacheError(f"{path}: not a readable prompt cache file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise PromptCacheError(f"{path}: not an elm prompt cache (make one with elm cache-prompt)")
+    want = _identity(name, model, kv or KVConfig())
+    if any(meta.get(k) != v for k, v in want.items()):
+        raise PromptCacheError(
+            f"{path} was made with {_describe(meta)}; this run uses {_describe(want)}: make it "
+            "again with elm cache-prompt for this model and these settings"
+        )
+    try:
+        tokens = [int(t) for t in json.loads(meta["tokens"])]
+        layers = [
+            (tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"])
+            for i in range(len(model.layers))
+        ]
+    except (KeyError, ValueError, TypeError) as e:
+        raise PromptCacheError(f"{path}: incomplete prompt cache ({e})") from e
+    if any(k.shape[2] != len(tokens) or v.shape[2] != len(tokens) for k, v in layers):
+        raise PromptCacheError(f"{path}: its tensors do not hold its {len(tokens)} tokens")
+    return tokens, layers

@@ -1,0 +1,69 @@
+"""Prompt caches on disk: a file round-trips, generation continuing after it gives the greedy
+tokens of the uncached prompt, and files made for another model or other KV settings, or
+damaged, are refused with a message naming what differs."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import random_ids
+
+from elm_mlx import batch_generate, generate
+from elm_mlx.engine import prompt_file
+from elm_mlx.engine.batch_kv import KVConfig
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.prompt_cache import PromptCache
+from elm_mlx.errors import PromptCacheError
+from elm_mlx.models import make_cache
+
+HEAD64 = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+@pytest.mark.parametrize("kv", [KVConfig(), KVConfig(bits=8)], ids=["full", "kv8"])
+def test_prompt_file_round_trip_and_continue(tiny, tmp_path, kv):
+    model, tokenizer = tiny.load("llama", HEAD64)
+    prompt = random_ids(40, seed=4)
+    layers = prompt_file.prefill(model, prompt, kv, chunk=16)
+    path = prompt_file.save(tmp_path / "p.safetensors", prompt, layers, "tiny", model, kv)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary left
+    tokens, loaded = prompt_file.load(path, "tiny", model, kv)
+    assert tokens == prompt
+    for (k, v), (k2, v2) in zip(layers, loaded, strict=True):
+        assert mx.array_equal(k, k2) and mx.array_equal(v, v2)
+    if kv.bits is None:  # a full-precision prefill holds what a plain KVCache does
+        cache = make_cache(model)
+        model(mx.array(prompt, mx.uint32)[None], cache=cache)
+        np.testing.assert_allclose(np.array(loaded[-1][0]), np.array(cache[-1].state[0]), atol=1e-5)
+    # continuing after the file: the rest is fed, the cached prompt is not
+    cache = PromptCache()
+    cache.insert(tokens, loaded)
+    full = prompt + random_ids(5, seed=8)
+    assert cache.fetch(full)[0] == len(prompt)
+    config = GenerationConfig(max_tokens=12)
+    if kv.bits is None:
+        got = batch_generate(model, tokenizer, [full], config, prompt_cache=cache)
+        assert got == [generate(model, tokenizer, full, config)]
+
+
+def test_prompt_file_refuses_other_models_settings_and_damage(tiny, tmp_path):
+    model, _ = tiny.load("llama", HEAD64)
+    other, _ = tiny.load("llama")
+    prompt = random_ids(10, seed=1)
+    path = prompt_file.save(
+        tmp_path / "p.safetensors", prompt, prompt_file.prefill(model, prompt), "tiny", model
+    )
+    with pytest.raises(PromptCacheError, match=r"made with model 'tiny'.*this run uses model 'x'"):
+        prompt_file.load(path, "x", model)
+    with pytest.raises(PromptCacheError, match="config"):
+        prompt_file.load(path, "tiny", other)
+    with pytest.raises(PromptCacheError, match=r"\"bits\": null.*\"bits\": 8"):
+        prompt_file.load(path, "tiny", model, KVConfig(bits=8))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(PromptCacheError, match="not a readable prompt cache"):
+        prompt_file.load(damaged, "tiny", model)
+    plain = tmp_path / "plain.safetensors"
+    mx.save_safetensors(str(plain), {"a": mx.zeros(2)})
+    with pytest.raises(PromptCacheError, match="not an elm prompt cache"):
+        prompt_file.load(plain, "tiny", model)

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from ..errors import ElmError, OptionError
-from . import chat, convert, eval, finetune, fuse, generate, serve
+from . import cache_prompt, chat, convert, eval, finetune, fuse, generate, serve
 from .options import flag
 
 app = typer.Typer(
@@ -56,6 +56,7 @@ for name, module in [
     ("fuse", fuse),
     ("eval", eval),
     ("serve", serve),
+    ("cache-prompt", cache_prompt),
 ]:
     app.command(name, short_help=summary(module.command.__doc__))(translate_errors(module.command))
 

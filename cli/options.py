@@ -102,6 +102,13 @@ ChatTemplate = Annotated[
     Path | None,
     typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
 ]
+# The KV cache (defaults in GenerationConfig, as the sampling options).
+KvBits = Annotated[int | None, typer.Option(help="Quantize keys and values to 8 or 4 bits.")]
+KvGroupSize = Annotated[int, typer.Option(help="Quantization group along the head dimension.")]
+KvFullTokens = Annotated[int, typer.Option(help="First tokens kept unquantized.")]
+MaxKvSize = Annotated[
+    int | None, typer.Option(help="Keep 4 first tokens and the last ones, this many in all.")
+]
 # A hub id given as --model is converted once into the local cache (convert/hub_cache.py).
 HubBits = Annotated[int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")]
 HubQuantize = Annotated[

@@ -67,3 +67,24 @@ def test_prompt_file_refuses_other_models_settings_and_damage(tiny, tmp_path):
     mx.save_safetensors(str(plain), {"a": mx.zeros(2)})
     with pytest.raises(PromptCacheError, match="not an elm prompt cache"):
         prompt_file.load(plain, "tiny", model)
+
+
+def test_elm_cache_prompt_command(tiny, tmp_path):
+    """`elm cache-prompt` writes the file generation loads; a bad KV option is refused by its
+    flag before anything is loaded; nothing is left half-written."""
+    from elm_mlx.cli.main import app
+    from typer.testing import CliRunner
+
+    folder = tiny.converted("llama", HEAD64)
+    model, tokenizer = tiny.load("llama", HEAD64)
+    text = "the capital of france is paris"
+    (tmp_path / "prompt.txt").write_text(text)
+    out = tmp_path / "cache" / "p.safetensors"
+    args = ["cache-prompt", "-m", str(folder), "--prompt-file", str(tmp_path / "prompt.txt")]
+    result = CliRunner().invoke(app, [*args, "-o", str(out), "--kv-bits", "8"])
+    assert result.exit_code == 0, result.output
+    tokens, layers = prompt_file.load(out, str(folder), model, KVConfig(bits=8))
+    assert tokens == tokenizer.encode(text) and len(layers) == len(model.layers)
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "q.safetensors"), "--kv-bits", "3"])
+    assert bad.exit_code == 1 and "--kv-bits must be one of (4, 8)" in bad.output
+    assert not (tmp_path / "q.safetensors").exists()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ import typer
 
 from ..errors import EvaluationError
 from ..eval.loglikelihood import EvalConfig
+from .options import GENERATION, KvBits, KvFullTokens, KvGroupSize, MaxKvSize
 
 DEFAULTS = EvalConfig()
 LONG_TEXT = 2048  # tokens: longer texts get a progress bar
@@ -111,11 +113,16 @@ def command(
     adapter: Annotated[
         Path | None, typer.Option(help="LoRA adapter folder (evaluated without fusing).")
     ] = None,
+    kv_bits: KvBits = GENERATION.kv_bits,
+    kv_group_size: KvGroupSize = GENERATION.kv_group_size,
+    kv_full_tokens: KvFullTokens = GENERATION.kv_full_tokens,
+    max_kv_size: MaxKvSize = GENERATION.max_kv_size,
 ) -> None:
     """Evaluate a model: perplexity of text files and/or lm-evaluation-harness tasks.
 
     Perplexity: in windows of the model's context (--window, --stride);
-    prints tokens, perplexity, bits per byte and time.
+    prints tokens, perplexity, bits per byte and time. With --kv-bits or --max-kv-size the
+    text is fed in chunks through that KV cache, so the perplexity shows what it costs.
 
     Tasks: lm-eval's names, e.g. arc_easy,hellaswag (pip install 'elm-mlx\\[eval]').
 
@@ -123,9 +130,19 @@ def command(
     """
     import mlx.core as mx
 
+    from ..engine.batch_kv import one_row_cache
     from ..eval.perplexity import perplexity as measure
     from ..loader import load
+    from ..models import make_cache
 
+    kv = replace(
+        GENERATION, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        kv_full_tokens=kv_full_tokens, max_kv_size=max_kv_size,
+    )  # fmt: skip
+    kv.validate()
+    new_cache = make_cache  # a plain cache, unless the KV options ask for another
+    if kv_bits is not None or max_kv_size is not None:
+        new_cache = partial(one_row_cache, kv=kv.kv_config())
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not perplexity and not names:
         raise EvaluationError("nothing to evaluate: give --perplexity FILE and/or --tasks a,b")
@@ -145,7 +162,9 @@ def command(
     for path, text in texts:
         update, close = progress_bar(lead)
         try:
-            result = measure(lm, tokenizer, text, window, stride, update, world, source=str(path))
+            result = measure(
+                lm, tokenizer, text, window, stride, update, world, str(path), new_cache
+            )
         finally:
             close()
         echo(

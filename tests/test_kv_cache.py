@@ -249,3 +249,41 @@ def test_windowed_batch_goes_past_the_window(tiny, bits):
     # the window matters: the full sequence's logits differ
     full = np.array(model(mx.array(seqs[0], mx.uint32)[None])[0])
     assert np.abs(full[-1] - _oracle(model, seqs[0], size)[-1]).max() > 1e-2
+
+
+# --- perplexity through the cache -------------------------------------------------------------
+
+
+def test_perplexity_through_quantized_and_windowed_caches(tiny, tmp_path):
+    """`perplexity` feeds the text in chunks through the cache it is given: a window the text
+    fits in changes nothing, 8 bits little and less than 4; `elm eval --kv-bits 8` reports it."""
+    from functools import partial
+
+    from elm_mlx.cli.main import app
+    from typer.testing import CliRunner
+
+    from elm_mlx.engine.batch_kv import one_row_cache
+    from elm_mlx.eval.perplexity import perplexity
+
+    model, tokenizer = tiny.load("llama", HEAD64)
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+
+    def ppl(**kv) -> float:
+        new_cache = partial(one_row_cache, kv=KVConfig(**kv))
+        return perplexity(model, tokenizer, text, window=256, new_cache=new_cache).perplexity
+
+    plain = perplexity(model, tokenizer, text, window=256).perplexity
+    assert abs(ppl(max_size=256) - plain) < 1e-4 * plain
+    q8, q4 = ppl(bits=8), ppl(bits=4)
+    assert abs(q8 - plain) < abs(q4 - plain) and abs(q8 - plain) < 0.05 * plain and q8 != plain
+    (tmp_path / "t.txt").write_text(text)
+    args = [
+        "eval",
+        "-m",
+        str(tiny.converted("llama", HEAD64)),
+        "--perplexity",
+        str(tmp_path / "t.txt"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--window", "256", "--kv-bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert f"perplexity {q8:.4f}" in result.output

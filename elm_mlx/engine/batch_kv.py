@@ -388,6 +388,15 @@ def make_batch_cache(model: CausalLM, kv: KVConfig | None = None) -> list[BatchK
     return caches
 
 
+def one_row_cache(model: CausalLM, kv: KVConfig | None = None) -> list[BatchKVCache]:
+    """A batch cache holding one empty row: a single sequence through a quantized or windowed
+    cache (a prompt to cache, a text to score)."""
+    cache = make_batch_cache(model, kv)
+    for layer in cache:
+        layer.extend(None, None, [0])
+    return cache
+
+
 def _stack(caches: Sequence[KVCache], name: str) -> mx.array:
     """The `keys` or `values` of single-row caches, (N, H, longest, D), zero-padded."""
     end = max(c.offset for c in caches)

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..errors import PromptCacheError
 from ..models import CausalLM
-from .batch_kv import KVConfig, make_batch_cache, row_cache
+from .batch_kv import KVConfig, one_row_cache, row_cache
 
 FORMAT = "elm-prompt-cache/1"
 
@@ -44,10 +44,7 @@ def prefill(
 ) -> list[tuple[mx.array, mx.array]]:
     """The keys and values of every token of `tokens` under `kv`, fed in chunks as generation
     feeds a prompt; per layer (1, H, n, D) each."""
-    kv = kv or KVConfig()
-    cache = make_batch_cache(model, kv)
-    for layer in cache:
-        layer.extend(None, None, [0])  # one empty row
+    cache = one_row_cache(model, kv)
     for start in range(0, len(tokens), chunk):
         model(mx.array(list(tokens[start : start + chunk]), mx.uint32)[None], cache=cache)
         mx.eval([c.state for c in cache])

@@ -5,8 +5,9 @@ scores tokens up to position `end` sees up to `window` tokens before it, so with
 window` every scored token keeps at least `window - stride` tokens of context (the sliding-window
 method of Hugging Face's perplexity guide), and the last window always gets a full context (as
 lm-evaluation-harness's rolling windows do). A window is fed through the KV cache in chunks, so
-memory stays bounded by the chunk, not the window. Imports only models, tokenizer and errors:
-`elm convert` uses it without the generation engine.
+memory stays bounded by the chunk, not the window; `new_cache` makes that cache (a quantized or
+windowed one, to measure what it costs: every chunk attends to it, as generation does). Imports
+only models, tokenizer and errors: `elm convert` uses it without the generation engine.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..models import PREFILL_STEP_SIZE, CausalLM, context_length, make_cache
 from ..tokenizer import Tokenizer
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
+NewCache = Callable[[CausalLM], list]  # a model's per-layer caches for one sequence
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def score_tokens(
     stride: int,
     progress: Progress | None = None,
     world: mx.distributed.Group | None = None,
+    new_cache: NewCache = make_cache,
 ) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, number of scored tokens) of ids[1:].
 
@@ -80,7 +83,7 @@ def score_tokens(
     tokens = mx.array(list(ids), dtype=mx.uint32)
     total, scored, todo = 0.0, 0, len(ids) - 1
     for start, end, first_new in spans[rank::size]:
-        cache = make_cache(model)
+        cache = new_cache(model)
         for c0 in range(start, end, PREFILL_STEP_SIZE):
             c1 = min(c0 + PREFILL_STEP_SIZE, end)
             logits = model(tokens[None, c0:c1], cache=cache)[0].astype(mx.float32)  # (L, V)
@@ -124,6 +127,7 @@ def perplexity(
     progress: Progress | None = None,
     world: mx.distributed.Group | None = None,
     source: str = "the text",
+    new_cache: NewCache = make_cache,
 ) -> PerplexityResult:
     """Perplexity of `text` (windows of the model's context unless `window`; `stride` < window
     overlaps them). `progress(done, total)` is called as tokens are scored; `source` names the
@@ -136,7 +140,7 @@ def perplexity(
             "(one to predict from, one to predict); give a longer text"
         )
     tic = time.perf_counter()
-    total, scored = score_tokens(model, ids, window, stride, progress, world)
+    total, scored = score_tokens(model, ids, window, stride, progress, world, new_cache)
     seconds = time.perf_counter() - tic
     n_bytes = len(text.encode("utf-8"))
     nll = total / scored

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import PromptCacheError
-from ..models import CausalLM
+from ..models import PREFILL_STEP_SIZE, CausalLM
 from .batch_kv import KVConfig, one_row_cache, row_cache
 
 FORMAT = "elm-prompt-cache/1"
@@ -40,7 +40,10 @@ def _describe(meta: dict[str, str]) -> str:
 
 
 def prefill(
-    model: CausalLM, tokens: Sequence[int], kv: KVConfig | None = None, chunk: int = 512
+    model: CausalLM,
+    tokens: Sequence[int],
+    kv: KVConfig | None = None,
+    chunk: int = PREFILL_STEP_SIZE,
 ) -> list[tuple[mx.array, mx.array]]:
     """The keys and values of every token of `tokens` under `kv`, fed in chunks as generation
     feeds a prompt; per layer (1, H, n, D) each."""

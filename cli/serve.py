@@ -79,6 +79,9 @@ def command(
         int | None, typer.Option(help="Context length in tokens (default: the model's).")
     ] = SERVE.max_context,
     chat_template: ChatTemplate = None,
+    prompt_cache_dir: Annotated[
+        Path | None, typer.Option(help="Keep the prompt cache in this folder, across restarts.")
+    ] = SERVE.prompt_cache_dir,
     bits: HubBits = DEFAULT_BITS,
     quantize: HubQuantize = True,
     hf_token: HfToken = None,
@@ -103,6 +106,7 @@ def command(
         max_context=max_context,
         template=load_template(chat_template) if chat_template else None,
         prompt_cache_bytes=prompt_cache_bytes,
+        prompt_cache_dir=prompt_cache_dir,
         graceful_seconds=graceful_seconds,
         header_timeout=header_timeout,
         body_timeout=body_timeout,

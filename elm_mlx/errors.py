@@ -55,6 +55,10 @@ class PromptCacheError(ElmError):
     """A prompt cache file cannot be used: unreadable, or made for another model or KV settings."""
 
 
+class PromptCacheMismatch(PromptCacheError):
+    """A readable prompt cache file made for another model or other KV settings."""
+
+
 class OptionError(ElmError):
     """An option has a value it cannot take. `option` is the field of the options dataclass
     (GenerationConfig, ConvertOptions, TrainConfig, LoRAConfig, ...); the CLI names the flag."""

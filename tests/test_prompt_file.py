@@ -88,3 +88,42 @@ def test_elm_cache_prompt_command(tiny, tmp_path):
     bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "q.safetensors"), "--kv-bits", "3"])
     assert bad.exit_code == 1 and "--kv-bits must be one of (4, 8)" in bad.output
     assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_disk_prompt_cache_outlives_the_process(tiny, tmp_path):
+    """Entries written by one DiskPromptCache are served by the next one on the same folder
+    (a restart): the prompt is not fed again and the greedy answer is unchanged; the byte
+    budget deletes evicted files; a damaged file is dropped with a warning, another model's left."""
+    from elm_mlx.engine.prompt_file import DiskPromptCache
+
+    model, tokenizer = tiny.load("llama", HEAD64)
+    folder = tmp_path / "cache"
+    prompt = random_ids(30, seed=6)
+    config = GenerationConfig(max_tokens=6)
+    first = DiskPromptCache(folder, "tiny", model)
+    answer = batch_generate(model, tokenizer, [prompt], config, prompt_cache=first)
+    files = list(folder.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    warnings = []
+    again = DiskPromptCache(folder, "tiny", model, warn=warnings.append)
+    assert len(again) == 1 and not warnings
+    longer = prompt + random_ids(4, seed=7)
+    assert again.fetch(longer)[0] >= len(prompt)
+    assert batch_generate(model, tokenizer, [prompt], config, prompt_cache=again) == answer
+    # a budget of one entry: the older file goes when a new one comes
+    entry = again.nbytes
+    small = DiskPromptCache(folder, "tiny", model, max_bytes=int(1.5 * entry))
+    batch_generate(model, tokenizer, [random_ids(30, seed=9)], config, prompt_cache=small)
+    assert len(small) == 1 and len(list(folder.iterdir())) == 1
+    # damage and strangers
+    (folder / "broken.safetensors").write_bytes(b"\x00" * 40)
+    other, _ = tiny.load("llama")
+    stranger = prompt_file.save(
+        folder / "other.safetensors", prompt[:5], prompt_file.prefill(other, prompt[:5]), "x", other
+    )
+    warnings = []
+    DiskPromptCache(folder, "tiny", model, warn=warnings.append)
+    assert any("broken.safetensors dropped" in w for w in warnings)
+    assert any("other.safetensors not used" in w for w in warnings)
+    assert not (folder / "broken.safetensors").exists() and stranger.exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left

@@ -450,6 +450,24 @@ def test_draft_model_then_ctrl_c_stops_cleanly(model_dir, local, tmp_path):
     assert "Traceback" not in s.log.read_text()
 
 
+def test_prompt_cache_dir_outlives_a_restart(model_dir, local, tmp_path):
+    """--prompt-cache-dir: a conversation's KV written by one server is reused by the next (its
+    prompt counted as cached), with the same answer."""
+    folder = tmp_path / "prompts"
+    first = Server(model_dir, tmp_path / "a.txt", "--prompt-cache-dir", str(folder))
+    r = first.client().chat.completions.create(model="default", messages=QUESTION, max_tokens=8)
+    answer = r.choices[0].message.content
+    assert first.stop(signal.SIGINT)[0] == 0
+    assert len(list(folder.glob("*.safetensors"))) == 1
+    second = Server(model_dir, tmp_path / "b.txt", "--prompt-cache-dir", str(folder))
+    assert f"prompt cache: 1 entries from {folder}" in (tmp_path / "b.txt").read_text()
+    turn = [*QUESTION, {"role": "assistant", "content": answer}, {"role": "user", "content": "hi"}]
+    r = second.client().chat.completions.create(model="default", messages=turn, max_tokens=8)
+    assert r.choices[0].message.content == solo(local, chat_prompt(local, turn), 8)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(local, QUESTION))
+    assert second.stop(signal.SIGINT)[0] == 0
+
+
 def test_taken_port_is_an_error(server, model_dir):
     port = server.url.rsplit(":", 1)[1].split("/")[0]
     r = subprocess.run(

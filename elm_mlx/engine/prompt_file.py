@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
 
-from ..errors import PromptCacheError
+from ..errors import PromptCacheError, PromptCacheMismatch
 from ..models import PREFILL_STEP_SIZE, CausalLM
 from .batch_kv import KVConfig, one_row_cache, row_cache
+from .prompt_cache import PromptCache
 
 FORMAT = "elm-prompt-cache/1"
 
@@ -104,7 +106,7 @@ def load(
         raise PromptCacheError(f"{path}: not an elm prompt cache (make one with elm cache-prompt)")
     want = _identity(name, model, kv or KVConfig())
     if any(meta.get(k) != v for k, v in want.items()):
-        raise PromptCacheError(
+        raise PromptCacheMismatch(
             f"{path} was made with {_describe(meta)}; this run uses {_describe(want)}: make it "
             "again with elm cache-prompt for this model and these settings"
         )
@@ -118,4 +120,60 @@ def load(
         raise PromptCacheError(f"{path}: incomplete prompt cache ({e})") from e
     if any(k.shape[2] != len(tokens) or v.shape[2] != len(tokens) for k, v in layers):
         raise PromptCacheError(f"{path}: its tensors do not hold its {len(tokens)} tokens")
+    mx.eval(layers)  # read now, in this thread (a lazy load is bound to this thread's stream)
     return tokens, layers
+
+
+class DiskPromptCache(PromptCache):
+    """A `PromptCache` whose entries are also files in `folder` (one prompt-cache file each,
+    written atomically), so that it outlives the process within the same `max_bytes`. At start
+    the files made for this model and settings are loaded (oldest first); files for others are
+    left alone, damaged ones deleted, each with a warning: never served."""
+
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        model: CausalLM,
+        kv: KVConfig | None = None,
+        max_bytes: int = 1 << 30,
+        warn: Callable[[str], None] = lambda text: print(f"warning: {text}", file=sys.stderr),
+    ):
+        super().__init__(max_bytes)
+        self.folder, self.name, self.model, self.kv = Path(folder), name, model, kv or KVConfig()
+        self.files: dict[int, Path] = {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+            try:
+                tokens, layers = load(path, name, model, self.kv)
+            except PromptCacheMismatch as e:
+                warn(f"prompt cache {path} not used: {e}")
+                continue
+            except PromptCacheError as e:
+                warn(f"prompt cache {path} dropped: {e}")
+                path.unlink(missing_ok=True)
+                continue
+            self._remember(tokens, layers, path)
+
+    def _remember(self, tokens: list[int], layers: list, path: Path | None) -> None:
+        """Insert as `PromptCache` does; a new entry gets `path` (None: a new file)."""
+        known = set(self.entries)
+        super().insert(tokens, layers)
+        for key in set(self.entries) - known:
+            if path is None:
+                digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:24]
+                path = self.folder / f"{digest}.safetensors"
+                save(path, tokens, layers, self.name, self.model, self.kv)
+            self.files[key] = path
+
+    def insert(self, tokens: Sequence[int], layers: list[tuple[mx.array, mx.array]]) -> None:
+        self._remember(list(tokens), layers, None)
+
+    def _drop(self, key: int) -> None:
+        super()._drop(key)
+        if (path := self.files.pop(key, None)) is not None:
+            path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for key in list(self.entries):
+            self._drop(key)

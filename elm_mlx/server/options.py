@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ServeError
 
@@ -20,6 +21,7 @@ class ServeOptions:
     max_body_bytes: int = 4 * 2**20
     graceful_seconds: float = 10.0  # how long a stop waits for requests in flight
     prompt_cache_bytes: int = 2**30  # KV entries of past requests kept for reuse (0: none)
+    prompt_cache_dir: Path | None = None  # keep them there too, across restarts
     # slow or idle clients: a connection must send its request line and headers within
     # header_timeout and its body within body_timeout; past max_connections open at once, a
     # new one closes the oldest that has not finished its headers (or is refused)

@@ -15,6 +15,7 @@ import uvicorn
 
 from ..engine.config import GenerationConfig
 from ..engine.prompt_cache import PromptCache
+from ..engine.prompt_file import DiskPromptCache
 from ..engine.scheduler import BatchGenerator
 from ..errors import ServeError
 from ..models import CausalLM, context_length, vocab_size
@@ -105,6 +106,13 @@ def serve(
         )
     sock = bind(options.host, options.port)
     cache = PromptCache(options.prompt_cache_bytes) if options.prompt_cache_bytes else None
+    if cache is not None and options.prompt_cache_dir is not None:
+        cache = DiskPromptCache(
+            options.prompt_cache_dir, model_id, model, max_bytes=options.prompt_cache_bytes
+        )
+        print(
+            f"prompt cache: {len(cache)} entries from {options.prompt_cache_dir}", file=sys.stderr
+        )
     engine = BatchGenerator(model, tokenizer, options.max_batch, prompt_cache=cache)
     worker = Worker(engine, options.max_queue)
     ready = (

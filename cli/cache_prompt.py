@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .generate import read_prompt
-from .options import GENERATION, Adapter, KvBits, KvFullTokens, KvGroupSize, MaxKvSize
+from .options import GENERATION, Adapter, KvBits, KvFullTokens, KvGroupSize, MaxKvSize, model_name
 
 
 def command(
@@ -44,7 +44,6 @@ def command(
     tokens = encode_prompt(tokenizer, text)
     tic = time.perf_counter()
     layers = files.prefill(lm, tokens, config.kv_config(), config.prefill_step_size)
-    name = model if adapter is None else f"{model}+{adapter}"
-    files.save(output, tokens, layers, name, lm, config.kv_config())
+    files.save(output, tokens, layers, model_name(model, adapter), lm, config.kv_config())
     seconds = time.perf_counter() - tic
     typer.echo(f"{output}: {len(tokens)} tokens in {seconds:.1f} s", err=True)

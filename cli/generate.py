@@ -12,7 +12,7 @@ import typer
 from ..engine.config import GenerationConfig
 from ..errors import GenerationError
 from .constraint_options import Grammar, JsonObject, JsonSchema, Regex, constraint_spec
-from .options import Adapter, DraftModel, generation_options
+from .options import Adapter, DraftModel, generation_options, model_name
 
 if TYPE_CHECKING:
     from ..engine.generation import GenerationResponse
@@ -62,6 +62,12 @@ def command(
     json_object: JsonObject = False,
     regex: Regex = None,
     grammar: Grammar = None,
+    prompt_cache_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue after the prompt of this file (elm cache-prompt) with --prompt."
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print backend and speculation details.")
     ] = False,
@@ -94,10 +100,21 @@ def command(
             {"role": "user", "content": text}
         ]
         text = render_chat(tokenizer, messages, lm.model_type)
+    prompt_cache = None
+    if prompt_cache_file is not None:  # the file's tokens, then the text's, the former not fed
+        from ..engine import prompt_file as files
+        from ..engine.prompt_cache import PromptCache
+
+        tokens, layers = files.load(
+            prompt_cache_file, model_name(model, adapter), lm, config.kv_config()
+        )
+        prompt_cache = PromptCache()
+        prompt_cache.insert(tokens, layers)
+        text = tokens + tokenizer.encode(text, add_special_tokens=False)
     if verbose:
         typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)
     last, printed = None, False
-    for last in stream_generate(lm, tokenizer, text, config):
+    for last in stream_generate(lm, tokenizer, text, config, prompt_cache):
         sys.stdout.write(last.text)
         sys.stdout.flush()
         printed = printed or bool(last.text)

@@ -117,3 +117,10 @@ HubQuantize = Annotated[
 HfToken = Annotated[
     str | None, typer.Option(help="Hub token for gated repos (default: $HF_TOKEN).")
 ]
+
+
+def model_name(model: str, adapter: Path | None) -> str:
+    """What a prompt cache file names its model by: the folder's name (or the hub id as given),
+    and the adapter's."""
+    name = Path(model).expanduser().resolve().name if Path(model).expanduser().exists() else model
+    return name if adapter is None else f"{name}+{Path(adapter).expanduser().resolve().name}"

@@ -83,7 +83,7 @@ def test_elm_cache_prompt_command(tiny, tmp_path):
     args = ["cache-prompt", "-m", str(folder), "--prompt-file", str(tmp_path / "prompt.txt")]
     result = CliRunner().invoke(app, [*args, "-o", str(out), "--kv-bits", "8"])
     assert result.exit_code == 0, result.output
-    tokens, layers = prompt_file.load(out, str(folder), model, KVConfig(bits=8))
+    tokens, layers = prompt_file.load(out, folder.name, model, KVConfig(bits=8))
     assert tokens == tokenizer.encode(text) and len(layers) == len(model.layers)
     bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "q.safetensors"), "--kv-bits", "3"])
     assert bad.exit_code == 1 and "--kv-bits must be one of (4, 8)" in bad.output
@@ -127,3 +127,30 @@ def test_disk_prompt_cache_outlives_the_process(tiny, tmp_path):
     assert any("other.safetensors not used" in w for w in warnings)
     assert not (folder / "broken.safetensors").exists() and stranger.exists()
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_elm_generate_continues_after_a_prompt_cache_file(tiny, tmp_path):
+    """`elm generate --prompt-cache-file F --prompt P`: the greedy text of the file's tokens and
+    P's, uncached; a file made with other KV settings is refused naming both, no traceback."""
+    from elm_mlx.cli.main import app
+    from typer.testing import CliRunner
+
+    folder = tiny.converted("llama", HEAD64)
+    model, tokenizer = tiny.load("llama", HEAD64)
+    runner = CliRunner()
+    made = tmp_path / "p.safetensors"
+    base = ["-m", str(folder), "-o", str(made), "--prompt", "the capital of france is paris"]
+    assert runner.invoke(app, ["cache-prompt", *base]).exit_code == 0
+    args = ["generate", "-m", str(folder), "--prompt", " and rome", "--max-tokens", "8"]
+    result = runner.invoke(app, [*args, "--prompt-cache-file", str(made)])
+    assert result.exit_code == 0, result.output
+    tokens, _ = prompt_file.load(made, folder.name, model)
+    full = tokens + tokenizer.encode(" and rome", add_special_tokens=False)
+    assert result.stdout == generate(model, tokenizer, full, GenerationConfig(max_tokens=8)) + "\n"
+    assert "prompt: " in result.stderr
+    other = tmp_path / "q.safetensors"
+    made8 = ["cache-prompt", *base[:2], "-o", str(other), *base[4:], "--kv-bits", "8"]
+    assert runner.invoke(app, made8).exit_code == 0
+    refused = runner.invoke(app, [*args, "--prompt-cache-file", str(other)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert '"bits": 8' in refused.stderr and '"bits": null' in refused.stderr

@@ -256,6 +256,7 @@ def turn(
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
     "prompt_lookup", "max_ngram",
+    "kv_bits", "kv_group_size", "kv_full_tokens", "max_kv_size",
 )  # fmt: skip
 def command(
     model: Annotated[

@@ -47,6 +47,7 @@ def empty_answer_notice(chat: bool) -> str:
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
     "prompt_lookup", "max_ngram", "num_draft",
+    "kv_bits", "kv_group_size", "kv_full_tokens", "max_kv_size",
 )  # fmt: skip
 def command(
     model: Annotated[str, typer.Option("--model", "-m", help="MLX model folder or hub id.")],

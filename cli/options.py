@@ -43,6 +43,14 @@ GENERATION_FLAGS: dict[str, GenerationFlag] = {
     ),
     "max_ngram": GenerationFlag(int, "Longest n-gram prompt lookup matches."),
     "num_draft": GenerationFlag(int, "Tokens the draft model proposes per step."),
+    "kv_bits": GenerationFlag(
+        int | None, "Quantize the KV cache's keys and values to 8 or 4 bits."
+    ),
+    "kv_group_size": GenerationFlag(int, "KV quantization group along the head dimension."),
+    "kv_full_tokens": GenerationFlag(int, "First tokens kept unquantized in the KV cache."),
+    "max_kv_size": GenerationFlag(
+        int | None, "Keep 4 first tokens and the last ones in the KV cache, this many in all."
+    ),
 }
 
 
@@ -102,13 +110,11 @@ ChatTemplate = Annotated[
     Path | None,
     typer.Option(help="Jinja chat template file (or a JSON file with 'chat_template')."),
 ]
-# The KV cache (defaults in GenerationConfig, as the sampling options).
-KvBits = Annotated[int | None, typer.Option(help="Quantize keys and values to 8 or 4 bits.")]
-KvGroupSize = Annotated[int, typer.Option(help="Quantization group along the head dimension.")]
-KvFullTokens = Annotated[int, typer.Option(help="First tokens kept unquantized.")]
-MaxKvSize = Annotated[
-    int | None, typer.Option(help="Keep 4 first tokens and the last ones, this many in all.")
-]
+# The KV cache's flags for commands without the generation panel (eval, cache-prompt).
+KvBits = Annotated[int | None, typer.Option(help=GENERATION_FLAGS["kv_bits"].help)]
+KvGroupSize = Annotated[int, typer.Option(help=GENERATION_FLAGS["kv_group_size"].help)]
+KvFullTokens = Annotated[int, typer.Option(help=GENERATION_FLAGS["kv_full_tokens"].help)]
+MaxKvSize = Annotated[int | None, typer.Option(help=GENERATION_FLAGS["max_kv_size"].help)]
 # A hub id given as --model is converted once into the local cache (convert/hub_cache.py).
 HubBits = Annotated[int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")]
 HubQuantize = Annotated[

@@ -34,6 +34,7 @@ def served_id(model: str) -> str:
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "prompt_lookup", "max_ngram", "num_draft",
+    "kv_bits", "kv_group_size", "kv_full_tokens", "max_kv_size",
 )  # fmt: skip
 def command(
     model: Annotated[

@@ -287,3 +287,52 @@ def test_perplexity_through_quantized_and_windowed_caches(tiny, tmp_path):
     result = CliRunner().invoke(app, [*args, "--window", "256", "--kv-bits", "8"])
     assert result.exit_code == 0, result.output
     assert f"perplexity {q8:.4f}" in result.output
+
+
+# --- through the engine -----------------------------------------------------------------------
+
+
+def test_generation_goes_past_the_window_and_through_8_bits(tiny):
+    """`generate(..., max_kv_size=N)` runs past N positions with the greedy tokens of the
+    windowed attention's oracle (one pass over the whole sequence per token); `kv_bits=8` gives
+    the greedy tokens of the same model fed through an 8-bit cache outside the engine."""
+    from elm_mlx import stream_generate
+    from elm_mlx.engine.batch_kv import one_row_cache
+
+    model, tokenizer = tiny.load("llama", HEAD64)
+    prompt = random_ids(20, seed=3)
+    size = 24
+    config = GenerationConfig(max_tokens=40, max_kv_size=size)
+    got = [r.token for r in stream_generate(model, tokenizer, prompt, config)]
+    assert len(prompt) + len(got) > size + 10  # well past the window (no early EOS)
+    seq = list(prompt)
+    for token in got:
+        assert token == int(np.argmax(_oracle(model, seq, size)[-1]))
+        seq.append(token)
+    config = GenerationConfig(max_tokens=16, kv_bits=8)
+    got = [r.token for r in stream_generate(model, tokenizer, prompt, config)]
+    cache = one_row_cache(model, KVConfig(bits=8))
+    logits = _feed(model, cache, [prompt])[0, -1]
+    want = []
+    for _ in range(len(got)):
+        want.append(int(np.argmax(logits)))
+        logits = _feed(model, cache, [[want[-1]]])[0, -1]
+    assert got == want
+
+
+def test_elm_generate_with_kv_flags(tiny):
+    """`elm generate --kv-bits 8 --max-kv-size 24` prints what the library generates with them."""
+    from elm_mlx.cli.main import app
+    from typer.testing import CliRunner
+
+    from elm_mlx import generate
+
+    model, tokenizer = tiny.load("llama", HEAD64)
+    folder = str(tiny.converted("llama", HEAD64))
+    flags = ["--kv-bits", "8", "--max-kv-size", "24", "--max-tokens", "30"]
+    result = CliRunner().invoke(app, ["generate", "-m", folder, "-p", "the capital of", *flags])
+    assert result.exit_code == 0, result.output
+    config = GenerationConfig(max_tokens=30, kv_bits=8, max_kv_size=24)
+    assert result.stdout == generate(model, tokenizer, "the capital of", config) + "\n"
+    bad = CliRunner().invoke(app, ["generate", "-m", folder, "-p", "x", "--kv-bits", "5"])
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: --kv-bits must be one of")

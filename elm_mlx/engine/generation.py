@@ -62,7 +62,9 @@ def stream_generate(
         prompt = encode_prompt(tokenizer, prompt)
     elif isinstance(prompt, mx.array):
         prompt = prompt.tolist()
-    engine = BatchGenerator(model, tokenizer, max_batch=1, prompt_cache=prompt_cache)
+    engine = BatchGenerator(
+        model, tokenizer, max_batch=1, prompt_cache=prompt_cache, kv=config.kv_config()
+    )
     rid = engine.add(Request(prompt, config, keep_logprobs=True))
     with wired_limit(model):
         try:

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..models import CausalLM, KVCache, make_cache
-from .batch_kv import BatchKVCache, add_rows, keep_rows, make_batch_cache, move_rows, set_lengths
+from .batch_kv import (
+    BatchKVCache,
+    KVConfig,
+    add_rows,
+    keep_rows,
+    make_batch_cache,
+    move_rows,
+    set_lengths,
+)
 from .config import GenerationConfig
 from .reference import generation_stream
 from .spec_budget import StepCost
@@ -39,9 +47,9 @@ class Pending:
 class Prefill:
     """The prompts being prefilled, in the rows of their own batch cache."""
 
-    def __init__(self, model: CausalLM, cost: StepCost):
+    def __init__(self, model: CausalLM, cost: StepCost, kv: KVConfig | None = None):
         self.model, self.cost = model, cost
-        self.cache = make_batch_cache(model)
+        self.cache = make_batch_cache(model, kv)
         self.items: list[Pending] = []
 
     def __len__(self) -> int:

@@ -52,7 +52,7 @@ import mlx.core as mx
 from ..errors import GenerationError, OptionError
 from ..models import CausalLM
 from ..tokenizer import Tokenizer, encode_prompt
-from .batch_kv import keep_rows, make_batch_cache, row_cache
+from .batch_kv import KVConfig, keep_rows, make_batch_cache, row_cache
 from .config import GenerationConfig, check_prompt
 from .prompt_cache import PromptCache
 from .prompt_prefill import Pending, Prefill
@@ -106,6 +106,7 @@ class BatchGenerator:
         prompt_cache: PromptCache | None = None,
         cost: StepCost | None = None,
         tolerance: float = 0.05,
+        kv: KVConfig | None = None,
     ):
         if max_batch < 1:
             raise OptionError("max_batch", f"must be >= 1, got {max_batch}")
@@ -114,10 +115,10 @@ class BatchGenerator:
         self.prompt_cache = prompt_cache
         self.cost = cost or StepCost()  # forward-pass times, for the speculation budget
         self.tolerance = tolerance  # the slowdown speculation may cost the other rows
-        self.cache = make_batch_cache(model)
+        self.cache = make_batch_cache(model, kv)  # quantized or windowed as `kv` says
         self.rows: list[Row] = []  # in the order of the cache's rows
         self.queue: deque[Pending] = deque()  # not yet admitted
-        self.prefill = Prefill(model, self.cost)  # admitted, prefilling
+        self.prefill = Prefill(model, self.cost, kv)  # admitted, prefilling
         self.inflight: Launch | None = None  # the step being computed
         self._idle_since = 0.0  # when the work before the current launch was last seen done
         self._ids = count()

@@ -108,12 +108,18 @@ def serve(
     cache = PromptCache(options.prompt_cache_bytes) if options.prompt_cache_bytes else None
     if cache is not None and options.prompt_cache_dir is not None:
         cache = DiskPromptCache(
-            options.prompt_cache_dir, model_id, model, max_bytes=options.prompt_cache_bytes
+            options.prompt_cache_dir,
+            model_id,
+            model,
+            defaults.kv_config(),
+            options.prompt_cache_bytes,
         )
         print(
             f"prompt cache: {len(cache)} entries from {options.prompt_cache_dir}", file=sys.stderr
         )
-    engine = BatchGenerator(model, tokenizer, options.max_batch, prompt_cache=cache)
+    engine = BatchGenerator(
+        model, tokenizer, options.max_batch, prompt_cache=cache, kv=defaults.kv_config()
+    )
     worker = Worker(engine, options.max_queue)
     ready = (
         f"elm serve: {url_of(sock)} · model {model_id!r} · context {served.context_length} · "

@@ -369,3 +369,34 @@ def test_dpo_resume_continues_exactly(llama, tmp_path):
     t = trainer(folder, data, tmp_path / "b", other)
     with pytest.raises(TrainingError, match="beta"):
         t.resume()
+
+
+def test_plot_adds_the_reward_accuracy_panel(tmp_path):
+    """--plot on a preference log: the loss panel, and below it reward accuracy rising."""
+    import struct
+    import zlib
+
+    from elm_mlx.train.plot import BLUE, HEIGHT, ORANGE, plot_log
+
+    log = tmp_path / LOG_FILE
+    lines = ["step,loss,val_loss,reward_accuracy,val_reward_accuracy", "0,,0.69,,0.5"]
+    lines += [f"{s},{0.7 - s / 200:.4f},,{min(1, 0.4 + s / 100):.3f}," for s in range(1, 101)]
+    lines += ["100,,0.2,,1.0"]
+    log.write_text("\n".join(lines) + "\n")
+    data = plot_log(log, tmp_path / "loss.png").read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (720, 2 * HEIGHT)
+    idat, pos = b"", 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] == b"IDAT":
+            idat += data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    pixels = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, -1)[:, 1:]
+    pixels = pixels.reshape(height, width, 3)
+    lower = pixels[HEIGHT + 40 :]  # the accuracy panel, below its labels
+    blue = np.argwhere((lower == BLUE).all(axis=-1))
+    assert len(blue) > 500 and (lower == ORANGE).all(axis=-1).sum() > 100
+    left = blue[blue[:, 1] < 120][:, 0].mean()
+    right = blue[blue[:, 1] > 650][:, 0].mean()
+    assert right < left - 150  # accuracy rises: its right end is higher on the image

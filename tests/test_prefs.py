@@ -400,3 +400,45 @@ def test_plot_adds_the_reward_accuracy_panel(tmp_path):
     left = blue[blue[:, 1] < 120][:, 0].mean()
     right = blue[blue[:, 1] > 650][:, 0].mean()
     assert right < left - 150  # accuracy rises: its right end is higher on the image
+
+
+# ---- the real model --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dpo_teaches_smollm2_a_preference_it_does_not_have(tmp_path):
+    """examples/pirate_prefs.py: DPO prefers answers opening with "Ahoy, matey!". SmolLM2 does
+    not greet so (held-out reward accuracy 0 at the start, no greeting in its greedy answers);
+    8 DPO steps on 16 pairs make held-out pairs >= 90% right and the greedy answers to
+    held-out questions open with the greeting."""
+    from helpers import load_example, smollm2_fp32_folder
+
+    from elm_mlx import generate
+
+    pirate = load_example("pirate_prefs")
+    folder = smollm2_fp32_folder()
+    pirate.write(tmp_path / "data")
+    held_out = [q for q, _ in pirate.QA[pirate.N_TRAIN :]][:4]
+    model, tok = load(folder)
+
+    def answers() -> list[str]:
+        model.eval()
+        chat = tok._tokenizer.apply_chat_template
+        prompts = [chat(pirate.prompt(q), add_generation_prompt=True, tokenize=False)
+                   for q in held_out]  # fmt: skip
+        return [generate(model, tok, p, max_tokens=8) for p in prompts]
+
+    assert not any(pirate.GREETING.split(",")[0] in a for a in answers())
+    config = TrainConfig(iters=8, batch_size=4, learning_rate=2e-3, val_every=8, val_batches=-1,
+                         save_every=0, method="dpo", beta=0.1)  # fmt: skip
+    lora = LoRAConfig(rank=8, alpha=16, num_layers=4)
+    mx.random.seed(0)
+    apply_lora(model, lora)
+    splits = load_splits(tmp_path / "data", tok, model.model_type, 512, pairs=True)
+    t = Trainer(model, splits, tmp_path / "out", config, lora, progress=False)
+    result = t.run()
+    rows = (tmp_path / "out" / LOG_FILE).read_text().splitlines()
+    assert rows[1].split(",")[rows[0].split(",").index("val_reward_accuracy")] == "0"  # step 0
+    assert result.val_metrics["reward_accuracy"] >= 0.9, result.val_metrics
+    greeted = [a for a in answers() if a.startswith(pirate.GREETING.split(",")[0])]
+    assert len(greeted) >= 3, answers()

@@ -257,6 +257,62 @@ def test_dpo_peak_memory_is_that_of_sft(tiny, tmp_path):
     assert dpo <= 1.25 * sft, (dpo, sft)
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_qlora_preference_training_learns_and_stops_on_nan(tmp_path, spm_tokenizer, method):
+    """On a 4-bit base: the zero adapter's first DPO loss is log 2 (policy == reference, the
+    quantized base with the adapter off); a few steps make the training pairs preferred; a
+    blown-up learning rate stops the run with the last good adapter."""
+    from helpers import write_lora_model
+
+    folder = write_lora_model(tmp_path / "q4", "llama", spm_tokenizer, bits=4)
+    write_jsonl(tmp_path / "data", "train", PAIRS)
+    write_jsonl(tmp_path / "data", "valid", PAIRS)
+    config = TrainConfig(iters=6, batch_size=3, grad_accum=2, learning_rate=1e-2, val_every=6,
+                         save_every=0, method=method, beta=0.5)  # fmt: skip
+    t = trainer(folder, tmp_path / "data", tmp_path / "out", config)
+    before = t.measure(t.splits.valid, -1)
+    result = t.run()
+    if method == "dpo":
+        first = float((tmp_path / "out" / LOG_FILE).read_text().splitlines()[2].split(",")[1])
+        assert first == pytest.approx(np.log(2), abs=1e-5)
+    assert result.val_metrics["reward_margin"] > before["reward_margin"] + 0.1
+    assert result.val_metrics["reward_accuracy"] >= 5 / 6
+    blown = TrainConfig(**{**config.__dict__, "learning_rate": 1e30, "max_grad_norm": 0.0})
+    with pytest.raises(TrainingError, match="step 2: the loss became"):
+        trainer(folder, tmp_path / "data", tmp_path / "blown", blown).run()
+    saved = json.loads((tmp_path / "blown" / "training_state.json").read_text())
+    assert saved["step"] == 1
+
+
+def test_cli_orpo_with_plot_and_option_errors(llama, tmp_path):
+    """`elm finetune --method orpo --plot` trains and writes the log and the plot; options
+    that do not fit the method are refused before anything is written."""
+    from elm_mlx.cli.main import app
+    from typer.testing import CliRunner
+
+    _, folder, data = llama
+    base = ["finetune", "-m", str(folder), "--data", str(data), "--iters", "2",
+            "--batch-size", "2", "--val-every", "2", "--rank", "4"]  # fmt: skip
+    done = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "o"), "--method", "orpo",
+                                    "--beta", "0.2", "--plot"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "train 6 pairs (ORPO)" in done.output
+    assert "step 2: validation loss" in done.output and ", reward accuracy " in done.output
+    assert " acc " in done.output  # the bar shows the steps' and validations' accuracy
+    assert (tmp_path / "o" / "loss.png").exists()
+    header = (tmp_path / "o" / LOG_FILE).read_text().splitlines()[0].split(",")
+    assert {"log_odds_ratio", "val_log_odds_ratio", "val_reward_margin"} <= set(header)
+    saved = json.loads((tmp_path / "o" / "adapter_config.json").read_text())["training"]
+    assert (saved["method"], saved["beta"]) == ("orpo", 0.2)
+    for extra, message in ((["--method", "orpo", "--loss", "ipo"], "--loss chooses DPO's loss"),
+                           (["--method", "kto"], "--method must be one of sft, dpo, orpo"),
+                           (["--method", "dpo", "--beta", "0"], "--beta must be > 0"),
+                           (["--method", "dpo", "--train-on-prompt"], "--train-on-prompt is for SFT")):  # fmt: skip
+        done = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "x"), *extra])
+        assert done.exit_code == 1 and message in done.output, done.output
+        assert not (tmp_path / "x").exists()
+
+
 # ---- data ------------------------------------------------------------------------------
 
 
@@ -429,7 +485,7 @@ def test_dpo_teaches_smollm2_a_preference_it_does_not_have(tmp_path):
         return [generate(model, tok, p, max_tokens=8) for p in prompts]
 
     assert not any(pirate.GREETING.split(",")[0] in a for a in answers())
-    config = TrainConfig(iters=8, batch_size=4, learning_rate=2e-3, val_every=8, val_batches=-1,
+    config = TrainConfig(iters=8, batch_size=4, learning_rate=5e-3, val_every=8, val_batches=-1,
                          save_every=0, method="dpo", beta=0.1)  # fmt: skip
     lora = LoRAConfig(rank=8, alpha=16, num_layers=4)
     mx.random.seed(0)

@@ -97,6 +97,15 @@ def run_elm(method: str, args: argparse.Namespace, data: Path, out: Path) -> dic
             "val_accuracy": accuracy, "final_loss": float(steps[-1]["loss"])}  # fmt: skip
 
 
+# mlx-lm-lora's DPO trainer sets a wired memory limit from a Metal-only device_info key; on
+# other backends (this CPU) it raises KeyError, so the peer runs behind this shim, which makes
+# that one call a no-op and changes nothing else.
+PEER_SHIM = (
+    "import sys, runpy, mlx.core as mx; mx.set_wired_limit = lambda *a, **k: 0; "
+    "info = mx.device_info; mx.device_info = lambda: {'max_recommended_working_set_size': 0, "
+    "**info()}; sys.argv[0] = 'mlx_lm_lora.train'; "
+    "runpy.run_module('mlx_lm_lora.train', run_name='__main__')"
+)
 ITER = re.compile(r"Iter (\d+): loss [\d.naninf-]+.*?it/s ([\d.]+).*?peak_mem ([\d.]+)GB")
 VAL = re.compile(r"Iter (\d+): Val loss .*?Val accuracy ([\d.]+)")
 
@@ -104,7 +113,7 @@ VAL = re.compile(r"Iter (\d+): Val loss .*?Val accuracy ([\d.]+)")
 def run_peer(method: str, args: argparse.Namespace, data: Path, out: Path) -> dict:
     config = out.parent / f"{method}-peer.yaml"
     config.write_text(f"lora_parameters:\n  rank: {RANK}\n  scale: {SCALE}\n  dropout: 0.0\n")
-    cmd = [args.peer_python, "-m", "mlx_lm_lora.train", "-c", str(config), "--model",
+    cmd = [args.peer_python, "-c", PEER_SHIM, "-c", str(config), "--model",
            str(args.model), "--train", "--train-mode", method, "--data", str(data),
            "--iters", str(args.iters), "--batch-size", str(args.batch_size),
            "--learning-rate", str(args.learning_rate), "--beta", str(args.beta),
@@ -147,7 +156,7 @@ def main() -> None:
         == 0
     )
     if not peer:
-        print("mlx-lm-lora is not importable by --peer-python: its runs are skipped")
+        print("no --peer-python with mlx-lm-lora importable: its runs are skipped")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp))
@@ -155,19 +164,24 @@ def main() -> None:
         for method in args.methods.split(","):
             runs = [("elm", run_elm)]
             if peer and method != "sft":
-                runs.append(("mlx-lm-lora", run_peer))
+                runs.insert(0, ("mlx-lm-lora", run_peer))
             for engine, run in runs:
                 folder = data["sft" if method == "sft" else "pairs" if engine == "elm" else "peer"]
-                r = run(method, args, folder, Path(tmp) / f"{engine}-{method}")
+                try:
+                    r = run(method, args, folder, Path(tmp) / f"{engine}-{method}")
+                except RuntimeError as e:  # report it and go on with the other runs
+                    print(e, file=sys.stderr)
+                    continue
                 r["tokens_per_sec"] = args.batch_size * per_pair / r["sec_per_step"]
                 results.append({"method": method, "engine": engine, **r})
+                print(json.dumps(results[-1]), flush=True)
     print(f"\nbatch {args.batch_size} pairs ({args.batch_size * per_pair:.0f} tokens), "
           f"{args.iters} steps, LoRA rank {RANK} on the last {args.num_layers} blocks")  # fmt: skip
-    print(f"{'method':<6}{'engine':<13}{'tokens/s':>9}{'s/step':>8}{'peak GB':>9}  "
+    print(f"{'method':<7}{'engine':<13}{'tokens/s':>9}{'s/step':>8}{'peak GB':>9}  "
           "held-out reward accuracy by step")  # fmt: skip
     for r in results:
         accuracy = ", ".join(f"{s}: {a:.2f}" for s, a in sorted(r["val_accuracy"].items()))
-        print(f"{r['method']:<6}{r['engine']:<13}{r['tokens_per_sec']:>9.1f}"
+        print(f"{r['method']:<7}{r['engine']:<13}{r['tokens_per_sec']:>9.1f}"
               f"{r['sec_per_step']:>8.2f}{r['peak_memory_gb']:>9.3f}  {accuracy or '-'}")  # fmt: skip
     line = json.dumps({"bench": "prefs", "args": {k: str(v) for k, v in vars(args).items()},
                        "tokens_per_pair": per_pair, "results": results})  # fmt: skip

@@ -78,11 +78,24 @@ def command(
         bool, typer.Option(help="Continue the run saved in --out (same options).")
     ] = False,
     plot: Annotated[bool, typer.Option(help="Write loss.png of the loss curves.")] = TRAINING.plot,
+    method: Annotated[
+        str, typer.Option(help="sft (supervised), dpo or orpo (preference pairs).")
+    ] = TRAINING.method,
+    beta: Annotated[
+        float, typer.Option(help="DPO's beta (KL strength); ORPO's lambda (odds-ratio weight).")
+    ] = TRAINING.beta,
+    loss: Annotated[
+        str, typer.Option(help="DPO's loss: sigmoid (DPO paper) or ipo (IPO paper).")
+    ] = TRAINING.loss,
 ) -> None:
     """Fine-tune a LoRA adapter on local JSONL data (QLoRA when the base is quantized).
 
-    Rows are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]}.
-    Ctrl-C saves before exiting; --resume continues. Data-parallel: mlx.launch -n 2 -- elm finetune ...
+    SFT rows are {"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}...]}.
+    DPO/ORPO rows are {"prompt", "chosen", "rejected"}: strings, or TRL's conversational form
+    (prompt a list of messages, chosen/rejected lists holding the assistant turn). DPO's
+    reference is the base model itself (the adapter switched off); start from an SFT model
+    made with `elm fuse`. Ctrl-C saves before exiting; --resume continues.
+    Data-parallel: mlx.launch -n 2 -- elm finetune ...
     """
     from ..train.finetune import finetune
 
@@ -110,6 +123,9 @@ def command(
         save_every=save_every,
         seed=seed,
         plot=plot,
+        method=method,
+        beta=beta,
+        loss=loss,
     )
     result = finetune(model, data, out, config, lora, resume=resume, echo=typer.echo)
     if result.interrupted:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .dequantize import dequantized_weight
 from .errors import AdapterError, OptionError
 from .model_folder import replaced_file
 from .models import family_of
@@ -71,8 +74,12 @@ class LoRALinear(nn.Module):
         self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))  # fp32
         self.lora_b = mx.zeros((rank, out_dims))
 
+    enabled = True  # False: the base layer alone (see `adapters_off`)
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
+        if not self.enabled:
+            return y
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (..., out), fp32
         return y + (self.scale * z).astype(x.dtype)
 
@@ -91,15 +98,19 @@ class LoRALinear(nn.Module):
         return fused
 
 
-def dequantized_weight(layer: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.array:
-    return mx.dequantize(
-        layer.weight,
-        layer.scales,
-        layer.biases,
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-    )
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone, on the same weights: DPO's reference model without a copy.
+
+    Read when a function is traced, so a compiled step may call the model both ways."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def resolve_targets(model: nn.Module, targets: tuple[str, ...] | None) -> tuple[str, ...]:

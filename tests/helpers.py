@@ -912,6 +912,18 @@ def write_eval_tasks(folder: Path) -> Path:
 SMOLLM2_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smollm2.py"
 
 
+def load_example(name: str) -> ModuleType:
+    """examples/NAME.py, imported by path (examples/ is no package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SMOLLM2_EXAMPLE.parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_smollm2_example() -> ModuleType:
     """examples/smollm2.py (it builds the real SmolLM2 folders); examples/ is no package, so the
     script is imported by path."""

@@ -111,3 +111,37 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path):
         assert p.returncode == 1, output
         assert re.search(r"error: step 2: the loss became (nan|inf)", output), output
     assert json.loads((tmp_path / "blown" / "training_state.json").read_text())["step"] == 1
+
+
+def test_two_processes_train_the_same_dpo_adapter_as_one(tmp_path):
+    """DPO over mlx.launch: each process holds half of every batch of pairs; the counts the
+    loss is divided by are global, so the adapter and the logged metrics are one process's."""
+    train_spm_tokenizer(tmp_path / "tok")
+    model = write_lora_model(tmp_path / "model", "llama", tmp_path / "tok")
+    pairs = [{"prompt": f"Q{i}: {CORPUS[i]}?", "chosen": f" {CORPUS[-i - 1]}",
+              "rejected": " ".join(CORPUS[: 1 + i % 3])} for i in range(8)]  # fmt: skip
+    write_jsonl(tmp_path / "data", "train", pairs)
+    write_jsonl(tmp_path / "data", "valid", pairs[::3])
+    config = TrainConfig(iters=3, batch_size=4, grad_accum=2, learning_rate=3e-3,
+                         val_every=3, val_batches=-1, save_every=0, method="dpo", beta=0.2)  # fmt: skip
+    finetune(model, tmp_path / "data", tmp_path / "one", config, LORA, progress=False)
+    done = launch_two(
+        "-m", str(model), "--data", str(tmp_path / "data"), "-o", str(tmp_path / "two"),
+        "--iters", "3", "--batch-size", "4", "--grad-accum", "2", "--learning-rate", "3e-3",
+        "--val-every", "3", "--val-batches", "-1", "--save-every", "0", "--method", "dpo",
+        "--beta", "0.2", "--rank", "4", "--alpha", "8", "--num-layers", "1",
+        "--targets", "q_proj,v_proj,down_proj",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    two = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    for k in one:
+        assert mx.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+        assert mx.abs(one[k]).max().item() > 0
+    rows = [list(csv.DictReader((tmp_path / d / "train_log.csv").open())) for d in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 3 + 2  # steps, validations at 0 and 3
+    for a, b in zip(*rows, strict=True):
+        for key in ("loss", "reward_accuracy", "reward_margin", "chosen_logps", "val_loss",
+                    "val_reward_accuracy", "val_reward_margin", "val_rejected_logps"):  # fmt: skip
+            if a[key] or b[key]:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=2e-4, abs=1e-5), key

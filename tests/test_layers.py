@@ -20,7 +20,7 @@ PACKAGES = {
 # The folders are the layers. The neutral base sits below everything but the models.
 BASE = tuple(
     f"elm_mlx.{m}"
-    for m in ("errors", "_blas", "hub", "model_folder", "tokenizer", "lora", "loader")
+    for m in ("errors", "_blas", "hub", "model_folder", "tokenizer", "lora", "dequantize", "loader")
 )
 ABOVE_MODELS = (
     "elm_mlx.engine",

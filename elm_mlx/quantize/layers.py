@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..dequantize import float_layer
 from .gptq import gptq
 from .grid import Setting, codes_on, fit_grid, pack
 
@@ -75,17 +76,6 @@ def quantized_module(module: nn.Module, q: QuantizedWeight) -> nn.Module:
 
 def float_stand_in(module: nn.Module) -> nn.Module:
     """A float Linear/Embedding computing exactly what a quantized one does (its dequantized
-    weight): MLX's CPU backend runs quantized matmuls ~10x slower than float ones."""
-    if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return module
-    # in float32, as the loader computes on the CPU backend (scales upcast before use)
-    scales, biases = module.scales.astype(mx.float32), module.biases.astype(mx.float32)
-    weight = mx.dequantize(module.weight, scales, biases, module.group_size, module.bits)
-    if isinstance(module, nn.QuantizedEmbedding):
-        out = nn.Embedding(*weight.shape)
-    else:
-        out = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-        if "bias" in module:
-            out.bias = module.bias
-    out.weight = weight
-    return out
+    weight): MLX's CPU backend runs quantized matmuls ~10x slower than float ones. In float32,
+    as the loader computes on the CPU backend (scales upcast before use)."""
+    return float_layer(module, mx.float32)

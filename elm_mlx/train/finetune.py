@@ -26,7 +26,9 @@ def finetune(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train a LoRA adapter on `data` (a folder with train.jsonl) and save it in `out`.
+    """Train a LoRA adapter on `data` (a folder with train.jsonl) and save it in `out`, by
+    supervised fine-tuning or, with `config.method`, DPO or ORPO on preference pairs (DPO's
+    reference is `model` itself: the adapter switched off).
 
     Under `mlx.launch` every process runs this; each trains on its share of every batch and
     only the first one writes files and prints.
@@ -49,7 +51,7 @@ def finetune(
     lm, tokenizer = load(model)
     splits = load_splits(
         Path(data), tokenizer, lm.model_type, config.max_seq_len,
-        config.train_on_prompt, config.skip_bad_rows,
+        config.train_on_prompt, config.skip_bad_rows, pairs=config.method != "sft",
     )  # fmt: skip
     if splits.skipped:
         say(f"skipped {len(splits.skipped)} bad row(s) (--skip-bad-rows)")
@@ -57,11 +59,12 @@ def finetune(
     wrapped = apply_lora(lm, lora)
     trainable = sum(v.size for _, v in tree_flatten(lm.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(lm.parameters()))
-    n_tokens = sum(int(e.mask.sum()) for e in splits.train)
+    n_tokens = sum(int(r.mask.sum()) for e in splits.train for r in e.rows())
+    what = "rows" if config.method == "sft" else f"pairs ({config.method.upper()})"
     say(
         f"LoRA on {len(wrapped)} layers: {trainable / 1e6:.3f}M trainable parameters "
         f"({100 * trainable / total:.2f}% of {total / 1e6:.1f}M); "
-        f"train {len(splits.train)} rows ({n_tokens} trained tokens), "
+        f"train {len(splits.train)} {what} ({n_tokens} trained tokens), "
         f"valid {len(splits.valid)}, test {len(splits.test)}"
         + (f"; {world.size()} processes" if world.size() > 1 else "")
     )

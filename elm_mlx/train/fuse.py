@@ -11,8 +11,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import hub
+from ..dequantize import QUANTIZED, float_layer
 from ..loader import load_model
-from ..lora import dequantized_weight, load_adapters, merge_lora
+from ..lora import load_adapters, merge_lora
 from ..model_folder import (
     ShardWriter,
     check_output,
@@ -25,21 +26,9 @@ from ..model_folder import (
 
 def dequantize_model(model: nn.Module) -> int:
     """Swap every quantized layer for a float one; returns how many were swapped."""
-    swaps: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            weight = dequantized_weight(module)  # (out, in)
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            layer.weight = weight
-            if "bias" in module:
-                layer.bias = module.bias
-        elif isinstance(module, nn.QuantizedEmbedding):
-            weight = dequantized_weight(module)  # (vocab, dim)
-            layer = nn.Embedding(*weight.shape)
-            layer.weight = weight
-        else:
-            continue
-        swaps.append((name, layer))
+    swaps = [
+        (name, float_layer(m)) for name, m in model.named_modules() if isinstance(m, QUANTIZED)
+    ]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)

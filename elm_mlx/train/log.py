@@ -16,22 +16,25 @@ LOG_FIELDS = ("step", "loss", "val_loss", "learning_rate", "grad_norm", "tokens"
 
 
 class TrainLog:
-    """train_log.csv: a row per training step and per validation (blank cells where n/a)."""
+    """train_log.csv: a row per training step and per validation (blank cells where n/a).
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    `metrics`: the objective's own columns (e.g. reward_accuracy), each with a val_ twin."""
+
+    def __init__(self, path: Path, resume_step: int = 0, metrics: tuple[str, ...] = ()):
+        self.fields = (*LOG_FIELDS, *metrics, *(f"val_{m}" for m in metrics))
         rows: list[list[str]] = []
         if resume_step and path.exists():  # a resumed run drops steps after its last save
             with path.open(newline="") as f:
-                rows = [[r.get(name) or "" for name in LOG_FIELDS] for r in csv.DictReader(f)
+                rows = [[r.get(name) or "" for name in self.fields] for r in csv.DictReader(f)
                         if r["step"] and int(r["step"]) <= resume_step]  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("w", newline="")
         self.writer = csv.writer(self.file)
-        self.writer.writerows([LOG_FIELDS, *rows])
+        self.writer.writerows([self.fields, *rows])
         self.file.flush()
 
     def write(self, **values: float | int | None) -> None:
-        cells = [values.get(name) for name in LOG_FIELDS]
+        cells = [values.get(name) for name in self.fields]
         self.writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v
                               for v in cells])  # fmt: skip
         self.file.flush()
@@ -41,7 +44,8 @@ class TrainLog:
 
 
 class ProgressBar:
-    """One line: step, loss, latest validation loss, learning rate, tokens/s, peak memory, ETA."""
+    """One line: step, loss, latest validation loss, learning rate, tokens/s, peak memory, ETA
+    (and for preference methods, the reward accuracy of the step and of the validation)."""
 
     def __init__(self, total: int, initial: int, val_loss: float | None = None):
         from tqdm import tqdm
@@ -51,24 +55,35 @@ class ProgressBar:
             bar_format="{n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}",
         )  # fmt: skip
         self.val_loss = val_loss
-        self.stats: list[str] = ["loss -"]  # of the last step
+        self.val_accuracy: float | None = None
+        self.stats: list[str] = ["loss -"]  # of the last step: loss (and accuracy)
+        self.rates: list[str] = []  # of the last step: learning rate, tokens/s
         self.show(refresh=True)
 
-    def update(self, loss: float, lr: float, tokens_per_sec: float) -> None:
+    def update(self, metrics: dict[str, float], lr: float, tokens_per_sec: float) -> None:
         """A training step is done."""
-        self.stats = [f"loss {loss:.3f}", f"lr {lr:.2e}", f"{tokens_per_sec:,.0f} tok/s"]
+        self.stats = [f"loss {metrics['loss']:.3f}"]
+        if "reward_accuracy" in metrics:
+            self.stats.append(f"acc {metrics['reward_accuracy']:.2f}")
+        self.rates = [f"lr {lr:.2e}", f"{tokens_per_sec:,.0f} tok/s"]
         self.show(refresh=False)
         self.bar.update(1)
 
-    def validated(self, step: int, val_loss: float) -> None:
+    def validated(self, step: int, metrics: dict[str, float]) -> None:
         """A validation is done: print it, and show it until the next one."""
-        self.val_loss = val_loss
-        self.write(f"step {step}: validation loss {val_loss:.3f}")
+        self.val_loss, self.val_accuracy = metrics["loss"], metrics.get("reward_accuracy")
+        line = f"step {step}: validation loss {self.val_loss:.3f}"
+        if self.val_accuracy is not None:
+            line += (f", reward accuracy {self.val_accuracy:.3f}, "
+                     f"margin {metrics['reward_margin']:.3f}")  # fmt: skip
+        self.write(line)
         self.show(refresh=True)
 
     def show(self, refresh: bool) -> None:
         val = "-" if self.val_loss is None else f"{self.val_loss:.3f}"
-        fields = [self.stats[0], f"val {val}", *self.stats[1:],
+        if self.val_accuracy is not None:
+            val += f" acc {self.val_accuracy:.2f}"
+        fields = [*self.stats, f"val {val}", *self.rates,
                   f"peak {mx.get_peak_memory() / 1e9:.2f} GB"]  # fmt: skip
         self.bar.set_postfix_str(" | ".join(fields), refresh=refresh)
 

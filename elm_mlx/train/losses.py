@@ -1,4 +1,5 @@
-"""Training loss: cross-entropy over the trained targets, computed in chunks of positions.
+"""Training losses: cross-entropy over the trained targets, and per-row log-probabilities
+(for preference losses), computed in chunks of positions.
 
 The output layer's logits, (B, L, vocab) in fp32, are the largest tensors of a training step
 on a small model (400 MB for 2048 tokens of a 49k vocabulary). The chunked loss never holds
@@ -92,3 +93,69 @@ def chunked_cross_entropy(
         )
 
     return loss_and_grad(h, targets, mask)[0]
+
+
+def sequence_logprobs(
+    model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array, grad: bool = True
+) -> tuple[mx.array, mx.array]:
+    """Per row: the summed log-probability of the targets where mask is 1, and their count.
+
+    inputs, targets, mask: (B, L) -> (B,), (B,). Chunked as the loss above when the output
+    layer is frozen; `grad=False` (validation, DPO's reference) builds no backward pass.
+    """
+    body, head, head_fn = body_and_head(model)
+    if tree_flatten(head.trainable_parameters()):
+        logits = model(inputs).astype(mx.float32)  # (B, L, V)
+        logps = -nn.losses.cross_entropy(logits, targets)  # (B, L)
+    else:
+        h = body(inputs, None)  # (B, L, D)
+        flat = chunked_logprobs(head_fn, h.reshape(-1, h.shape[-1]), targets.reshape(-1), grad)
+        logps = flat.reshape(targets.shape)  # (B, L)
+    return (logps * mask).sum(axis=-1), mask.sum(axis=-1)
+
+
+def chunked_logprobs(
+    head: Callable[[mx.array], mx.array],
+    h: mx.array,
+    targets: mx.array,
+    grad: bool = True,
+    rows: int | None = None,
+) -> mx.array:
+    """log softmax(head(h))[targets] for h (N, D), targets (N,) -> (N,), chunk by chunk.
+
+    Unlike the summed loss, each position's weight in the backward pass is known only then,
+    so the backward pass computes each chunk's logits again (one more head matmul) rather
+    than keeping them."""
+    rows = rows or max(1, CHUNK_ELEMENTS // head(h[:1]).shape[-1])  # positions per chunk
+
+    def forward(h: mx.array, targets: mx.array) -> mx.array:
+        out = []
+        for i in range(0, h.shape[0], rows):
+            logits = head(h[i : i + rows]).astype(mx.float32)  # (rows, V)
+            picked = mx.take_along_axis(logits, targets[i : i + rows, None], axis=-1)
+            out.append(picked.squeeze(-1) - mx.logsumexp(logits, axis=-1))
+        return mx.concatenate(out)
+
+    if not grad:
+        return forward(h, targets)
+
+    @mx.custom_function
+    def logprobs(h: mx.array, targets: mx.array):
+        return (forward(h, targets),)
+
+    @logprobs.vjp
+    def _(primals, cotangents, outputs):
+        h, targets = primals
+        weight = cotangents[0].astype(mx.float32)  # (N,)
+        grads = []
+        for i in range(0, h.shape[0], rows):
+            hc, tc, wc = h[i : i + rows], targets[i : i + rows], weight[i : i + rows]
+            logits = head(hc).astype(mx.float32)  # (rows, V)
+            # d(logp[t])/d(logits) = one_hot(t) - softmax
+            probs = mx.exp(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            dlogits = (mx.arange(logits.shape[-1]) == tc[:, None]) - probs
+            dlogits = (dlogits * wc[:, None]).astype(hc.dtype)
+            grads.append(mx.vjp(head, [hc], [dlogits])[1][0])  # (rows, D)
+        return mx.concatenate(grads), mx.zeros_like(targets)
+
+    return logprobs(h, targets)[0]

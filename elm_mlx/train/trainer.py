@@ -1,11 +1,12 @@
 """The LoRA training loop: AdamW with warmup and cosine decay, gradient accumulation and
 checkpointing, gradient clipping, a compiled step, validation, save/resume, and data
-parallelism.
+parallelism, for SFT, DPO and ORPO (the objectives are in objectives.py).
 
-Gradients are summed over every trained token of a global batch (across micro-batches and
-processes) and divided by the token count once, then clipped by their global norm, so N
-processes, or N accumulated micro-batches, give the same update as one process on the whole
-batch. A step whose loss or gradient is not finite stops the run with the last good adapter.
+Each micro-batch's loss is divided by the global batch's counts (trained tokens, pairs),
+counted before the step, and gradients are summed over micro-batches and processes, then
+clipped by their global norm, so N processes, or N accumulated micro-batches, give the same
+update as one process on the whole batch. A step whose loss or gradient is not finite stops
+the run with the last good adapter.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from ..errors import OptionError, TrainingError
 from ..lora import LoRAConfig
-from .dataset import Example, Splits, collate, eval_batches, train_batches
+from .dataset import Batch, Example, Pair, Splits, collate, eval_batches, train_batches
 from .log import LOG_FILE, ProgressBar, StopFlag, TrainLog
-from .losses import cross_entropy_sum
+from .objectives import DPO_LOSSES, METHODS, make_objective
 from .run_state import RunState, check_options, load_run, save_run
 
 PLOT_FILE = "loss.png"
@@ -59,6 +61,9 @@ class TrainConfig:
     save_every: int = 100  # 0: only at the end
     seed: int = 0
     plot: bool = False
+    method: str = "sft"  # sft, dpo or orpo
+    beta: float = 0.1  # DPO's beta; ORPO's lambda
+    loss: str = "sigmoid"  # DPO's loss: sigmoid (Rafailov et al.) or ipo (Azar et al.)
 
     def validate(self, world: int = 1) -> None:
         for name in ("iters", "batch_size", "grad_accum", "max_seq_len"):
@@ -79,6 +84,16 @@ class TrainConfig:
                 raise OptionError(name, f"must be >= 0 (0: never), got {getattr(self, name)}")
         if self.val_batches < -1:
             raise OptionError("val_batches", f"must be >= 0 or -1 (all), got {self.val_batches}")
+        if self.method not in METHODS:
+            raise OptionError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.loss not in DPO_LOSSES:
+            raise OptionError("loss", f"must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+        if self.loss != "sigmoid" and self.method != "dpo":
+            raise OptionError("loss", f"chooses DPO's loss; --method is {self.method}")
+        if not 0 < self.beta < math.inf:
+            raise OptionError("beta", f"must be > 0, got {self.beta}")
+        if self.train_on_prompt and self.method != "sft":
+            raise OptionError("train_on_prompt", f"is for SFT; {self.method} learns completions")
         if self.batch_size % world:
             raise OptionError(
                 "batch_size", f"{self.batch_size} must be divisible by the {world} processes"
@@ -86,7 +101,8 @@ class TrainConfig:
 
     # Options a resumed run must share with the saved one, or the data order and the
     # optimizer state would not mean the same thing.
-    RESUME_KEYS = ("batch_size", "grad_accum", "seed", "max_seq_len", "train_on_prompt")
+    RESUME_KEYS = ("batch_size", "grad_accum", "seed", "max_seq_len", "train_on_prompt",
+                   "method", "beta", "loss")  # fmt: skip
 
 
 @dataclass
@@ -96,6 +112,23 @@ class TrainResult:
     val_loss: float | None
     test_loss: float | None
     interrupted: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last step
+    val_metrics: dict[str, float] = field(default_factory=dict)  # of the last validation
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did, as logged."""
+
+    metrics: dict[str, float]  # loss, and the objective's metrics
+    grad_norm: float
+    learning_rate: float
+    tokens: int
+    seconds: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.metrics["loss"]) and math.isfinite(self.grad_norm)
 
 
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
@@ -181,6 +214,7 @@ class Trainer:
         self.world = world or mx.distributed.init()
         self.rank, self.size = self.world.rank(), self.world.size()
         config.validate(self.size)
+        self.objective = make_objective(config.method, config.beta, config.loss)
         self.optimizer = make_optimizer(config)
         self.optimizer.init(model.trainable_parameters())
         self.progress = progress
@@ -191,68 +225,109 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.val_loss: float | None = None  # the latest validation loss
+        self.val_metrics: dict[str, float] = {}
         self.interrupted = False
 
     # ---- the compiled step ---------------------------------------------------------------
-    def make_step(self) -> Callable[..., tuple[mx.array, mx.array, Any]]:
-        """step(inputs, targets, mask, acc, update) accumulates (loss sum, token count,
-        gradients); with update=True it applies them and returns (loss, count, grad norm)."""
-        model, optimizer, world = self.model, self.optimizer, self.world
+    def make_step(self) -> Callable[..., tuple[mx.array, Any]]:
+        """step(inputs, targets, mask, weights, acc, update) accumulates (sums, gradients) of
+        the objective, whose loss is (sums * weights).sum(); with update=True it applies them
+        and returns (sums, grad norm)."""
+        model, optimizer, world, objective = self.model, self.optimizer, self.world, self.objective
         max_norm = self.config.max_grad_norm
-        loss_and_grad = nn.value_and_grad(model, cross_entropy_sum)
+
+        def loss_fn(model, inputs, targets, mask, weights):
+            sums = objective.sums(model, inputs, targets, mask, grad=True)  # (K,)
+            return (sums * weights).sum(), sums
+
+        loss_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(inputs, targets, mask, acc, update: bool):
-            (loss, ntok), grads = loss_and_grad(model, inputs, targets, mask)
+        def step(inputs, targets, mask, weights, acc, update: bool):
+            (_, sums), grads = loss_and_grad(model, inputs, targets, mask, weights)
             if acc is not None:
-                loss, ntok, grads = loss + acc[0], ntok + acc[1], tree_map(mx.add, grads, acc[2])
+                sums, grads = sums + acc[0], tree_map(mx.add, grads, acc[1])
             if not update:
-                return loss, ntok, grads
+                return sums, grads
             if world.size() > 1:
-                grads, (loss, ntok) = all_sum_tree((grads, (loss, ntok)), world)
-            grads = tree_map(lambda g: g / mx.maximum(ntok, 1), grads)  # of the mean loss
+                grads, sums = all_sum_tree((grads, sums), world)
             grads, norm = clip_by_global_norm(grads, max_norm)
             # A step whose loss or gradient is not finite leaves the weights and the optimizer
             # state as they were (the loop then stops the run).
-            ok = mx.isfinite(loss) & mx.isfinite(norm)
+            ok = mx.isfinite((sums * weights).sum()) & mx.isfinite(norm)
             before = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
             optimizer.update(model, grads)
             keep = partial(mx.where, ok)
             model.update(tree_map(keep, model.trainable_parameters(), before[0]))
             optimizer.state.update(tree_map(keep, optimizer.state, before[1]))  # in place
-            return loss, ntok, norm
+            return sums, norm
 
         return step
 
+    def loss_weights(self, batches: list[Batch]) -> mx.array:
+        """The objective's weights for a global batch: 1 / its counts over every process."""
+        counts = sum(self.objective.counts(b) for b in batches)
+        if self.size > 1:
+            counts = np.array(mx.distributed.all_sum(mx.array(counts), group=self.world))
+        return mx.array(self.objective.weights(counts))
+
+    def train_step(self, step_fn: Callable[..., Any], batches: Iterator[Batch]) -> StepStats:
+        """One optimizer update over `grad_accum` micro-batches."""
+        c = self.config
+        tic = time.perf_counter()
+        # Dropout masks depend on (seed, step, process) only, so a resumed run draws the same
+        # ones as an uninterrupted run.
+        mx.random.seed((c.seed * 1_000_003 + self.step) * 1009 + self.rank)
+        micro = [next(batches) for _ in range(c.grad_accum)]
+        weights = self.loss_weights(micro)
+        acc = None
+        for i, b in enumerate(micro):
+            arrays = (mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
+            acc = step_fn(*arrays, weights, acc, i == c.grad_accum - 1)
+            mx.eval(acc, self.model.state, self.optimizer.state)
+        sums = np.array(acc[0])
+        return StepStats(
+            metrics=self.objective.metrics(sums),
+            grad_norm=acc[1].item(),
+            learning_rate=self.optimizer.learning_rate.item(),  # the rate this update used
+            tokens=self.objective.tokens(sums),
+            seconds=time.perf_counter() - tic,
+        )
+
     # ---- validation ----------------------------------------------------------------------
-    def evaluate(self, examples: list[Example], max_batches: int) -> float | None:
-        """Mean loss per trained token; each process takes every size-th batch."""
+    def evaluate(self, examples: list[Example | Pair], max_batches: int) -> float | None:
+        """The objective's loss over `examples` (None when there are none)."""
+        return self.measure(examples, max_batches).get("loss")
+
+    def measure(self, examples: list[Example | Pair], max_batches: int) -> dict[str, float]:
+        """The objective's loss and metrics over `examples` (each process takes every size-th
+        batch); empty when there are none."""
         if not examples:
-            return None
+            return {}
         self.model.eval()
-        total, ntok = mx.array(0.0), mx.array(0.0)
+        total = mx.zeros(len(self.objective.names))
         batches = eval_batches(examples, self.config.batch_size, max_batches)
         for group in batches[self.rank :: self.size]:
             b = collate(group, 32)
             arrays = (mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
-            loss, n = cross_entropy_sum(self.model, *arrays, grad=False)
-            total, ntok = total + loss, ntok + n
-            mx.eval(total, ntok)
+            total = total + self.objective.sums(self.model, *arrays, grad=False)
+            mx.eval(total)
         self.model.train()
         if self.size > 1:
-            total, ntok = mx.distributed.all_sum(mx.stack([total, ntok]), group=self.world)
-        return (total / mx.maximum(ntok, 1)).item()
+            total = mx.distributed.all_sum(total, group=self.world)
+        return self.objective.metrics(np.array(total))
 
     def validate(self) -> None:
-        val_loss = self.evaluate(self.splits.valid, self.config.val_batches)
-        if val_loss is None:
+        metrics = self.measure(self.splits.valid, self.config.val_batches)
+        if not metrics:
             return
-        self.val_loss = val_loss
+        self.val_loss, self.val_metrics = metrics["loss"], metrics
         if self.log:
-            self.log.write(step=self.step, val_loss=val_loss, elapsed_s=self.elapsed)
+            values = {f"val_{k}": v for k, v in metrics.items()}
+            self.log.write(step=self.step, elapsed_s=self.elapsed, **values)
         if self.bar:
-            self.bar.validated(self.step, val_loss)
+            self.bar.validated(self.step, metrics)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
@@ -262,48 +337,18 @@ class Trainer:
         the adapter of the last good step (every process stops at the same step: both are
         computed after the gradients are summed over processes)."""
         c = self.config
-        step_fn = self.make_step()
-        batches = train_batches(
-            self.splits.train, c.batch_size, c.seed, self.step * c.grad_accum,
-            self.rank, self.size,
-        )  # fmt: skip
-        first = self.rank == 0
-        self.log = TrainLog(self.out / LOG_FILE, self.step) if first else None
-        show = first and self.progress
-        self.bar = ProgressBar(c.iters, self.step, self.val_loss) if show else None
-        loss = diverged = None
-        if c.val_every and self.step == 0:
-            self.validate()
+        step_fn, batches = self.make_step(), self.open_run()
+        stats = diverged = None
         self.model.train()
         with StopFlag() as stop, grad_checkpointing(self.model.layers, c.grad_checkpoint):
             while self.step < c.iters:
-                tic = time.perf_counter()
-                # Dropout masks depend on (seed, step, process) only, so a resumed run draws
-                # the same ones as an uninterrupted run.
-                mx.random.seed((c.seed * 1_000_003 + self.step) * 1009 + self.rank)
-                acc = None
-                for micro in range(c.grad_accum):
-                    b = next(batches)
-                    arrays = (mx.array(b.inputs), mx.array(b.targets), mx.array(b.mask))
-                    acc = step_fn(*arrays, acc, micro == c.grad_accum - 1)
-                    mx.eval(acc, self.model.state, self.optimizer.state)
-                dt = time.perf_counter() - tic
-                n = int(acc[1].item())
-                loss, grad_norm = acc[0].item() / max(n, 1), acc[2].item()
-                lr = self.optimizer.learning_rate.item()  # the rate this update used
-                if self.log:
-                    self.log.write(
-                        step=self.step + 1, loss=loss, learning_rate=lr, grad_norm=grad_norm,
-                        tokens=self.tokens + n, tokens_per_sec=n / dt,
-                        peak_memory_gb=mx.get_peak_memory() / 1e9, elapsed_s=self.elapsed + dt,
-                    )  # fmt: skip
-                if not math.isfinite(loss) or not math.isfinite(grad_norm):
-                    diverged = (loss, grad_norm, lr)  # and the step left no update
+                stats = self.train_step(step_fn, batches)
+                self.record(stats)
+                if not stats.finite:
+                    diverged = stats  # and the step left no update
                     break
-                self.step, self.tokens = self.step + 1, self.tokens + n
-                self.elapsed += dt
-                if self.bar:
-                    self.bar.update(loss, lr, n / dt)
+                self.step, self.tokens = self.step + 1, self.tokens + stats.tokens
+                self.elapsed += stats.seconds
                 at_end = self.step == c.iters
                 if c.val_every and (self.step % c.val_every == 0 or at_end):
                     self.validate()
@@ -314,12 +359,45 @@ class Trainer:
                     break
                 if c.save_every and self.step % c.save_every == 0 and not at_end:
                     self.save()
+        return self.close_run(stats, diverged)
+
+    def open_run(self) -> Iterator[Batch]:
+        """The batches from the current step on; the log and the bar; the first validation."""
+        c = self.config
+        batches = train_batches(
+            self.splits.train, c.batch_size, c.seed, self.step * c.grad_accum,
+            self.rank, self.size,
+        )  # fmt: skip
+        first = self.rank == 0
+        fields = (*self.objective.metrics_logged,)
+        self.log = TrainLog(self.out / LOG_FILE, self.step, fields) if first else None
+        show = first and self.progress
+        self.bar = ProgressBar(c.iters, self.step, self.val_loss) if show else None
+        if c.val_every and self.step == 0:
+            self.validate()
+        return batches
+
+    def record(self, stats: StepStats) -> None:
+        """A training step in the log and on the bar."""
+        if self.log:
+            self.log.write(
+                step=self.step + 1, learning_rate=stats.learning_rate, grad_norm=stats.grad_norm,
+                tokens=self.tokens + stats.tokens, tokens_per_sec=stats.tokens / stats.seconds,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                elapsed_s=self.elapsed + stats.seconds, **stats.metrics,
+            )  # fmt: skip
+        if self.bar and stats.finite:
+            self.bar.update(stats.metrics, stats.learning_rate, stats.tokens / stats.seconds)
+
+    def close_run(self, last: StepStats | None, diverged: StepStats | None) -> TrainResult:
+        """The final save, the test loss, the plot; raises if the run diverged."""
+        c = self.config
         self.save()
         if diverged is not None and self.size > 1:  # the others wait for the save
             mx.eval(mx.distributed.all_sum(mx.array(0.0), group=self.world))
-        test_loss = None
+        test = {}
         if self.splits.test and not self.interrupted and diverged is None:
-            test_loss = self.evaluate(self.splits.test, c.val_batches)
+            test = self.measure(self.splits.test, c.val_batches)
         if self.bar:
             self.bar.close()
         if self.log:
@@ -329,10 +407,15 @@ class Trainer:
 
                 plot_log(self.out / LOG_FILE, self.out / PLOT_FILE)
         if diverged is not None:
-            raise TrainingError(self.divergence_message(*diverged))
-        return TrainResult(self.step, loss, self.val_loss, test_loss, self.interrupted)
+            raise TrainingError(self.divergence_message(diverged))
+        metrics = last.metrics if last else {}
+        return TrainResult(
+            self.step, metrics.get("loss"), self.val_loss, test.get("loss"), self.interrupted,
+            metrics, self.val_metrics,
+        )  # fmt: skip
 
-    def divergence_message(self, loss: float, grad_norm: float, lr: float) -> str:
+    def divergence_message(self, stats: StepStats) -> str:
+        loss, grad_norm, lr = stats.metrics["loss"], stats.grad_norm, stats.learning_rate
         if math.isfinite(loss):
             what = f"the gradient norm became {grad_norm}"
         else:

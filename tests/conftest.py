@@ -12,7 +12,8 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx, torch and transformers)
 
 # isort: split
 import pytest
-from helpers import TinyModels, train_bpe_tokenizer, train_spm_tokenizer
+from tiny_checkpoints import TinyModels
+from tiny_tokenizers import train_bpe_tokenizer, train_spm_tokenizer
 
 FAMILIES = ("llama", "olmo", "openelm")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import write_tiny_chat_model
+from tiny_models import write_tiny_chat_model
 
 STARTUP = 180  # seconds for a server to load its model on a busy 2-core machine
 TIMEOUT = 300  # seconds for one answer
@@ -75,7 +75,7 @@ class Server:
 
 
 def write_serving_model(folder: Path, context: int) -> Path:
-    """The tiny ChatML model (tests/helpers.py) with room for `context` tokens."""
+    """The tiny ChatML model (tests/tiny_models.py) with room for `context` tokens."""
     write_tiny_chat_model(folder, "chatml")
     config = json.loads((folder / "config.json").read_text())
     config["max_position_embeddings"] = context  # room for a request that outlives the test

@@ -11,8 +11,10 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import lookup_prompt, random_ids, spec_model, spec_tokenizer
 from oracles import chi_square_p, exact_distribution
+from tiny_data import lookup_prompt, random_ids
+from tiny_models import spec_model
+from tiny_tokenizers import spec_tokenizer
 
 from elm_mlx import batch_generate, generate, stream_generate
 from elm_mlx.engine.batch_kv import add_rows, keep_rows, make_batch_cache, set_lengths

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import random_ids
+from tiny_data import random_ids
 
 from elm_mlx.engine.reference import generate_step
 from elm_mlx.models import KVCache, make_cache

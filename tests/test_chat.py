@@ -1,5 +1,5 @@
 """ChatSession: the KV cache kept across turns, context overflow, save/load, prompt formats,
-and the hub-id model cache. Tiny random models (tests/helpers.py); the oracle for every
+and the hub-id model cache. Tiny random models (tests/tiny_models.py); the oracle for every
 answer is plain greedy decoding of the whole rendered conversation without any cache."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from elm_mlx.cli.chat import set_option
 from elm_mlx.cli.main import app
 from elm_mlx.convert.hub_cache import cached_model_dir, ensure_model
-from helpers import CHAT_CORPUS, CHAT_KINDS, write_tiny_chat_model
+from tiny_models import write_tiny_chat_model
+from tiny_tokenizers import CHAT_CORPUS, CHAT_KINDS
 from typer.testing import CliRunner
 
 import elm_mlx  # noqa: F401  (OpenBLAS before mlx)

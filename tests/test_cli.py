@@ -13,8 +13,9 @@ import pytest
 from elm_mlx.cli.chat import HELP
 from elm_mlx.cli.main import app
 from elm_mlx.convert import ConvertOptions
-from helpers import random_ids, write_hf_llama
 from oracles import logits_of, torch_logits
+from tiny_checkpoints import write_hf_llama
+from tiny_data import random_ids
 from typer.testing import CliRunner
 
 from elm_mlx import _blas, generate, stream_generate

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from elm_mlx.cli.chat import set_option
 from elm_mlx.cli.main import app
-from helpers import load_smollm2_example, write_tiny_chat_model
+from tiny_models import load_smollm2_example, write_tiny_chat_model
 from typer.testing import CliRunner
 
 from elm_mlx import batch_generate, generate, load, stream_generate

@@ -12,10 +12,11 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-from helpers import convert_tiny, openelm_config, random_ids, write_hf_llama, write_hf_openelm
 from mlx.utils import tree_flatten
 from oracles import dequantize_np, logits_of, read_hf_tensors, torch_logits
 from safetensors import safe_open
+from tiny_checkpoints import convert_tiny, openelm_config, write_hf_llama, write_hf_openelm
+from tiny_data import random_ids
 
 from elm_mlx import load
 from elm_mlx.loader import load_model

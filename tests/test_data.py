@@ -9,7 +9,8 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import numpy as np
 import pytest
-from helpers import train_spm_tokenizer, write_jsonl
+from tiny_data import write_jsonl
+from tiny_tokenizers import train_spm_tokenizer
 
 from elm_mlx.errors import DataError
 from elm_mlx.models.openelm import ZEPHYR_TEMPLATE

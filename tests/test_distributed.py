@@ -16,8 +16,10 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import mlx.core as mx
 import pytest
-from helpers import CORPUS, train_spm_tokenizer, write_jsonl, write_lora_model
 from oracles import free_port_pair
+from tiny_data import write_jsonl
+from tiny_models import write_lora_model
+from tiny_tokenizers import CORPUS, train_spm_tokenizer
 
 from elm_mlx.lora import LoRAConfig
 from elm_mlx.train.finetune import finetune

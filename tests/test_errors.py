@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from elm_mlx.cli.main import app
-from helpers import convert_tiny
 from safetensors.numpy import load_file, save_file
+from tiny_checkpoints import convert_tiny
 from typer.testing import CliRunner
 
 from elm_mlx.errors import ConfigError, OutputError, UnsupportedModelError, WeightsError
+from elm_mlx.models import model_types
 
 runner = CliRunner()
 
@@ -57,7 +58,7 @@ BAD_SOURCES = {
     "unknown model_type": (
         _unknown_type,
         UnsupportedModelError,
-        ["config.json", "'gpt2' is not supported", "llama, olmo, openelm"],
+        ["config.json", "'gpt2' is not supported", ", ".join(model_types())],
     ),
     "truncated safetensors": (
         _truncated,

@@ -18,11 +18,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from elm_mlx.cli.main import app
-from helpers import CORPUS, EVAL_TASKS, write_eval_tasks
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from oracles import free_port_pair
+from tiny_data import EVAL_TASKS, write_eval_tasks
+from tiny_tokenizers import CORPUS
 from typer.testing import CliRunner
 
 from elm_mlx import load

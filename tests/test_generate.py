@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from helpers import random_ids
 from oracles import mlx_lm_model, read_hf_tensors, torch_model
+from tiny_data import random_ids
 from transformers import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,

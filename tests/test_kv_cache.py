@@ -8,8 +8,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import random_ids
 from scipy.linalg import hadamard
+from tiny_data import random_ids
 
 from elm_mlx.engine.batch_kv import (
     BatchKVCache,

@@ -18,14 +18,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from elm_mlx.cli.main import app
-from helpers import (
-    LORA_CONFIGS,
-    smollm2_fp32_folder,
-    train_spm_tokenizer,
-    write_jsonl,
-    write_lora_model,
-)
 from mlx.utils import tree_flatten
+from tiny_data import write_jsonl
+from tiny_models import LORA_CONFIGS, smollm2_fp32_folder, write_lora_model
+from tiny_tokenizers import train_spm_tokenizer
 from typer.testing import CliRunner
 
 from elm_mlx.engine.generation import generate
@@ -436,7 +432,7 @@ def test_grad_checkpointing_trains_the_same_adapter(root, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_fp32() -> Path:
-    """The real SmolLM2 in float32 (see helpers); QLoRA is covered by the tiny quantized models
+    """The real SmolLM2 in float32 (see tiny_models.py); QLoRA is covered by the tiny quantized models
     above."""
     return smollm2_fp32_folder()
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import openelm_config, random_ids
 from mlx.utils import tree_flatten
 from oracles import logits_of, mlx_lm_model, read_hf_tensors, torch_logits
+from tiny_checkpoints import openelm_config
+from tiny_data import random_ids
 
 from elm_mlx.errors import ConfigError
 from elm_mlx.loader import build_model, load_model
@@ -202,7 +203,7 @@ def test_openelm_sizes_derived_from_multipliers(size):
 def test_openelm_without_lists_converts_for_mlx_lm(tiny, tmp_path):
     """The converter writes the per-layer lists mlx-lm needs when the source lacks them."""
     import mlx_lm
-    from helpers import convert_tiny, write_hf_openelm
+    from tiny_checkpoints import convert_tiny, write_hf_openelm
 
     full = openelm_config(num_layers=3)
     src = write_hf_openelm(tmp_path / "hf", config=_without_lists(full), layout=full, seed=1)

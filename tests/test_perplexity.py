@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CORPUS, convert_tiny, load_smollm2_example
 from oracles import torch_model
+from tiny_checkpoints import convert_tiny
+from tiny_models import load_smollm2_example
+from tiny_tokenizers import CORPUS
 
 from elm_mlx.errors import EvaluationError, OptionError
 from elm_mlx.eval.perplexity import encode_text, perplexity, score_tokens

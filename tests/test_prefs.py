@@ -18,9 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import CORPUS, write_jsonl, write_tiny_chat_model
 from mlx.utils import tree_flatten
 from oracles import torch_model
+from tiny_data import write_jsonl
+from tiny_models import write_tiny_chat_model
+from tiny_tokenizers import CORPUS
 
 from elm_mlx.errors import DataError, TrainingError
 from elm_mlx.loader import load
@@ -262,7 +264,7 @@ def test_qlora_preference_training_learns_and_stops_on_nan(tmp_path, spm_tokeniz
     """On a 4-bit base: the zero adapter's first DPO loss is log 2 (policy == reference, the
     quantized base with the adapter off); a few steps make the training pairs preferred; a
     blown-up learning rate stops the run with the last good adapter."""
-    from helpers import write_lora_model
+    from tiny_models import write_lora_model
 
     folder = write_lora_model(tmp_path / "q4", "llama", spm_tokenizer, bits=4)
     write_jsonl(tmp_path / "data", "train", PAIRS)
@@ -467,7 +469,7 @@ def test_dpo_teaches_smollm2_a_preference_it_does_not_have(tmp_path):
     not greet so (held-out reward accuracy 0 at the start, no greeting in its greedy answers);
     8 DPO steps on 16 pairs make held-out pairs >= 90% right and the greedy answers to
     held-out questions open with the greeting."""
-    from helpers import load_example, smollm2_fp32_folder
+    from tiny_models import load_example, smollm2_fp32_folder
 
     from elm_mlx import generate
 

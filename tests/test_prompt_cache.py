@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from helpers import random_ids
+from tiny_data import random_ids
 
 from elm_mlx import generate
 from elm_mlx.engine.config import GenerationConfig

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import random_ids
+from tiny_data import random_ids
 
 from elm_mlx import batch_generate, generate
 from elm_mlx.engine import prompt_file

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import typer
 from elm_mlx.cli.main import app
-from helpers import smollm2_fp32_folder, write_tiny_chat_model
 from serving import Server
+from tiny_models import smollm2_fp32_folder, write_tiny_chat_model
 from typer.testing import CliRunner
 
 README = Path(__file__).resolve().parent.parent / "README.md"

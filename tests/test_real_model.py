@@ -15,7 +15,7 @@ import sys
 import mlx.core as mx
 import pytest
 from elm_mlx.convert import ConvertOptions, convert
-from helpers import load_smollm2_example
+from tiny_models import load_smollm2_example
 
 from elm_mlx import generate, load
 from elm_mlx.models import make_cache

@@ -2,7 +2,7 @@
 itself, --port 0) talked to with the official `openai` client and with raw httpx.
 
 The model is a tiny random Llama with SmolLM2's layout (ChatML template, byte-level BPE,
-`<|im_end|>` as EOS; tests/helpers.py); the oracle for every greedy answer is
+`<|im_end|>` as EOS; tests/tiny_models.py); the oracle for every greedy answer is
 `elm_mlx.generate` on the same folder in this process. The real SmolLM2 answers "Paris".
 Every loop that waits on the server is bounded in count and time; nothing is timed.
 """
@@ -22,8 +22,9 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
-from helpers import CHAT_CORPUS, load_smollm2_example
 from serving import STARTUP, TIMEOUT, Server, write_endless_model, write_serving_model
+from tiny_models import load_smollm2_example
+from tiny_tokenizers import CHAT_CORPUS
 
 from elm_mlx import generate, load
 from elm_mlx.server.options import is_loopback

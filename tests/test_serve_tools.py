@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from helpers import load_smollm2_example
 from serving import TIMEOUT, Server, write_serving_model
+from tiny_models import load_smollm2_example
 
 from elm_mlx import load
 from elm_mlx.engine.constraint import ConstraintSpec

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import load_smollm2_example
+from tiny_models import load_smollm2_example
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ from collections import Counter
 import mlx.core as mx
 import pytest
 from elm_mlx.cli.main import app
-from helpers import SPEC_VOCAB, lookup_prompt, save_spec_model, spec_model, spec_tokenizer
 from oracles import chi_square_p, exact_distribution
+from tiny_data import lookup_prompt
+from tiny_models import save_spec_model, spec_model
+from tiny_tokenizers import SPEC_VOCAB, spec_tokenizer
 from typer.testing import CliRunner
 
 from elm_mlx.engine.config import (

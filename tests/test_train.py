@@ -22,8 +22,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 from elm_mlx.cli.main import app
-from helpers import CORPUS, train_spm_tokenizer, write_jsonl, write_lora_model
 from mlx.utils import tree_flatten, tree_map
+from tiny_data import write_jsonl
+from tiny_models import write_lora_model
+from tiny_tokenizers import CORPUS, train_spm_tokenizer
 from typer.testing import CliRunner
 
 from elm_mlx.errors import OptionError, TrainingError

@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -24,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import scheduler as batch
 from .guards import guards
+from .metrics import CountRequests
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
 from .responses import Kind, Shape, TokenText
 from .tool_calls import ToolShape
@@ -176,11 +178,14 @@ class Routes:
         # checking, templating and tokenizing happen here, off the event loop
         self.prepare = ThreadPoolExecutor(settings.prepare_threads, "elm-serve-prepare")
         self.preparing = 0  # requests being checked and tokenized now
+        self.metrics = worker.metrics
+        self.metrics.watch(worker.stats, lambda: 1)
 
     def routes(self) -> list[Route]:
         api = self.settings.api_key
         return [
             Route("/health", self.health),
+            Route("/metrics", authorized(self.metrics.endpoint, api)),
             Route("/v1/models", authorized(self.list_models, api)),
             Route("/v1/models/{model:path}", authorized(self.get_model, api)),
             Route("/v1/chat/completions", authorized(self.chat, api), methods=["POST"]),
@@ -261,9 +266,14 @@ def lifespan(routes: Routes, on_ready: Callable[[], None] | None):
 def create_app(served: Served, worker: Worker, settings: AppSettings | None = None) -> Starlette:
     settings = settings or AppSettings()
     routes = Routes(served, worker, settings)
+    table = routes.routes()
+    counted = Middleware(CountRequests, metrics=routes.metrics, routes=table)
     return Starlette(
-        routes=routes.routes(),
-        middleware=guards(settings.loopback, settings.allowed_hosts, settings.allowed_origins),
+        routes=table,
+        middleware=[
+            counted,
+            *guards(settings.loopback, settings.allowed_hosts, settings.allowed_origins),
+        ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan(routes, settings.on_ready),
     )

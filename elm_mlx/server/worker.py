@@ -15,6 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from ..engine.reference import wired_limit
 from ..engine.scheduler import BatchGenerator, Event, Request
 from ..errors import ElmError, OptionError
+from .metrics import Metrics
 from .protocol import APIError
 
 log = logging.getLogger("elm_mlx.server")
@@ -40,14 +42,17 @@ class Ticket:
     events: asyncio.Queue[Event | Failure] = field(default_factory=asyncio.Queue)
     uid: int | None = None  # the generator's request id, once admitted
     done: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None  # when its latest token came (for /metrics)
 
 
 _STOP = object()
 
 
 class Worker:
-    def __init__(self, engine: BatchGenerator, max_queue: int):
+    def __init__(self, engine: BatchGenerator, max_queue: int, metrics: Metrics | None = None):
         self.engine, self.max_queue = engine, max_queue
+        self.metrics = metrics or Metrics()
         self.counts: Counter[str] = Counter()  # completed, cancelled, failed
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -198,6 +203,7 @@ class Worker:
             for ticket in failed:
                 self._engine_cancel(ticket)
             return
+        batch = len(active)
         deliveries = []
         for event in events:
             ticket = active.get(event.request_id)
@@ -207,6 +213,7 @@ class Worker:
             if event.finish_reason is not None:
                 del active[event.request_id]
                 self._retire(ticket, "completed")
+        self.metrics.step(batch, deliveries)
         self._deliver(deliveries)
 
     def _engine_cancel(self, ticket: Ticket) -> None:

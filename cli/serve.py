@@ -76,6 +76,9 @@ def command(
         list[str] | None,
         typer.Option(help="Browser origins allowed by CORS, e.g. http://localhost:3000 (repeat)."),
     ] = None,
+    pooling: Annotated[
+        str, typer.Option(help="/v1/embeddings: pool the final hidden states by mean or last.")
+    ] = SERVE.pooling,
     max_context: Annotated[
         int | None, typer.Option(help="Context length in tokens (default: the model's).")
     ] = SERVE.max_context,
@@ -90,7 +93,7 @@ def command(
     config: GenerationConfig,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models) until Ctrl-C. The sampling options are the defaults of requests that do not
+    /v1/embeddings, /v1/models) until Ctrl-C; Prometheus metrics at /metrics. The sampling options are the defaults of requests that do not
     set them; a request's `prompt_lookup` field overrides --prompt-lookup and --draft-model."""
     from ..engine.chat_session import load_template
     from ..loader import load
@@ -114,6 +117,7 @@ def command(
         max_connections=max_connections,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
+        pooling=pooling,
     )
     options.validate()
     try:

@@ -10,9 +10,15 @@ import signal
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import TIMEOUT, Server, write_serving_model
+
+from elm_mlx import load
+from elm_mlx.engine.embeddings import embed
+from elm_mlx.tokenizer import encode_prompt
 
 CONTEXT = 2048
 
@@ -85,3 +91,83 @@ def test_metrics_move_with_requests(server):
     assert after[("elm_requests_running", ())] == 0
     assert after[("elm_requests_waiting", ())] == 0
     assert ("elm_speculative_accepted_tokens_total", ()) in after
+
+
+# ------------------------------------------------------------------------------ /v1/embeddings
+
+TEXTS = ["the weather in paris", "hi", "tell me a long story about rome and its seven hills"]
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return load(model_dir)
+
+
+def oracle(local, text: str | list[int], pooling: str = "mean") -> np.ndarray:
+    """The model's body over one text alone, pooled in numpy and normalised."""
+    model, tokenizer = local
+    tokens = encode_prompt(tokenizer, text) if isinstance(text, str) else text
+    hidden = np.array(model.model(mx.array([tokens]), None).astype(mx.float32))[0]  # (L, D)
+    pooled = hidden.mean(axis=0) if pooling == "mean" else hidden[-1]
+    return pooled / np.linalg.norm(pooled)
+
+
+def vectors(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert [d["index"] for d in data] == list(range(len(data)))
+    return np.array([d["embedding"] for d in data])
+
+
+def test_embeddings_are_the_pooled_body_alone_or_in_a_batch(server, local):
+    batch = post(server, "/embeddings", {"input": TEXTS})
+    together = vectors(batch)
+    assert together.shape == (3, local[0].args.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1, atol=1e-5)
+    for text, vector in zip(TEXTS, together, strict=True):
+        alone = vectors(post(server, "/embeddings", {"input": text}))[0]
+        np.testing.assert_allclose(vector, alone, atol=1e-5)
+        np.testing.assert_allclose(vector, oracle(local, text), atol=1e-4)
+    tokens = [len(encode_prompt(local[1], t)) for t in TEXTS]
+    assert batch.json()["usage"] == {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
+
+
+def test_embeddings_of_token_ids_and_base64_with_the_openai_client(server, local):
+    ids = encode_prompt(local[1], TEXTS[0])
+    client = server.client()
+    by_ids = client.embeddings.create(model="default", input=[ids, ids[:3]])
+    np.testing.assert_allclose(by_ids.data[0].embedding, oracle(local, ids), atol=1e-4)
+    np.testing.assert_allclose(by_ids.data[1].embedding, oracle(local, ids[:3]), atol=1e-4)
+    # the client asks for base64 unless told otherwise, and decodes it itself
+    b64 = client.embeddings.create(model="default", input=TEXTS[0])
+    floats = client.embeddings.create(model="default", input=TEXTS[0], encoding_format="float")
+    np.testing.assert_allclose(b64.data[0].embedding, floats.data[0].embedding, atol=1e-7)
+    assert b64.usage.prompt_tokens == len(ids)
+
+
+def test_last_token_pooling(local):
+    texts = [encode_prompt(local[1], t) for t in TEXTS]
+    got = np.array(embed(local[0], texts, "last"))
+    for tokens, vector in zip(texts, got, strict=True):
+        np.testing.assert_allclose(vector, oracle(local, tokens, "last"), atol=1e-4)
+
+
+BAD_EMBEDDINGS = [
+    ({}, "input"),
+    ({"input": []}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": ["a", ""]}, "input[1]"),
+    ({"input": [[1, 2], [10**9]]}, "input[1]"),
+    ({"input": 3}, "input"),
+    ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "a", "dimensions": 8}, "dimensions"),
+    ({"input": "a", "model": "nope"}, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_EMBEDDINGS)
+def test_bad_embedding_requests_get_openai_errors(server, body, param):
+    r = post(server, "/embeddings", body)
+    assert r.status_code == (404 if param == "model" else 400), r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,6 +25,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..engine import scheduler as batch
+from ..engine.embeddings import embed
+from .embeddings import EmbeddingJob, embedding_job, embedding_response
 from .guards import guards
 from .metrics import CountRequests
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
@@ -190,6 +193,7 @@ class Routes:
             Route("/v1/models/{model:path}", authorized(self.get_model, api)),
             Route("/v1/chat/completions", authorized(self.chat, api), methods=["POST"]),
             Route("/v1/completions", authorized(self.completions, api), methods=["POST"]),
+            Route("/v1/embeddings", authorized(self.embeddings, api), methods=["POST"]),
         ]
 
     async def health(self, request: Request) -> Response:
@@ -213,17 +217,30 @@ class Routes:
     async def completions(self, request: Request) -> Response:
         return await self.answer(request, "completion")
 
-    async def answer(self, request: Request, kind: Kind) -> Response:
+    async def prepared(self, request: Request, make_job: Callable[[bytes, Served], Any]) -> Any:
+        """The request's body read, checked and tokenized (off the event loop) by `make_job`."""
         raw = await read_limited(request, self.settings.max_body_bytes, self.settings.body_timeout)
         if self.worker.closed:  # not worth tokenizing
             raise APIError(503, "the server is shutting down", kind="server_error")
-        make_job = chat_job if kind == "chat" else completion_job
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            job: Job = await loop.run_in_executor(self.prepare, make_job, raw, self.served)
+            return await loop.run_in_executor(self.prepare, make_job, raw, self.served)
         finally:
             self.preparing -= 1
+
+    async def embeddings(self, request: Request) -> Response:
+        job: EmbeddingJob = await self.prepared(request, embedding_job)
+        model, pooling = self.worker.engine.model, self.served.pooling
+
+        def run() -> Any:
+            return np.array(embed(model, job.texts, pooling))  # (N, D) float32
+
+        vectors = await self.worker.call(run)
+        return JSONResponse(embedding_response(job, vectors, self.served.model_id))
+
+    async def answer(self, request: Request, kind: Kind) -> Response:
+        job: Job = await self.prepared(request, chat_job if kind == "chat" else completion_job)
         ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
         shape = Shape(kind, self.served.model_id, self.token_text, job.include_usage)
         if job.tools is not None:

@@ -30,6 +30,7 @@ class ServeOptions:
     max_connections: int = 512
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS (none: CORS off)
+    pooling: str = "mean"  # /v1/embeddings: "mean" or "last" of the final hidden states
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_context", "max_body_bytes", "max_connections"):
@@ -41,6 +42,8 @@ class ServeOptions:
                 raise ServeError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
+        if self.pooling not in ("mean", "last"):
+            raise ServeError(f"--pooling must be mean or last, got {self.pooling!r}")
         if not 0 <= self.port < 65536:
             raise ServeError(f"--port must be in [0, 65535], got {self.port}")
         for origin in self.allowed_origins:

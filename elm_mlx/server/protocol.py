@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from itertools import repeat
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -123,6 +123,7 @@ EXPECTED = {
     "prompt": "a string, a list of token ids, or a list holding one of these",
     "content": "a string or a list of text parts",
     "tool_choice": "'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+    "input": "a string, a list of strings, a list of token ids, or a list of token-id lists",
 }
 
 
@@ -141,10 +142,30 @@ _FIELDS = {
 }
 
 
-def _validation_error(e: ValidationError) -> APIError:
+def _field_names(schema: type[BaseModel]) -> set[str]:
+    """The field names of a body and of the bodies nested in it (their parts, messages...)."""
+    names, todo, seen = set(), [schema], set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            names.add(info.alias or name)
+            args = [info.annotation]
+            while args:
+                arg = args.pop()
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    todo.append(arg)
+                args.extend(get_args(arg))
+    return names
+
+
+def _validation_error(e: ValidationError, schema: type[BaseModel]) -> APIError:
     error = e.errors()[0]
     # the path to the field, without pydantic's names of union members ("str", "list[int]")
-    loc = [p for p in error["loc"] if isinstance(p, int) or p in _FIELDS]
+    fields = _field_names(schema) | _FIELDS
+    loc = [p for p in error["loc"] if isinstance(p, int) or p in fields]
     union = next((i for i, p in enumerate(loc) if p in EXPECTED), None)
     if union is not None and error["type"] != "missing":
         loc = loc[: union + 1]
@@ -191,7 +212,7 @@ def read_body(raw: bytes, schema: type[_Strict]) -> Any:
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        raise _validation_error(e) from e
+        raise _validation_error(e, schema) from e
 
 
 # ------------------------------------------------------------------------------ jobs
@@ -211,6 +232,7 @@ class Served:
     # the longest token's text: a prompt of more than context_length x this many characters
     # cannot fit, and is refused before it is tokenized
     max_token_chars: int = 64
+    pooling: str = "mean"  # how /v1/embeddings pools a text's hidden states: "mean" or "last"
 
 
 @dataclass(frozen=True)

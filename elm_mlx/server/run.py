@@ -97,6 +97,7 @@ def serve(
         defaults=defaults,
         template=options.template,
         max_token_chars=longest_token_chars(tokenizer),
+        pooling=options.pooling,
     )
     if options.api_key is None and not is_loopback(options.host):
         print(

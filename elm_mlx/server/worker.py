@@ -19,6 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine.reference import wired_limit
 from ..engine.scheduler import BatchGenerator, Event, Request
@@ -117,6 +118,17 @@ class Worker:
         if not ticket.done:
             self._inbox.put(("cancel", ticket))
 
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run `fn` on the worker thread between two steps (MLX work that is not generation,
+        such as embeddings); its result or exception comes back in the future."""
+        with self._lock:
+            if self._closed:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+        assert self.loop is not None
+        future = self.loop.create_future()
+        self._inbox.put(("call", (fn, future)))
+        return future
+
     def stats(self) -> dict[str, int]:
         cache = self.engine.prompt_cache
         return {
@@ -162,8 +174,11 @@ class Worker:
     def _take(
         self, kind: str, ticket: Ticket, waiting: deque[Ticket], active: dict[int, Ticket]
     ) -> None:
-        """An inbox message: a request to add or to cancel ("drain" only wakes the loop)."""
-        if kind == "add":
+        """An inbox message: a request to add or to cancel, a function to call ("drain" only
+        wakes the loop)."""
+        if kind == "call":
+            self._call(*ticket)
+        elif kind == "add":
             waiting.append(ticket)
         elif kind != "cancel" or ticket.done:
             return
@@ -174,6 +189,25 @@ class Worker:
             del active[ticket.uid]
             self._retire(ticket, "cancelled")
             self._engine_cancel(ticket)
+
+    def _call(self, fn: Callable[[], Any], future: asyncio.Future) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as e:
+            log.exception("a call on the worker failed")
+            result, error = None, e
+        assert self.loop is not None
+
+        def settle() -> None:
+            if future.done():  # its caller left
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            self.loop.call_soon_threadsafe(settle)
 
     def _admit(self, waiting: deque[Ticket], active: dict[int, Ticket]) -> None:
         while waiting and len(active) < self.engine.max_batch:

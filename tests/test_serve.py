@@ -18,6 +18,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anthropic
 import httpx
 import mlx.core as mx
 import openai
@@ -384,6 +385,14 @@ def test_api_key_is_required(guarded):
     )
     assert r.choices[0].message.content is not None
     assert guarded.health()["status"] == "ok"  # health needs no key
+    # Anthropic's header is accepted like the bearer key, and refusals are in its shape there
+    assert post(guarded, "/chat/completions", ask_chat(), {"x-api-key": KEY}).status_code == 200
+    hi = {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    r = post(guarded, "/messages", hi, {"x-api-key": "wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    claude = anthropic.Anthropic(base_url=guarded.root, api_key=KEY, max_retries=0)
+    assert claude.messages.create(model="default", **hi).usage.output_tokens == 2
+    assert httpx.get(f"{guarded.root}/metrics", timeout=TIMEOUT).status_code == 401
 
 
 def test_client_leaving_mid_stream_frees_its_slot(guarded):

@@ -9,6 +9,7 @@ import json
 import signal
 from pathlib import Path
 
+import anthropic
 import httpx
 import mlx.core as mx
 import numpy as np
@@ -16,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import TIMEOUT, Server, write_serving_model
 
-from elm_mlx import load
+from elm_mlx import generate, load
 from elm_mlx.engine.embeddings import embed
-from elm_mlx.tokenizer import encode_prompt
+from elm_mlx.tokenizer import encode_prompt, render_chat
 
 CONTEXT = 2048
 
@@ -171,3 +172,114 @@ def test_bad_embedding_requests_get_openai_errors(server, body, param):
     assert r.status_code == (404 if param == "model" else 400), r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+# ------------------------------------------------------------------------------ /v1/messages
+
+
+def anthropic_client(server: Server, api_key: str = "unused") -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        base_url=server.root, api_key=api_key, max_retries=0, timeout=TIMEOUT
+    )
+
+
+def solo_chat(local, messages: list[dict], max_tokens: int) -> str:
+    """The library's greedy answer to these chat messages: the oracle."""
+    model, tokenizer = local
+    prompt = encode_prompt(tokenizer, render_chat(tokenizer, messages, model.model_type))
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens)
+
+
+SYSTEM = "You answer briefly."
+ASK = "tell me about the weather in paris and rome"
+
+
+def test_messages_whole_and_streamed_equal_solo_generation(server, local):
+    client = anthropic_client(server)
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ASK}]
+    expected = solo_chat(local, turns, 12)
+    prompt_tokens = len(encode_prompt(local[1], render_chat(local[1], turns, local[0].model_type)))
+    m = client.messages.create(
+        model="default", max_tokens=12, system=SYSTEM, messages=[{"role": "user", "content": ASK}]
+    )
+    assert m.type == "message" and m.role == "assistant"
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == expected
+    assert m.usage.input_tokens == prompt_tokens
+    assert m.stop_reason == ("max_tokens" if m.usage.output_tokens == 12 else "end_turn")
+
+    # the system prompt as blocks, the user turn as blocks: the same prompt
+    with client.messages.stream(
+        model="default",
+        max_tokens=12,
+        system=[{"type": "text", "text": SYSTEM}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": ASK}]}],
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert final.content[0].text == expected and final.stop_reason == m.stop_reason
+    assert final.usage.output_tokens == m.usage.output_tokens
+    assert kinds[0] == "message_start" and kinds[1] == "content_block_start"
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+
+    count = client.messages.count_tokens(
+        model="default", system=SYSTEM, messages=[{"role": "user", "content": ASK}]
+    )
+    assert count.input_tokens == prompt_tokens
+
+
+def test_messages_stop_sequences_and_sampling_fields(server, local):
+    client = anthropic_client(server)
+    turns = [{"role": "user", "content": ASK}]
+    full = solo_chat(local, turns, 12)
+    stop = full[3:5]  # a stop sequence the greedy answer is known to contain
+    m = client.messages.create(
+        model="default", max_tokens=12, messages=turns, stop_sequences=[stop, "never seen"]
+    )
+    assert m.content[0].text == full[: full.index(stop)]
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
+    # top_k 1 is greedy, whatever the temperature (this client sends the sampling fields,
+    # which newer Claude models dropped, as extra fields)
+    m = client.messages.create(
+        model="default",
+        max_tokens=12,
+        messages=turns,
+        extra_body={"temperature": 1.0, "top_p": 0.9, "top_k": 1},
+    )
+    assert m.content[0].text == full
+
+
+def test_messages_errors_in_anthropic_shape(server):
+    client = anthropic_client(server)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(
+            model="default", max_tokens=0, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert e.value.body["type"] == "error" and "max_tokens" in e.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client.messages.create(
+            model="nope", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert e.value.body["error"]["type"] == "not_found_error"
+    hi = {"role": "user", "content": "hi"}
+    bad = [
+        ({"messages": [hi]}, "max_tokens"),  # required, as Anthropic requires it
+        ({"max_tokens": 4, "messages": []}, "messages"),
+        ({"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, "role"),
+        (
+            {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            "content",
+        ),
+        ({"max_tokens": 4, "messages": [hi], "stop_sequences": [""]}, "stop_sequences"),
+        ({"max_tokens": 4, "messages": [hi], "temperature": "hot"}, "temperature"),
+    ]
+    for body, field in bad:
+        r = post(server, "/messages", body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["type"] == "error", r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and field in error["message"], r.text
+    # the guards answer in the route's shape too
+    r = httpx.post(f"{server.url}/messages", content=b"{}", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/messages", json=hi, headers={"Host": "evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"

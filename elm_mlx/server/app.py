@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import scheduler as batch
 from ..engine.embeddings import embed
+from . import anthropic
 from .embeddings import EmbeddingJob, embedding_job, embedding_response
 from .guards import guards
 from .metrics import CountRequests
@@ -49,11 +50,13 @@ class AppSettings:
     prepare_threads: int = 2  # threads that check and tokenize requests
 
 
-def error_response(e: APIError) -> JSONResponse:
+def error_response(e: APIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the API that `path` belongs to (OpenAI's or Anthropic's)."""
     headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     if e.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    body = anthropic.error_body(e) if path.startswith(anthropic.PATH) else e.body()
+    return JSONResponse(body, status_code=e.status, headers=headers)
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -106,24 +109,31 @@ async def read_limited(request: Request, limit: int, timeout: float) -> bytes:
         raise APIError(408, message, code="request_timeout") from e
 
 
+def _key_of(request: Request) -> str | None:
+    """The API key sent as `Authorization: Bearer KEY` or (Anthropic's way) `x-api-key: KEY`."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return key.strip()
+    return request.headers.get("x-api-key")
+
+
 def authorized(handler: Handler, api_key: str | None) -> Handler:
-    """Bearer auth (when there is a key), then the handler; an APIError becomes its JSON."""
+    """Key check (when there is a key), then the handler; an APIError becomes its JSON."""
 
     async def wrapped(request: Request) -> Response:
         try:
             if api_key is not None:
-                scheme, _, key = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    key.strip().encode(), api_key.encode()
-                ):
+                key = _key_of(request)
+                if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
                     raise APIError(
                         401,
-                        "a valid API key is required: Authorization: Bearer KEY",
+                        "a valid API key is required: Authorization: Bearer KEY "
+                        "(or x-api-key: KEY)",
                         code="invalid_api_key",
                     )
             return await handler(request)
         except APIError as e:
-            return error_response(e)
+            return error_response(e, request.url.path)
 
     return wrapped
 
@@ -144,7 +154,24 @@ async def stream_events(ticket: Ticket, shape: Shape) -> AsyncIterator[str]:
     yield sse("[DONE]")
 
 
-async def whole_answer(request: Request, worker: Worker, ticket: Ticket, shape: Shape) -> Response:
+async def stream_messages(ticket: Ticket, shape: anthropic.MessageShape) -> AsyncIterator[str]:
+    """A request's events as Anthropic's event stream (an `error` event if it fails)."""
+    for chunk in shape.opening():
+        yield chunk
+    while True:
+        item = await ticket.events.get()
+        if isinstance(item, Failure):
+            yield shape.failure(item.error)
+            return
+        for chunk in shape.chunks(item):
+            yield chunk
+        if item.finish_reason is not None:
+            return
+
+
+async def whole_answer(
+    request: Request, worker: Worker, ticket: Ticket, shape: Shape | anthropic.MessageShape
+) -> Response:
     """Wait for the whole answer; a client that leaves meanwhile cancels it."""
 
     async def until_disconnect() -> None:
@@ -194,6 +221,10 @@ class Routes:
             Route("/v1/chat/completions", authorized(self.chat, api), methods=["POST"]),
             Route("/v1/completions", authorized(self.completions, api), methods=["POST"]),
             Route("/v1/embeddings", authorized(self.embeddings, api), methods=["POST"]),
+            Route("/v1/messages", authorized(self.messages, api), methods=["POST"]),
+            Route(
+                "/v1/messages/count_tokens", authorized(self.count_tokens, api), methods=["POST"]
+            ),
         ]
 
     async def health(self, request: Request) -> Response:
@@ -239,6 +270,18 @@ class Routes:
         vectors = await self.worker.call(run)
         return JSONResponse(embedding_response(job, vectors, self.served.model_id))
 
+    async def messages(self, request: Request) -> Response:
+        job: Job = await self.prepared(request, anthropic.messages_job)
+        ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
+        shape = anthropic.MessageShape(self.served.model_id, job, self.served.tokenizer)
+        if job.stream:
+            stream = stream_messages(ticket, shape)
+            return EventStream(stream, on_close=lambda: self.worker.cancel(ticket))
+        return await whole_answer(request, self.worker, ticket, shape)
+
+    async def count_tokens(self, request: Request) -> Response:
+        return JSONResponse(await self.prepared(request, anthropic.count_tokens))
+
     async def answer(self, request: Request, kind: Kind) -> Response:
         job: Job = await self.prepared(request, chat_job if kind == "chat" else completion_job)
         ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
@@ -255,12 +298,12 @@ async def http_error(request: Request, e: Exception) -> Response:
     assert isinstance(e, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     message = f"{request.method} {request.url.path}: {e.detail}"
-    return error_response(APIError(e.status_code, message, code=code))
+    return error_response(APIError(e.status_code, message, code=code), request.url.path)
 
 
 async def server_error(request: Request, e: Exception) -> Response:
     message = f"internal error: {type(e).__name__}: {e}"
-    return error_response(APIError(500, message, kind="server_error"))
+    return error_response(APIError(500, message, kind="server_error"), request.url.path)
 
 
 def lifespan(routes: Routes, on_ready: Callable[[], None] | None):

@@ -18,12 +18,16 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import anthropic
 from .options import is_loopback
+from .protocol import APIError
 
 
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    return JSONResponse({"error": error}, status_code=status)
+def _error(status: int, message: str, code: str, scope: Scope) -> JSONResponse:
+    """The refusal in the shape of the route's API (OpenAI's, or Anthropic's on /v1/messages)."""
+    e = APIError(status, message, code=code)
+    body = anthropic.error_body(e) if scope["path"].startswith(anthropic.PATH) else e.body()
+    return JSONResponse(body, status_code=status)
 
 
 def host_name(host: str) -> str:
@@ -49,7 +53,7 @@ class HostCheck:
                     f"the Host {host!r} is not this server's: a loopback server answers "
                     "localhost, 127.0.0.1 and ::1 (add others with --allowed-hosts)"
                 )
-                await _error(403, message, "host_not_allowed")(scope, receive, send)
+                await _error(403, message, "host_not_allowed", scope)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -68,7 +72,7 @@ class JsonBodies:
                     f"the request body must be JSON with Content-Type: application/json, "
                     f"got {kind or 'no Content-Type'!r}"
                 )
-                await _error(415, message, "unsupported_media_type")(scope, receive, send)
+                await _error(415, message, "unsupported_media_type", scope)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -82,7 +86,13 @@ def guards(loopback: bool, allowed_hosts: tuple[str, ...], origins: tuple[str, .
                 CORSMiddleware,
                 allow_origins=list(origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "X-Api-Key",
+                    "Anthropic-Version",
+                    "Anthropic-Beta",
+                ],
                 max_age=600,
             )
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from itertools import repeat
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,6 +58,8 @@ class _Strict(BaseModel):
     # strict: "10" is not an int and 1 is not a bool; unknown fields are ignored, as vendors'
     # extra fields are by most OpenAI-compatible servers
     model_config = ConfigDict(strict=True, extra="ignore")
+    # what a field of a union type must be, for this body's fields that EXPECTED says otherwise
+    expected: ClassVar[dict[str, str]] = {}
 
 
 class TextPart(_Strict):
@@ -161,19 +163,20 @@ def _field_names(schema: type[BaseModel]) -> set[str]:
     return names
 
 
-def _validation_error(e: ValidationError, schema: type[BaseModel]) -> APIError:
+def _validation_error(e: ValidationError, schema: type[_Strict]) -> APIError:
     error = e.errors()[0]
     # the path to the field, without pydantic's names of union members ("str", "list[int]")
     fields = _field_names(schema) | _FIELDS
     loc = [p for p in error["loc"] if isinstance(p, int) or p in fields]
-    union = next((i for i, p in enumerate(loc) if p in EXPECTED), None)
+    expected = {**EXPECTED, **schema.expected}
+    union = next((i for i, p in enumerate(loc) if p in expected), None)
     if union is not None and error["type"] != "missing":
         loc = loc[: union + 1]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if error["type"] == "missing":
         return APIError(400, f"{param} is required", param)
     if union is not None:
-        return APIError(400, f"{param} must be {EXPECTED[loc[-1]]}", param)
+        return APIError(400, f"{param} must be {expected[loc[-1]]}", param)
     return APIError(400, f"{param}: {error['msg']}", param)
 
 
@@ -402,7 +405,11 @@ def _render(
 
 
 def chat_job(raw: bytes, served: Served) -> Job:
-    body = read_body(raw, ChatBody)
+    return chat_job_of(read_body(raw, ChatBody), served)
+
+
+def chat_job_of(body: ChatBody, served: Served) -> Job:
+    """The job of a checked chat body (also what other APIs' chat bodies become)."""
     _check_model(body, served)
     _refuse_unsupported(body)
     if not body.messages:

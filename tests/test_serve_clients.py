@@ -13,6 +13,7 @@ import anthropic
 import httpx
 import mlx.core as mx
 import numpy as np
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import TIMEOUT, Server, write_serving_model
@@ -283,3 +284,81 @@ def test_messages_errors_in_anthropic_shape(server):
     assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{server.url}/messages", json=hi, headers={"Host": "evil.example"})
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+
+
+# ------------------------------------------------------------------------------ /v1/responses
+
+
+def test_responses_whole_streamed_and_continued(server, local):
+    client = server.client()
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ASK}]
+    expected = solo_chat(local, turns, 12)
+    r = client.responses.create(
+        model="default", instructions=SYSTEM, input=ASK, max_output_tokens=12
+    )
+    assert r.object == "response" and r.output_text == expected
+    assert r.status == ("incomplete" if r.usage.output_tokens == 12 else "completed")
+    prompt = encode_prompt(local[1], render_chat(local[1], turns, local[0].model_type))
+    assert r.usage.input_tokens == len(prompt)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+    events = list(
+        client.responses.create(
+            model="default",
+            instructions=SYSTEM,
+            input=[{"role": "user", "content": [{"type": "input_text", "text": ASK}]}],
+            max_output_tokens=12,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added",
+    ]  # fmt: skip
+    assert kinds[-4:] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        f"response.{r.status}",
+    ]  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == expected and events[-1].response.output_text == expected
+
+    # the conversation goes on from a stored response (its instructions are not carried over)
+    follow = "and what about rome?"
+    r2 = client.responses.create(
+        model="default", previous_response_id=r.id, input=follow, max_output_tokens=8
+    )
+    history = [
+        {"role": "user", "content": ASK},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": follow},
+    ]
+    assert r2.output_text == solo_chat(local, history, 8)
+    assert r2.previous_response_id == r.id
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="default", previous_response_id="resp_nope", input="hi")
+    unstored = client.responses.create(
+        model="default", input="hi", max_output_tokens=2, store=False
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="default", previous_response_id=unstored.id, input="hi")
+
+
+BAD_RESPONSES = [
+    ({}, "input"),
+    ({"input": []}, "input"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "temperature": "warm"}, "temperature"),
+    ({"input": [{"role": "robot", "content": "hi"}]}, "input"),
+    ({"input": "hi", "model": "nope"}, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_RESPONSES)
+def test_bad_responses_requests_get_openai_errors(server, body, param):
+    r = post(server, "/responses", body)
+    assert r.status_code == (404 if param == "model" else 400), r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, r.text
+    assert error["param"].startswith(param), r.text

@@ -32,10 +32,12 @@ from .guards import guards
 from .metrics import CountRequests
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
 from .responses import Kind, Shape, TokenText
+from .responses_api import ResponseShape, ResponsesJob, ResponseStore, responses_job
 from .tool_calls import ToolShape
 from .worker import Failure, Ticket, Worker
 
 Handler = Callable[[Request], Awaitable[Response]]
+EventShape = anthropic.MessageShape | ResponseShape
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,9 @@ async def stream_events(ticket: Ticket, shape: Shape) -> AsyncIterator[str]:
     yield sse("[DONE]")
 
 
-async def stream_messages(ticket: Ticket, shape: anthropic.MessageShape) -> AsyncIterator[str]:
-    """A request's events as Anthropic's event stream (an `error` event if it fails)."""
+async def stream_named_events(ticket: Ticket, shape: EventShape) -> AsyncIterator[str]:
+    """A request's events as a stream of named events (Anthropic's, OpenAI Responses'): the
+    shape's opening events, then each event's, or the shape's failure event."""
     for chunk in shape.opening():
         yield chunk
     while True:
@@ -170,7 +173,7 @@ async def stream_messages(ticket: Ticket, shape: anthropic.MessageShape) -> Asyn
 
 
 async def whole_answer(
-    request: Request, worker: Worker, ticket: Ticket, shape: Shape | anthropic.MessageShape
+    request: Request, worker: Worker, ticket: Ticket, shape: Shape | EventShape
 ) -> Response:
     """Wait for the whole answer; a client that leaves meanwhile cancels it."""
 
@@ -209,6 +212,7 @@ class Routes:
         self.prepare = ThreadPoolExecutor(settings.prepare_threads, "elm-serve-prepare")
         self.preparing = 0  # requests being checked and tokenized now
         self.metrics = worker.metrics
+        self.stored = ResponseStore()  # past responses, for previous_response_id
         self.metrics.watch(worker.stats, lambda: 1)
 
     def routes(self) -> list[Route]:
@@ -221,6 +225,7 @@ class Routes:
             Route("/v1/chat/completions", authorized(self.chat, api), methods=["POST"]),
             Route("/v1/completions", authorized(self.completions, api), methods=["POST"]),
             Route("/v1/embeddings", authorized(self.embeddings, api), methods=["POST"]),
+            Route("/v1/responses", authorized(self.responses, api), methods=["POST"]),
             Route("/v1/messages", authorized(self.messages, api), methods=["POST"]),
             Route(
                 "/v1/messages/count_tokens", authorized(self.count_tokens, api), methods=["POST"]
@@ -272,10 +277,22 @@ class Routes:
 
     async def messages(self, request: Request) -> Response:
         job: Job = await self.prepared(request, anthropic.messages_job)
-        ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
         shape = anthropic.MessageShape(self.served.model_id, job, self.served.tokenizer)
+        return await self.run(request, job, shape)
+
+    async def responses(self, request: Request) -> Response:
+        def make_job(raw: bytes, served: Served) -> ResponsesJob:
+            return responses_job(raw, served, self.stored)
+
+        prepared: ResponsesJob = await self.prepared(request, make_job)
+        shape = ResponseShape(self.served.model_id, prepared, self.stored)
+        return await self.run(request, prepared.job, shape)
+
+    async def run(self, request: Request, job: Job, shape: EventShape) -> Response:
+        """Generate a job's answer, streamed as the shape's named events or whole."""
+        ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
         if job.stream:
-            stream = stream_messages(ticket, shape)
+            stream = stream_named_events(ticket, shape)
             return EventStream(stream, on_close=lambda: self.worker.cancel(ticket))
         return await whole_answer(request, self.worker, ticket, shape)
 

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from ..engine import scheduler as batch
 from ..engine.embeddings import embed
 from . import anthropic
-from .embeddings import EmbeddingJob, embedding_job, embedding_response
+from .embeddings_api import EmbeddingJob, embedding_job, embedding_response
 from .guards import guards
 from .metrics import CountRequests
 from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job

@@ -6,7 +6,10 @@ model; the oracle for embeddings is the model's body run in this process, one te
 from __future__ import annotations
 
 import json
+import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import anthropic
@@ -362,3 +365,23 @@ def test_bad_responses_requests_get_openai_errors(server, body, param):
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}, r.text
     assert error["param"].startswith(param), r.text
+
+
+# ------------------------------------------------------------------------------ README
+
+
+def test_readme_client_snippets_run_against_elm_serve(server, tmp_path):
+    """The README's "Clients of elm serve" blocks, pasted into one Python, against the server."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("### Clients of elm serve", 1)[1].split("\n## ", 1)[0]
+    section = section.split("\n### ", 1)[0]
+    code = "\n".join(re.findall(r"^```python\n(.*?)^```", section, flags=re.M | re.S))
+    assert "responses.create" in code and "messages.stream" in code and "embeddings" in code
+    code = code.replace("http://127.0.0.1:8080/v1", server.url)
+    code = code.replace("http://127.0.0.1:8080", server.root)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) >= 5

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from tiny_models import write_tiny_chat_model
+from tiny_models import load_smollm2_example, write_tiny_chat_model
 
 STARTUP = 180  # seconds for a server to load its model on a busy 2-core machine
 TIMEOUT = 300  # seconds for one answer
@@ -94,3 +94,20 @@ def write_endless_model(model_dir: Path, folder: Path) -> Path:
     tokenizer_config["eos_token"] = None
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
+
+
+def smollm2_8bit() -> Path:
+    """SmolLM2 converted to 8 bits where `elm chat`'s tests keep it (built once, reused)."""
+    from elm_mlx.convert import ConvertOptions, convert
+
+    from elm_mlx.errors import OutputError
+
+    example = load_smollm2_example()
+    hf = example.build_hf_folder(example.default_cache_dir())
+    out = hf.parent / "smollm2-135m-instruct-8bit"
+    if not (out / "config.json").exists():
+        try:
+            convert(hf, out, ConvertOptions(quantize=True, bits=8), progress=False)
+        except OutputError:  # another process converted it meanwhile
+            assert (out / "config.json").exists()
+    return out

@@ -23,8 +23,14 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
-from serving import STARTUP, TIMEOUT, Server, write_endless_model, write_serving_model
-from tiny_models import load_smollm2_example
+from serving import (
+    STARTUP,
+    TIMEOUT,
+    Server,
+    smollm2_8bit,
+    write_endless_model,
+    write_serving_model,
+)
 from tiny_tokenizers import CHAT_CORPUS
 
 from elm_mlx import generate, load
@@ -500,20 +506,7 @@ def test_loopback_addresses():
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    """SmolLM2 converted to 8 bits where `elm chat`'s tests keep it (built once, reused)."""
-    from elm_mlx.convert import ConvertOptions, convert
-
-    from elm_mlx.errors import OutputError
-
-    example = load_smollm2_example()
-    hf = example.build_hf_folder(example.default_cache_dir())
-    out = hf.parent / "smollm2-135m-instruct-8bit"
-    if not (out / "config.json").exists():
-        try:
-            convert(hf, out, ConvertOptions(quantize=True, bits=8), progress=False)
-        except OutputError:  # another process converted it meanwhile
-            assert (out / "config.json").exists()
-    return out
+    return smollm2_8bit()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving import TIMEOUT, Server, write_serving_model
+from serving import TIMEOUT, Server, smollm2_8bit, write_serving_model
 
 from elm_mlx import generate, load
 from elm_mlx.engine.embeddings import embed
@@ -385,3 +385,43 @@ def test_readme_client_snippets_run_against_elm_serve(server, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) >= 5
+
+
+# ------------------------------------------------------------------------------ real model
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(tmp_path_factory):
+    s = Server(smollm2_8bit(), tmp_path_factory.mktemp("log") / "smollm2.txt")
+    yield s
+    assert s.stop()[0] == 0, s.log.read_text()
+
+
+FRANCE = "What is the capital of France?"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_anthropic_and_responses_clients(smollm2_server):
+    claude = anthropic_client(smollm2_server)
+    ask = [{"role": "user", "content": FRANCE}]
+    m = claude.messages.create(model="default", max_tokens=20, messages=ask)
+    assert "Paris" in m.content[0].text and m.stop_reason in ("end_turn", "max_tokens")
+    with claude.messages.stream(model="default", max_tokens=20, messages=ask) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == m.content[0].text
+
+    client = smollm2_server.client()
+    r = client.responses.create(model="default", input=FRANCE, max_output_tokens=20)
+    assert "Paris" in r.output_text
+    events = list(
+        client.responses.create(model="default", input=FRANCE, max_output_tokens=20, stream=True)
+    )
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.output_text == r.output_text
+    again = client.responses.create(
+        model="default",
+        previous_response_id=r.id,
+        input="Repeat the name of that city once more.",
+        max_output_tokens=20,
+    )
+    assert "Paris" in again.output_text

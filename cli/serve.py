@@ -93,8 +93,9 @@ def command(
     config: GenerationConfig,
 ) -> None:
     """Serve a model over the OpenAI HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/embeddings, /v1/models) until Ctrl-C; Prometheus metrics at /metrics. The sampling options are the defaults of requests that do not
-    set them; a request's `prompt_lookup` field overrides --prompt-lookup and --draft-model."""
+    /v1/responses, /v1/embeddings, /v1/models) and Anthropic's (/v1/messages) until Ctrl-C;
+    Prometheus metrics at /metrics. The sampling options are the defaults of requests that do
+    not set them; a request's `prompt_lookup` field overrides --prompt-lookup and --draft-model."""
     from ..engine.chat_session import load_template
     from ..loader import load
     from ..server.run import serve

@@ -10,7 +10,7 @@ import typer
 
 from ..convert.hub_cache import DEFAULT_BITS, ensure_model
 from ..engine.config import GenerationConfig
-from ..errors import GenerationError
+from ..errors import GenerationError, ServeError
 from ..server.options import ServeOptions
 from .options import (
     Adapter,
@@ -38,8 +38,24 @@ def served_id(model: str) -> str:
 )  # fmt: skip
 def command(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="MLX model folder, HF checkpoint or hub id.")
-    ],
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="MLX model folder, HF checkpoint or hub id (repeat to serve several; the "
+            "first loads at once, the others on their first request).",
+        ),
+    ] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Serve every model folder inside this folder too.")
+    ] = None,
+    ttl: Annotated[
+        float, typer.Option(help="Unload a model idle this many seconds (0: keep it loaded).")
+    ] = SERVE.ttl,
+    max_loaded: Annotated[
+        int | None,
+        typer.Option(help="Models loaded at once at most (then the least recently used goes)."),
+    ] = SERVE.max_loaded,
     adapter: Adapter = None,
     draft_model: DraftModel = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = SERVE.host,
@@ -119,14 +135,42 @@ def command(
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
         pooling=pooling,
+        ttl=ttl,
+        max_loaded=max_loaded,
     )
     options.validate()
+    # by id, first named first (a model both given and in --models-dir is served once)
+    ids = {served_id(n): n for n in reversed([*(model or ()), *_folders_in(models_dir)])}
+    names = list(reversed(ids.values()))
+    if not names:
+        raise ServeError("give --model (repeatable) or --models-dir")
+    if len(names) > 1 and (adapter or draft_model):
+        raise ServeError("--adapter and --draft-model need a single --model")
+
+    def loader(name: str):
+        def load_it():
+            path = ensure_model(name, quantize=quantize, bits=bits, token=hf_token)
+            return load(path, adapter_path=adapter)
+
+        return load_it
+
     try:
-        path = ensure_model(model, quantize=quantize, bits=bits, token=hf_token)
-        lm, tokenizer = load(path, adapter_path=adapter)
         if draft_model:
             draft_path = ensure_model(draft_model, quantize=quantize, bits=bits, token=hf_token)
             config = replace(config, draft_model=load(draft_path)[0])
+        # config: the requests' defaults
+        serve([(served_id(n), loader(n)) for n in names], config, options)
     except KeyboardInterrupt:  # while converting or loading
         raise typer.Exit(130) from None
-    serve(lm, tokenizer, served_id(model), config, options)  # config: the requests' defaults
+
+
+def _folders_in(folder: Path | None) -> list[str]:
+    """The model folders (holding a config.json) inside `folder`, by name."""
+    if folder is None:
+        return []
+    if not folder.is_dir():
+        raise ServeError(f"--models-dir {folder}: not a folder")
+    found = sorted(str(p) for p in folder.iterdir() if (p / "config.json").is_file())
+    if not found:
+        raise ServeError(f"--models-dir {folder}: no model folder (with a config.json) inside")
+    return found

@@ -27,17 +27,19 @@ from starlette.types import Receive, Scope, Send
 from ..engine import scheduler as batch
 from ..engine.embeddings import embed
 from . import anthropic
-from .embeddings_api import EmbeddingJob, embedding_job, embedding_response
+from .embeddings_api import embedding_job, embedding_response
 from .guards import guards
 from .metrics import CountRequests
-from .protocol import DEFAULT_MODEL, APIError, Job, Served, chat_job, completion_job
-from .responses import Kind, Shape, TokenText
+from .pool import Loaded, Pool
+from .protocol import APIError, Job, Served, chat_job, completion_job
+from .responses import Kind, Shape
 from .responses_api import ResponseShape, ResponsesJob, ResponseStore, responses_job
 from .tool_calls import ToolShape
 from .worker import Failure, Ticket, Worker
 
 Handler = Callable[[Request], Awaitable[Response]]
 EventShape = anthropic.MessageShape | ResponseShape
+AnyShape = Shape | EventShape
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ async def stream_named_events(ticket: Ticket, shape: EventShape) -> AsyncIterato
 
 
 async def whole_answer(
-    request: Request, worker: Worker, ticket: Ticket, shape: Shape | EventShape
+    request: Request, worker: Worker, ticket: Ticket, shape: AnyShape
 ) -> Response:
     """Wait for the whole answer; a client that leaves meanwhile cancels it."""
 
@@ -201,19 +203,27 @@ async def whole_answer(
         worker.cancel(ticket)
 
 
-class Routes:
-    """The handlers of one served model's routes."""
+def _model_of(raw: bytes) -> str | None:
+    """The model a body names, if it is a JSON object naming one (the job checks the rest)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
 
-    def __init__(self, served: Served, worker: Worker, settings: AppSettings):
-        self.served, self.worker, self.settings = served, worker, settings
-        self.token_text = TokenText(served.tokenizer)
-        self.card = {"id": served.model_id, "object": "model", "created": 0, "owned_by": "elm-mlx"}
+
+class Routes:
+    """The handlers of the routes, over the pool of served models."""
+
+    def __init__(self, pool: Pool, settings: AppSettings):
+        self.pool, self.settings = pool, settings
         # checking, templating and tokenizing happen here, off the event loop
         self.prepare = ThreadPoolExecutor(settings.prepare_threads, "elm-serve-prepare")
         self.preparing = 0  # requests being checked and tokenized now
-        self.metrics = worker.metrics
+        self.metrics = pool.metrics
         self.stored = ResponseStore()  # past responses, for previous_response_id
-        self.metrics.watch(worker.stats, lambda: 1)
+        self.metrics.watch(pool.stats, lambda: len(pool.loaded()))
 
     def routes(self) -> list[Route]:
         api = self.settings.api_key
@@ -233,19 +243,19 @@ class Routes:
         ]
 
     async def health(self, request: Request) -> Response:
-        status = "draining" if self.worker.closed else "ok"
-        stats = {**self.worker.stats(), "preparing": self.preparing}
-        body = {"status": status, "model": self.served.model_id, **stats}
-        return JSONResponse(body, status_code=503 if self.worker.closed else 200)
+        closed = self.pool.closed
+        stats = {**self.pool.stats(), "preparing": self.preparing}
+        loaded = [s.model_id for s in self.pool.loaded()]
+        body = {"status": "draining" if closed else "ok", "model": self.pool.slots[0].model_id,
+                "loaded": loaded, **stats}  # fmt: skip
+        return JSONResponse(body, status_code=503 if closed else 200)
 
     async def list_models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self.card]})
+        return JSONResponse({"object": "list", "data": self.pool.cards()})
 
     async def get_model(self, request: Request) -> Response:
-        if request.path_params["model"] not in (self.served.model_id, DEFAULT_MODEL):
-            raise APIError(404, f"the model {request.path_params['model']!r} does not exist",
-                           "model", "model_not_found")  # fmt: skip
-        return JSONResponse(self.card)
+        slot = self.pool.find(request.path_params["model"])
+        return JSONResponse(next(c for c in self.pool.cards() if c["id"] == slot.model_id))
 
     async def chat(self, request: Request) -> Response:
         return await self.answer(request, "chat")
@@ -253,62 +263,67 @@ class Routes:
     async def completions(self, request: Request) -> Response:
         return await self.answer(request, "completion")
 
-    async def prepared(self, request: Request, make_job: Callable[[bytes, Served], Any]) -> Any:
-        """The request's body read, checked and tokenized (off the event loop) by `make_job`."""
+    async def prepared(
+        self, request: Request, make_job: Callable[[bytes, Served], Any]
+    ) -> tuple[Loaded, Any]:
+        """The model the request names (loaded), and the request's body read, checked and
+        tokenized (off the event loop) by `make_job`."""
         raw = await read_limited(request, self.settings.max_body_bytes, self.settings.body_timeout)
-        if self.worker.closed:  # not worth tokenizing
+        if self.pool.closed:  # not worth tokenizing
             raise APIError(503, "the server is shutting down", kind="server_error")
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            return await loop.run_in_executor(self.prepare, make_job, raw, self.served)
+            name = await loop.run_in_executor(self.prepare, _model_of, raw)
+            model = await self.pool.acquire(name)
+            return model, await loop.run_in_executor(self.prepare, make_job, raw, model.served)
         finally:
             self.preparing -= 1
 
     async def embeddings(self, request: Request) -> Response:
-        job: EmbeddingJob = await self.prepared(request, embedding_job)
-        model, pooling = self.worker.engine.model, self.served.pooling
+        model, job = await self.prepared(request, embedding_job)
+        lm, pooling = model.worker.engine.model, model.served.pooling
 
         def run() -> Any:
-            return np.array(embed(model, job.texts, pooling))  # (N, D) float32
+            return np.array(embed(lm, job.texts, pooling))  # (N, D) float32
 
-        vectors = await self.worker.call(run)
-        return JSONResponse(embedding_response(job, vectors, self.served.model_id))
+        vectors = await model.worker.call(run)
+        return JSONResponse(embedding_response(job, vectors, model.served.model_id))
 
     async def messages(self, request: Request) -> Response:
-        job: Job = await self.prepared(request, anthropic.messages_job)
-        shape = anthropic.MessageShape(self.served.model_id, job, self.served.tokenizer)
-        return await self.run(request, job, shape)
+        model, job = await self.prepared(request, anthropic.messages_job)
+        shape = anthropic.MessageShape(model.served.model_id, job, model.served.tokenizer)
+        return await self.run(request, model, job, shape)
 
     async def responses(self, request: Request) -> Response:
         def make_job(raw: bytes, served: Served) -> ResponsesJob:
             return responses_job(raw, served, self.stored)
 
-        prepared: ResponsesJob = await self.prepared(request, make_job)
-        shape = ResponseShape(self.served.model_id, prepared, self.stored)
-        return await self.run(request, prepared.job, shape)
-
-    async def run(self, request: Request, job: Job, shape: EventShape) -> Response:
-        """Generate a job's answer, streamed as the shape's named events or whole."""
-        ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
-        if job.stream:
-            stream = stream_named_events(ticket, shape)
-            return EventStream(stream, on_close=lambda: self.worker.cancel(ticket))
-        return await whole_answer(request, self.worker, ticket, shape)
+        model, prepared = await self.prepared(request, make_job)
+        shape = ResponseShape(model.served.model_id, prepared, self.stored)
+        return await self.run(request, model, prepared.job, shape)
 
     async def count_tokens(self, request: Request) -> Response:
-        return JSONResponse(await self.prepared(request, anthropic.count_tokens))
+        return JSONResponse((await self.prepared(request, anthropic.count_tokens))[1])
 
     async def answer(self, request: Request, kind: Kind) -> Response:
-        job: Job = await self.prepared(request, chat_job if kind == "chat" else completion_job)
-        ticket = self.worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
-        shape = Shape(kind, self.served.model_id, self.token_text, job.include_usage)
+        model, job = await self.prepared(request, chat_job if kind == "chat" else completion_job)
+        shape = Shape(kind, model.served.model_id, model.token_text, job.include_usage)
         if job.tools is not None:
             shape = ToolShape(shape, job.tools)
+        return await self.run(request, model, job, shape)
+
+    async def run(self, request: Request, model: Loaded, job: Job, shape: AnyShape) -> Response:
+        """Generate a job's answer, streamed in the shape's way or whole."""
+        worker = model.worker
+        ticket = worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
         if job.stream:
-            stream = stream_events(ticket, shape)
-            return EventStream(stream, on_close=lambda: self.worker.cancel(ticket))
-        return await whole_answer(request, self.worker, ticket, shape)
+            if isinstance(shape, Shape):
+                stream = stream_events(ticket, shape)
+            else:
+                stream = stream_named_events(ticket, shape)
+            return EventStream(stream, on_close=lambda: worker.cancel(ticket))
+        return await whole_answer(request, worker, ticket, shape)
 
 
 async def http_error(request: Request, e: Exception) -> Response:
@@ -324,25 +339,25 @@ async def server_error(request: Request, e: Exception) -> Response:
 
 
 def lifespan(routes: Routes, on_ready: Callable[[], None] | None):
-    """Start the worker with the server; stop it and the tokenizing threads after."""
+    """Start the workers with the server; stop them and the tokenizing threads after."""
 
     @contextlib.asynccontextmanager
     async def span(app: Starlette) -> AsyncIterator[None]:
-        routes.worker.start(asyncio.get_running_loop())
+        routes.pool.start(asyncio.get_running_loop())
         if on_ready is not None:
             on_ready()
         try:
             yield
         finally:
             routes.prepare.shutdown(wait=False, cancel_futures=True)
-            await asyncio.to_thread(routes.worker.stop)
+            await asyncio.to_thread(routes.pool.stop)
 
     return span
 
 
-def create_app(served: Served, worker: Worker, settings: AppSettings | None = None) -> Starlette:
+def create_app(pool: Pool, settings: AppSettings | None = None) -> Starlette:
     settings = settings or AppSettings()
-    routes = Routes(served, worker, settings)
+    routes = Routes(pool, settings)
     table = routes.routes()
     counted = Middleware(CountRequests, metrics=routes.metrics, routes=table)
     return Starlette(

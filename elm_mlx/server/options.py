@@ -30,14 +30,29 @@ class ServeOptions:
     max_connections: int = 512
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS (none: CORS off)
+    ttl: float = 600.0  # seconds a model may stay idle before it is unloaded (0: kept)
+    max_loaded: int | None = None  # models loaded at once at most (then the LRU idle goes)
     pooling: str = "mean"  # /v1/embeddings: "mean" or "last" of the final hidden states
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_queue", "max_context", "max_body_bytes", "max_connections"):
+        for name in (
+            "max_batch",
+            "max_queue",
+            "max_context",
+            "max_body_bytes",
+            "max_connections",
+            "max_loaded",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("graceful_seconds", "header_timeout", "body_timeout", "prompt_cache_bytes"):
+        for name in (
+            "graceful_seconds",
+            "header_timeout",
+            "body_timeout",
+            "prompt_cache_bytes",
+            "ttl",
+        ):
             if getattr(self, name) < 0:
                 raise ServeError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"

@@ -22,8 +22,11 @@ from ..models import CausalLM, context_length, vocab_size
 from ..tokenizer import Tokenizer
 from .app import AppSettings, create_app
 from .connections import guarded_protocol
+from .metrics import Metrics
 from .options import ServeOptions, is_loopback
+from .pool import Loaded, Pool, Slot
 from .protocol import Served, longest_token_chars
+from .responses import TokenText
 from .worker import Worker
 
 
@@ -52,19 +55,19 @@ class DrainingServer(uvicorn.Server):
     they get a 503 error too; uvicorn stops as soon as none is left, so at once when none
     runs. A second Ctrl-C or SIGTERM stops uvicorn without waiting."""
 
-    def __init__(self, config: uvicorn.Config, worker: Worker, grace: float):
+    def __init__(self, config: uvicorn.Config, pool: Pool, grace: float):
         super().__init__(config)
-        self.worker, self.grace = worker, grace
+        self.pool, self.grace = pool, grace
         self.draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        loop = self.worker.loop
+        loop = self.pool.loop
         if self.draining or loop is None or loop.is_closed():
             super().handle_exit(sig, frame)
             return
         self.draining = True
         # on the event loop, not in the signal handler; the worker ends uvicorn once drained
-        loop.call_soon_threadsafe(self.worker.drain, self.grace, self._drained)
+        loop.call_soon_threadsafe(self.pool.drain, self.grace, self._drained)
 
     def _drained(self) -> None:
         self.should_exit = True  # read by uvicorn's main loop on its next tick
@@ -74,19 +77,18 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def serve(
+Loader = Callable[[], tuple[CausalLM, Tokenizer]]
+
+
+def build(
     model: CausalLM,
     tokenizer: Tokenizer,
     model_id: str,
     defaults: GenerationConfig,
     options: ServeOptions,
-    say: Callable[[str], None] = _say,
-) -> None:
-    from transformers.utils import logging as hf_logging
-
-    options.validate()
-    # "sequence longer than the model's maximum": the server checks prompts against the context
-    hf_logging.set_verbosity_error()
+    metrics: Metrics,
+) -> Loaded:
+    """A loaded model as the server holds it: what requests are checked against, its worker."""
     limit = context_length(model)
     served = Served(
         model_id=model_id,
@@ -99,13 +101,6 @@ def serve(
         max_token_chars=longest_token_chars(tokenizer),
         pooling=options.pooling,
     )
-    if options.api_key is None and not is_loopback(options.host):
-        print(
-            f"warning: listening on {options.host} without --api-key: anyone who can reach "
-            "this machine can use the model",
-            file=sys.stderr,
-        )
-    sock = bind(options.host, options.port)
     cache = PromptCache(options.prompt_cache_bytes) if options.prompt_cache_bytes else None
     if cache is not None and options.prompt_cache_dir is not None:
         cache = DiskPromptCache(
@@ -121,10 +116,41 @@ def serve(
     engine = BatchGenerator(
         model, tokenizer, options.max_batch, prompt_cache=cache, kv=defaults.kv_config()
     )
-    worker = Worker(engine, options.max_queue)
+    return Loaded(served, Worker(engine, options.max_queue, metrics), TokenText(tokenizer))
+
+
+def serve(
+    models: list[tuple[str, Loader]],
+    defaults: GenerationConfig,
+    options: ServeOptions,
+    say: Callable[[str], None] = _say,
+) -> None:
+    """Serve `models` (id, loader): the first is loaded now, the others on their first
+    request."""
+    from transformers.utils import logging as hf_logging
+
+    options.validate()
+    # "sequence longer than the model's maximum": the server checks prompts against the context
+    hf_logging.set_verbosity_error()
+    metrics = Metrics()
+
+    def slot(model_id: str, loader: Loader) -> Slot:
+        return Slot(model_id, lambda: build(*loader(), model_id, defaults, options, metrics))
+
+    slots = [slot(model_id, loader) for model_id, loader in models]
+    first = slots[0].loaded = slots[0].load()
+    if options.api_key is None and not is_loopback(options.host):
+        print(
+            f"warning: listening on {options.host} without --api-key: anyone who can reach "
+            "this machine can use the model",
+            file=sys.stderr,
+        )
+    sock = bind(options.host, options.port)
+    pool = Pool(slots, options.ttl, options.max_loaded, metrics)
+    others = f" (+{len(slots) - 1} loaded on demand)" if len(slots) > 1 else ""
     ready = (
-        f"elm serve: {url_of(sock)} · model {model_id!r} · context {served.context_length} · "
-        f"batch {engine.max_batch} (Ctrl-C stops)"
+        f"elm serve: {url_of(sock)} · model {first.served.model_id!r}{others} · context "
+        f"{first.served.context_length} · batch {first.worker.engine.max_batch} (Ctrl-C stops)"
     )
     settings = AppSettings(
         api_key=options.api_key,
@@ -135,7 +161,7 @@ def serve(
         allowed_hosts=options.allowed_hosts,
         allowed_origins=options.allowed_origins,
     )
-    app = create_app(served, worker, settings)
+    app = create_app(pool, settings)
     config = uvicorn.Config(
         app,
         http=guarded_protocol(options.header_timeout, options.max_connections),
@@ -151,7 +177,7 @@ def serve(
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
     try:
-        DrainingServer(config, worker, options.graceful_seconds).run(sockets=[sock])
+        DrainingServer(config, pool, options.graceful_seconds).run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

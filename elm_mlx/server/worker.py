@@ -280,5 +280,15 @@ class Worker:
             self.loop.call_soon_threadsafe(put_all)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an error is the allocator's (Python's MemoryError, MLX's malloc errors)."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ("memory", "alloc"))
+    )
+
+
 def _internal(e: Exception) -> APIError:
+    if out_of_memory(e):  # this request's fault as little as the server's: retry later
+        return APIError(503, f"out of memory while generating: {e}", code="out_of_memory",
+                        kind="server_error")  # fmt: skip
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")

@@ -371,3 +371,41 @@ def test_stop_drains_then_exits(endless_dir, tmp_path):
         if s.proc.poll() is None:
             s.proc.kill()
     assert s.proc.returncode == 0 and "elm serve: stopped" in out, s.log.read_text()
+
+
+NEW_ROUTES = [
+    ("/responses", {"input": "hi", "max_output_tokens": 1}),
+    ("/messages", {"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/messages/count_tokens", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/embeddings", {"input": "hi"}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), NEW_ROUTES)
+def test_every_new_route_is_guarded(server, path, body):
+    """Host, Content-Type, CORS and deep JSON on the routes of issue 19, in each API's shape."""
+    anthropic_route = path.startswith("/messages")
+
+    def error(r: httpx.Response) -> dict:
+        if anthropic_route:
+            assert r.json()["type"] == "error", r.text
+            return r.json()["error"]
+        return error_of(r)
+
+    r = post(server, path, body, {"Host": "evil.example"})
+    assert r.status_code == 403, r.text
+    assert error(r)["type"] == ("permission_error" if anthropic_route else "invalid_request_error")
+    r = httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=TIMEOUT,
+                   headers={"Content-Type": "text/plain"})  # fmt: skip
+    assert r.status_code == 415 and error(r)["message"]
+    deep = b'{"input": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    r = post(server, path, deep)
+    assert r.status_code == 400 and "deep" in error(r)["message"], r.text
+    r = post(server, path, b'{"input": "' + b"x" * (5 * 2**20) + b'"}')
+    assert r.status_code == 413, r.text
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type, x-api-key, anthropic-version"}  # fmt: skip
+    r = httpx.options(f"{server.url}{path}", headers=preflight, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = post(server, path, body, {"Origin": ORIGIN})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN, r.text

@@ -315,15 +315,23 @@ class Routes:
 
     async def run(self, request: Request, model: Loaded, job: Job, shape: AnyShape) -> Response:
         """Generate a job's answer, streamed in the shape's way or whole."""
-        worker = model.worker
+        worker, model_id = model.worker, model.served.model_id
         ticket = worker.submit(batch.Request(job.prompt, job.config, job.logprobs))
+
+        def done() -> None:
+            worker.cancel(ticket)
+            self.pool.touch(model_id)  # its idle time starts when its last answer ends
+
         if job.stream:
             if isinstance(shape, Shape):
                 stream = stream_events(ticket, shape)
             else:
                 stream = stream_named_events(ticket, shape)
-            return EventStream(stream, on_close=lambda: worker.cancel(ticket))
-        return await whole_answer(request, worker, ticket, shape)
+            return EventStream(stream, on_close=done)
+        try:
+            return await whole_answer(request, worker, ticket, shape)
+        finally:
+            self.pool.touch(model_id)
 
 
 async def http_error(request: Request, e: Exception) -> Response:

@@ -101,6 +101,10 @@ class Pool:
             "model_not_found",
         )
 
+    def touch(self, model_id: str) -> None:
+        """Mark a model used now."""
+        self.find(model_id).last_used = time.monotonic()
+
     async def acquire(self, name: str | None) -> Loaded:
         """The model a request names, loaded (loading it first if need be)."""
         slot = self.find(name)

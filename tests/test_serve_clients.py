@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import jsonschema
 import mlx.core as mx
 import numpy as np
 import openai
@@ -425,3 +426,111 @@ def test_smollm2_answers_anthropic_and_responses_clients(smollm2_server):
         max_output_tokens=20,
     )
     assert "Paris" in again.output_text
+
+
+# ------------------------------------------------------------------------------ tools, formats
+# The chat route's tools (tests/test_serve_tools.py) under the Anthropic and Responses APIs:
+# a call's arguments follow its schema; a conversation with a call and its result gives the
+# same answer as the same conversation sent to the chat route.
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city."}
+CHAT_TOOLS = [{"type": "function", "function": {**WEATHER_TOOL, "parameters": WEATHER_PARAMETERS}}]
+WEATHER_ASK = "What is the weather like in Paris?"
+RESULT = '{"sky": "sunny", "celsius": 24}'
+
+
+def chat_answer_after_call(server: Server, arguments: str, max_tokens: int) -> str:
+    """The chat route's answer to: the question, a call with `arguments`, its RESULT."""
+    messages = [
+        {"role": "user", "content": WEATHER_ASK},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type":
+         "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": RESULT},
+    ]  # fmt: skip
+    r = server.client().chat.completions.create(
+        model="default", messages=messages, tools=CHAT_TOOLS, tool_choice="none",
+        max_tokens=max_tokens,
+    )  # fmt: skip
+    return r.choices[0].message.content
+
+
+def test_anthropic_tool_use_round_trip(server):
+    claude = anthropic_client(server)
+    common = {
+        "model": "default",
+        "max_tokens": 200,
+        "tools": [{**WEATHER_TOOL, "input_schema": WEATHER_PARAMETERS}],
+        "messages": [{"role": "user", "content": WEATHER_ASK}],
+    }
+    any_one = {"type": "any", "disable_parallel_tool_use": True}
+    m = claude.messages.create(**common, tool_choice=any_one)
+    assert m.stop_reason == "tool_use"
+    (use,) = m.content
+    assert use.type == "tool_use" and use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, WEATHER_PARAMETERS)
+    with claude.messages.stream(**common, tool_choice=any_one) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, b.name, b.input) for b in final.content] == [("tool_use", use.name, use.input)]
+    assert final.stop_reason == "tool_use"
+
+    turns = [
+        *common["messages"],
+        {"role": "assistant", "content": [use.model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": RESULT}]},
+    ]  # fmt: skip
+    answer = claude.messages.create(
+        **{**common, "messages": turns, "max_tokens": 12}, tool_choice={"type": "none"}
+    )
+    assert answer.content[0].type == "text"
+    assert answer.content[0].text == chat_answer_after_call(server, json.dumps(use.input), 12)
+
+
+def test_responses_function_call_round_trip_and_json_schema(server):
+    client = server.client()
+    tools = [{"type": "function", **WEATHER_TOOL, "parameters": WEATHER_PARAMETERS}]
+    r = client.responses.create(
+        model="default", input=WEATHER_ASK, tools=tools, tool_choice="required",
+        parallel_tool_calls=False, max_output_tokens=200,
+    )  # fmt: skip
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMETERS)
+    events = list(
+        client.responses.create(
+            model="default", input=WEATHER_ASK, tools=tools, tool_choice="required",
+            parallel_tool_calls=False, max_output_tokens=200, stream=True,
+        )
+    )  # fmt: skip
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert [d.arguments for d in done] == [call.arguments]
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output[0].name == "get_weather"
+
+    # the call's output, continuing the stored response
+    r2 = client.responses.create(
+        model="default", previous_response_id=r.id, tools=tools, tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": RESULT}],
+        max_output_tokens=12,
+    )  # fmt: skip
+    assert r2.output_text == chat_answer_after_call(server, call.arguments, 12)
+
+    # text.format: the answer follows a JSON schema
+    answer_format = {"type": "json_schema", "name": "weather", "schema": WEATHER_PARAMETERS,
+                     "strict": True}  # fmt: skip
+    r3 = client.responses.create(
+        model="default", input=WEATHER_ASK, text={"format": answer_format},
+        max_output_tokens=200,
+    )  # fmt: skip
+    jsonschema.validate(json.loads(r3.output_text), WEATHER_PARAMETERS)

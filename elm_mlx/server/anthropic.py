@@ -17,6 +17,7 @@ from pydantic import Field
 from ..engine.scheduler import Event
 from ..tokenizer import Tokenizer
 from .protocol import APIError, ChatBody, Job, Served, _Strict, chat_job_of, read_body
+from .tool_calls import PartialCall, read_calls
 
 PATH = "/v1/messages"
 
@@ -75,6 +76,7 @@ class AnthropicTool(_Strict):
 class ToolChoice(_Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class CountBody(_Strict):
@@ -145,6 +147,8 @@ def _tool_fields(body: CountBody) -> dict[str, Any]:
     ]  # fmt: skip
     fields: dict[str, Any] = {"tools": tools}
     choice = body.tool_choice
+    if choice is not None and choice.disable_parallel_tool_use is not None:
+        fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
     if choice is not None:
         if choice.type == "tool":
             if not choice.name:
@@ -193,20 +197,31 @@ def count_tokens(raw: bytes, served: Served) -> dict[str, int]:
 # ------------------------------------------------------------------------------ answers
 
 
+def tool_calls(job: Job, text: str, finish_reason: str | None) -> list[PartialCall] | None:
+    """The tool calls an answer holds (None: it is text), read as the chat route reads them."""
+    if job.tools is None or finish_reason != "stop":
+        return None
+    calls = read_calls(text, job.tools)
+    return calls if calls and all(c.complete for c in calls) else None
+
+
 class MessageShape:
-    """One request's answer as Anthropic writes it: `whole(events)` or the stream's events."""
+    """One request's answer as Anthropic writes it: `whole(events)` or the stream's events. A
+    request with tools is streamed whole at its end (its text cannot be shown before it is
+    known to be text rather than a call)."""
 
     def __init__(self, model_id: str, job: Job, tokenizer: Tokenizer):
         self.model_id, self.job, self.tokenizer = model_id, job, tokenizer
         self.id = "msg_" + uuid.uuid4().hex
         self.tokens: list[int] = []
+        self.text = ""
 
-    def _stop(self, event: Event) -> tuple[str, str | None]:
+    def _stop(self, event: Event, calls: list[PartialCall] | None) -> tuple[str, str | None]:
         """(stop_reason, stop_sequence) of the last event."""
+        if calls:
+            return "tool_use", None
         if event.finish_reason == "length":
             return "max_tokens", None
-        if event.finish_reason == "tool_calls":
-            return "tool_use", None
         text = self.tokenizer.decode(self.tokens)  # the answer with the stop string it hit
         hits = [(text.find(s), s) for s in self.job.config.stop if s in text]
         return ("stop_sequence", min(hits)[1]) if hits else ("end_turn", None)
@@ -224,12 +239,18 @@ class MessageShape:
             "usage": {"input_tokens": len(self.job.prompt), "output_tokens": output_tokens},
         }
 
+    @staticmethod
+    def _tool_use(call: PartialCall) -> dict[str, Any]:
+        return {"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:24], "name": call.name,
+                "input": json.loads(call.arguments)}  # fmt: skip
+
     def whole(self, events: Sequence[Event]) -> dict[str, Any]:
         self.tokens = [e.token for e in events]
         text = "".join(e.text for e in events)
-        usage = events[-1].usage
-        stop = self._stop(events[-1])
-        return self._message([{"type": "text", "text": text}], stop, usage.completion_tokens)
+        last = events[-1]
+        calls = tool_calls(self.job, text, last.finish_reason)
+        content = [self._tool_use(c) for c in calls] if calls else [{"type": "text", "text": text}]
+        return self._message(content, self._stop(last, calls), last.usage.completion_tokens)
 
     # ------------------------------------------------------------------ stream
 
@@ -237,25 +258,47 @@ class MessageShape:
     def sse(data: dict[str, Any]) -> str:
         return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+    def _block(self, index: int, block: dict[str, Any], delta: dict[str, Any] | None) -> list[str]:
+        """A content block's start, its delta (if any) and its stop."""
+        out = [self.sse({"type": "content_block_start", "index": index, "content_block": block})]
+        if delta is not None:
+            out.append(self.sse({"type": "content_block_delta", "index": index, "delta": delta}))
+        return [*out, self.sse({"type": "content_block_stop", "index": index})]
+
     def opening(self) -> list[str]:
         start = {"type": "message_start", "message": self._message([], (None, None), 0)}
-        block = {"type": "content_block_start", "index": 0,
-                 "content_block": {"type": "text", "text": ""}}  # fmt: skip
-        return [self.sse(start), self.sse(block), self.sse({"type": "ping"})]
+        out = [self.sse(start)]
+        if self.job.tools is None:  # text as it comes
+            block = {"type": "content_block_start", "index": 0,
+                     "content_block": {"type": "text", "text": ""}}  # fmt: skip
+            out.append(self.sse(block))
+        return [*out, self.sse({"type": "ping"})]
 
     def chunks(self, event: Event) -> list[str]:
         self.tokens.append(event.token)
+        self.text += event.text
         out = []
-        if event.text:
+        if event.text and self.job.tools is None:
             delta = {"type": "text_delta", "text": event.text}
             out.append(self.sse({"type": "content_block_delta", "index": 0, "delta": delta}))
-        if event.finish_reason is not None:
-            reason, sequence = self._stop(event)
+        if event.finish_reason is None:
+            return out
+        calls = tool_calls(self.job, self.text, event.finish_reason)
+        if self.job.tools is None:
             out.append(self.sse({"type": "content_block_stop", "index": 0}))
-            delta = {"stop_reason": reason, "stop_sequence": sequence}
-            usage = {"output_tokens": event.usage.completion_tokens}
-            out.append(self.sse({"type": "message_delta", "delta": delta, "usage": usage}))
-            out.append(self.sse({"type": "message_stop"}))
+        elif calls:
+            for i, call in enumerate(calls):
+                block = {**self._tool_use(call), "input": {}}
+                delta = {"type": "input_json_delta", "partial_json": call.arguments}
+                out += self._block(i, block, delta)
+        else:
+            delta = {"type": "text_delta", "text": self.text} if self.text else None
+            out += self._block(0, {"type": "text", "text": ""}, delta)
+        reason, sequence = self._stop(event, calls)
+        delta = {"stop_reason": reason, "stop_sequence": sequence}
+        usage = {"output_tokens": event.usage.completion_tokens}
+        out.append(self.sse({"type": "message_delta", "delta": delta, "usage": usage}))
+        out.append(self.sse({"type": "message_stop"}))
         return out
 
     def failure(self, error: APIError) -> str:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 from ..engine.scheduler import Event
 from .protocol import APIError, ChatBody, Job, Served, _Strict, chat_job_of, read_body
 from .responses import usage_json
+from .tool_calls import new_call_id, read_calls
 
 STORED_RESPONSES = 1024  # the newest responses kept for previous_response_id
 
@@ -210,7 +211,9 @@ def responses_job(raw: bytes, served: Served, store: ResponseStore) -> Responses
 
 
 class ResponseShape:
-    """One request's answer as a response object, whole or as the stream's events."""
+    """One request's answer as a response object, whole or as the stream's events. The output
+    is a message, or the function calls the answer holds; a request with tools is streamed at
+    its end (its text cannot be shown before it is known to be text rather than calls)."""
 
     def __init__(self, model_id: str, prepared: ResponsesJob, store: ResponseStore):
         self.model_id, self.prepared, self.store = model_id, prepared, store
@@ -218,14 +221,14 @@ class ResponseShape:
         self.item_id = "msg_" + uuid.uuid4().hex
         self.created = int(time.time())
         self.text = ""
+        self.calls: list[dict[str, Any]] = []  # the function_call items, once known
         self.sequence = 0
 
     def response(self, status: str, event: Event | None = None) -> dict[str, Any]:
         body = self.prepared.body
         output = []
         if status != "in_progress":
-            part = {"type": "output_text", "text": self.text, "annotations": []}
-            output.append(self._item("completed", [part]))
+            output = self.calls or [self._item("completed", [self._part()])]
         usage = None
         if event is not None:
             u = usage_json(event.usage)
@@ -237,6 +240,7 @@ class ResponseShape:
                 "total_tokens": u["total_tokens"],
             }
         incomplete = status == "incomplete"
+        choice = body.tool_choice
         return {
             "id": self.id,
             "object": "response",
@@ -254,23 +258,48 @@ class ResponseShape:
             "temperature": body.temperature,
             "top_p": body.top_p,
             "text": {"format": (body.text.format if body.text else None) or {"type": "text"}},
-            "tool_choice": body.tool_choice or "auto",
+            "tool_choice": choice.model_dump()
+            if isinstance(choice, NamedFunction)
+            else choice or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
             "usage": usage,
             "metadata": body.metadata or {},
         }
+
+    def _part(self) -> dict[str, Any]:
+        return {"type": "output_text", "text": self.text, "annotations": []}
 
     def _item(self, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
                 "content": content}  # fmt: skip
 
     def _finish(self, event: Event) -> dict[str, Any]:
+        job = self.prepared.job
+        if job.tools is not None and event.finish_reason == "stop":
+            calls = read_calls(self.text, job.tools)
+            if calls and all(c.complete for c in calls):
+                self.calls = [
+                    {"type": "function_call", "id": "fc_" + uuid.uuid4().hex, "call_id":
+                     new_call_id(), "name": c.name, "arguments": c.arguments,
+                     "status": "completed"}
+                    for c in calls
+                ]  # fmt: skip
         status = "incomplete" if event.finish_reason == "length" else "completed"
         response = self.response(status, event)
         if self.prepared.body.store:
-            answer = {"role": "assistant", "content": self.text}
-            self.store.put(self.id, [*self.prepared.messages, answer])
+            self.store.put(self.id, [*self.prepared.messages, self._answer()])
         return response
+
+    def _answer(self) -> dict[str, Any]:
+        """The answer as a chat message, for the conversation's next turn."""
+        if not self.calls:
+            return {"role": "assistant", "content": self.text}
+        calls = [
+            {"id": c["call_id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in self.calls
+        ]  # fmt: skip
+        return {"role": "assistant", "content": None, "tool_calls": calls}
 
     def whole(self, events: Sequence[Event]) -> dict[str, Any]:
         self.text = "".join(e.text for e in events)
@@ -286,42 +315,59 @@ class ResponseShape:
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
 
-    def opening(self) -> list[str]:
+    def _message_start(self) -> list[str]:
         empty = {"type": "output_text", "text": "", "annotations": []}
         return [
+            self.sse("response.output_item.added", output_index=0,
+                     item=self._item("in_progress", [])),
+            self.sse("response.content_part.added", **self._where(), part=empty),
+        ]  # fmt: skip
+
+    def _delta(self, text: str) -> str:
+        return self.sse("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+
+    def opening(self) -> list[str]:
+        out = [
             self.sse("response.created", response=self.response("in_progress")),
             self.sse("response.in_progress", response=self.response("in_progress")),
-            self.sse(
-                "response.output_item.added", output_index=0, item=self._item("in_progress", [])
-            ),
-            self.sse("response.content_part.added", **self._where(), part=empty),
         ]
+        return out + (self._message_start() if self.prepared.job.tools is None else [])
 
     def chunks(self, event: Event) -> list[str]:
+        tools = self.prepared.job.tools is not None
         out = []
         if event.text:
             self.text += event.text
-            out.append(
-                self.sse(
-                    "response.output_text.delta", **self._where(), delta=event.text, logprobs=[]
-                )
-            )
-        if event.finish_reason is not None:
-            part = {"type": "output_text", "text": self.text, "annotations": []}
-            response = self._finish(event)
+            if not tools:
+                out.append(self._delta(event.text))
+        if event.finish_reason is None:
+            return out
+        response = self._finish(event)
+        for i, call in enumerate(self.calls):
+            added = {**call, "arguments": "", "status": "in_progress"}
+            where = {"item_id": call["id"], "output_index": i}
             out += [
-                self.sse("response.output_text.done", **self._where(), text=self.text, logprobs=[]),
+                self.sse("response.output_item.added", output_index=i, item=added),
+                self.sse("response.function_call_arguments.delta", **where,
+                         delta=call["arguments"]),
+                self.sse("response.function_call_arguments.done", **where,
+                         arguments=call["arguments"]),
+                self.sse("response.output_item.done", output_index=i, item=call),
+            ]  # fmt: skip
+        if not self.calls:
+            if tools:  # text after all, held back until now
+                out += self._message_start() + ([self._delta(self.text)] if self.text else [])
+            part = self._part()
+            out += [
+                self.sse("response.output_text.done", **self._where(), text=self.text,
+                         logprobs=[]),
                 self.sse("response.content_part.done", **self._where(), part=part),
-                self.sse(
-                    "response.output_item.done",
-                    output_index=0,
-                    item=self._item("completed", [part]),
-                ),
-                self.sse(f"response.{response['status']}", response=response),
-            ]
-        return out
+                self.sse("response.output_item.done", output_index=0,
+                         item=self._item("completed", [part])),
+            ]  # fmt: skip
+        return [*out, self.sse(f"response.{response['status']}", response=response)]
 
     def failure(self, error: APIError) -> str:
-        response = {**self.response("failed"), "error": {"code": error.code or error.kind,
-                                                         "message": error.message}}  # fmt: skip
-        return self.sse("response.failed", response=response)
+        error_json = {"code": error.code or error.kind, "message": error.message}
+        return self.sse("response.failed", response={**self.response("failed"),
+                                                     "error": error_json})  # fmt: skip

@@ -534,3 +534,43 @@ def test_responses_function_call_round_trip_and_json_schema(server):
         max_output_tokens=200,
     )  # fmt: skip
     jsonschema.validate(json.loads(r3.output_text), WEATHER_PARAMETERS)
+
+
+@pytest.mark.slow
+def test_smollm2_tools_and_json_schema_through_both_clients(smollm2_server):
+    claude = anthropic_client(smollm2_server)
+    ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    tools = [{**WEATHER_TOOL, "input_schema": WEATHER_PARAMETERS}]
+    m = claude.messages.create(
+        model="default", max_tokens=80, messages=ask, tools=tools,
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+    )  # fmt: skip
+    (use,) = m.content
+    assert m.stop_reason == "tool_use" and use.name == "get_weather"
+    jsonschema.validate(use.input, WEATHER_PARAMETERS)
+    assert "paris" in use.input["city"].lower()
+    result = [{"type": "tool_result", "tool_use_id": use.id, "content": RESULT}]
+    turns = [*ask, {"role": "assistant", "content": [use.model_dump()]},
+             {"role": "user", "content": result}]  # fmt: skip
+    answer = claude.messages.create(
+        model="default", max_tokens=60, messages=turns, tools=tools, tool_choice={"type": "none"}
+    )
+    text = answer.content[0].text
+    assert answer.content[0].type == "text" and answer.stop_reason != "tool_use"
+    assert "sunny" in text.lower() or "24" in text, text  # it read the result
+
+    client = smollm2_server.client()
+    r = client.responses.create(
+        model="default", input=ask[0]["content"], max_output_tokens=80,
+        tools=[{"type": "function", **WEATHER_TOOL, "parameters": WEATHER_PARAMETERS}],
+        tool_choice="required", parallel_tool_calls=False,
+    )  # fmt: skip
+    (call,) = r.output
+    assert call.type == "function_call" and "paris" in json.loads(call.arguments)["city"].lower()
+    answer_format = {"type": "json_schema", "name": "weather", "schema": WEATHER_PARAMETERS,
+                     "strict": True}  # fmt: skip
+    r = client.responses.create(
+        model="default", input="Give the weather in Paris as JSON.", max_output_tokens=80,
+        text={"format": answer_format},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(r.output_text), WEATHER_PARAMETERS)

@@ -39,6 +39,7 @@ class Slot:
     load: Callable[[], Loaded]  # runs in a thread; the worker is not started yet
     loaded: Loaded | None = None
     loading: asyncio.Future | None = None
+    unloading: asyncio.Future | None = None  # set while its memory is being given back
     last_used: float = 0.0  # time.monotonic() of its latest request
 
 
@@ -119,6 +120,8 @@ class Pool:
 
     async def _load(self, slot: Slot) -> Loaded:
         try:
+            if slot.unloading is not None:  # never two copies at once
+                await slot.unloading
             await self._make_room()
             log.info("loading %s", slot.model_id)
             loaded = await asyncio.to_thread(slot.load)
@@ -161,14 +164,19 @@ class Pool:
             await self.unload(min(idle, key=lambda s: s.last_used))
 
     async def unload(self, slot: Slot) -> None:
-        loaded, slot.loaded = slot.loaded, None
+        loaded, slot.loaded = slot.loaded, None  # new requests load it again
         if loaded is None:
             return
         log.info("unloading %s", slot.model_id)
-        await asyncio.to_thread(loaded.worker.stop)
-        del loaded
-        gc.collect()
-        mx.clear_cache()  # freed arrays go back to the system, not to MLX's buffer cache
+        slot.unloading = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.to_thread(loaded.worker.stop)
+            del loaded
+            gc.collect()
+            mx.clear_cache()  # freed arrays go back to the system, not to MLX's buffer cache
+        finally:
+            slot.unloading.set_result(None)
+            slot.unloading = None
 
     async def _reap(self) -> None:
         while True:
@@ -211,7 +219,7 @@ class Pool:
                 "object": "model",
                 "created": 0,
                 "owned_by": "elm-mlx",
-                "loaded": s.loaded is not None,
+                "loaded": s.loaded is not None or s.unloading is not None,
             }
             for s in self.slots
         ]

@@ -16,9 +16,9 @@ import httpx
 import mlx.core as mx
 import psutil
 import pytest
-from helpers import _write_mlx_folder
 from mlx.utils import tree_flatten
 from serving import TIMEOUT, Server, write_serving_model
+from tiny_models import _write_mlx_folder
 
 from elm_mlx import generate, load
 from elm_mlx.loader import build_model

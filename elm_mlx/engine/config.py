@@ -111,13 +111,9 @@ class GenerationConfig:
     def speculative(self) -> bool:
         return bool(self.prompt_lookup) or self.draft_model is not None
 
-    @property
-    def sampling(self) -> bool:
-        return self.temperature > 0
-
     def transform(self) -> Transform | None:
         """The sampling distribution's transform; None when decoding is greedy."""
-        if not self.sampling:
+        if self.temperature <= 0:
             return None
         return make_transform(self.temperature, self.top_p, self.top_k, self.min_p)
 

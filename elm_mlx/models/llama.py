@@ -117,11 +117,13 @@ class LlamaModel(nn.Module):
 
 
 class Model(nn.Module):
+    Body: type[nn.Module] = LlamaModel  # families with Llama's head and tensor names swap it
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = LlamaModel(args)
+        self.model = self.Body(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

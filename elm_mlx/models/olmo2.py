@@ -14,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import llama
 from .base import BaseModelArgs, Family, KVCache, attention, causal_mask
 from .llama import FAMILY as LLAMA
 from .llama import MLP
@@ -137,32 +138,10 @@ class Olmo2Model(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
-    Body: type[Olmo2Model] = Olmo2Model
+class Model(llama.Model):
+    """Llama's head over OLMo 2's body."""
 
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = self.Body(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.model(inputs, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return weights
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
+    Body = Olmo2Model
 
 
 # Llama's tensor names, so Llama's LoRA targets and body.

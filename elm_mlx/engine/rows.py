@@ -6,13 +6,16 @@ processors, its constraint, its proposer and proposal length, its statistics. A 
 entries hold all its tokens but the last, which is its next input (as after `prefill`).
 
 One step feeds every row its next input and its proposal, if it has one, padded to the longest:
-(B, 1 + w). `launch` builds the step and starts computing it asynchronously: each row's logits
-after its processors and constraint, its logprobs, and the token it chooses at each position.
-`collect` reads the choices back and keeps, per row, the proposed tokens that equal the model's
-choices, then the first choice that differs (`speculative.accepted`). With no proposals (w = 0)
-a step's only input per row is the token the previous step chose, so the scheduler launches
-step t + 1 before it collects step t: building one step overlaps computing the other, as in
-`generate_step`. After a step with proposals each row is rewound to its tokens (`rewind`).
+(B, 1 + w). `launch` starts its forward pass and `decide` each row's logits after its
+processors and constraint, its logprobs, and the token it chooses at each position, all
+asynchronously. `collect` reads the choices back and keeps, per row, the proposed tokens that
+equal the model's choices, then the first choice that differs (`speculative.accepted`). With no
+proposals (w = 0) a step's only input per row is the token the previous step chose, so the
+scheduler launches step t + 1 before it collects step t: building one step overlaps computing
+the other, as in `generate_step`. A constrained row's mask for step t + 1 needs token t, so
+that step's choice waits until token t is collected and its matcher advanced, while the
+forward pass of t + 1 runs (the mask is computed meanwhile, then applied before the choice).
+After a step with proposals each row is rewound to its tokens (`rewind`).
 """
 
 from __future__ import annotations
@@ -155,14 +158,16 @@ class Run:
 
 @dataclass
 class Launch:
-    """A step being computed."""
+    """A step being computed: its forward pass, then (`decide`) each row's choice."""
 
     rows: list[Row]
     drafts: list[list[int]]
-    choice: mx.array  # (B, W) each row's token at each position
-    logprobs: mx.array  # (B, W, V)
-    picked: tuple[mx.array, mx.array, mx.array] | None  # see `_pick`
+    logits: mx.array  # (B, W, V) the model's
+    masks: list[mx.array | None]  # per row: its constraint's masks (m + 1, V), once read
     started: float  # when it was launched
+    choice: mx.array | None = None  # (B, W) each row's token at each position
+    logprobs: mx.array | None = None  # (B, W, V)
+    picked: tuple[mx.array, mx.array, mx.array] | None = None  # see `_pick`
     done_at: float | None = None  # when its results were found computed
 
     @property
@@ -194,8 +199,10 @@ def launch(
     first: mx.array,
     drafts: list[list[int]],
 ) -> Launch:
-    """Start a step: each row's next input first (B,) (possibly still being computed), then its
-    draft, padded to the longest -> each row's choice at every position, asynchronously."""
+    """Start a step: the forward pass of each row's next input first (B,) (possibly still being
+    computed), then its draft, padded to the longest. The choices follow at once (`decide`),
+    unless a constrained row without a proposal waits for its mask, which needs the token in
+    flight: then only the pass is started, and the caller chooses once that token is known."""
     masks: list[mx.array | None] = [None] * len(rows)
     for i, row in enumerate(rows):
         if drafts[i]:  # a proposal is cut where its constraint refuses it: before the pass
@@ -207,14 +214,29 @@ def launch(
             rest = [d + [0] * (width - 1 - len(d)) for d in drafts]
             inputs = mx.concatenate([inputs, mx.array(rest, mx.uint32)], axis=1)  # (B, W)
         logits = model(inputs, cache=cache)  # (B, W, V)
-        waiting = [i for i, row in enumerate(rows) if row.constraint is not None and not drafts[i]]
-        if waiting:  # the pass runs while the constraints compute their masks
-            mx.async_eval(logits)
-            for i in waiting:
-                masks[i] = rows[i].constrain([])[1]
+    step = Launch(rows, drafts, logits, masks, time.perf_counter())
+    if any(row.constraint is not None and m is None for row, m in zip(rows, masks, strict=True)):
+        mx.async_eval(logits)  # the pass runs while the token in flight is handled
+    else:
+        decide(step)
+    return step
+
+
+def decide(step: Launch) -> None:
+    """Each row's logits after its processors and constraint, its logprobs, and the token it
+    chooses at each position, started asynchronously (once per step). A constrained row's mask
+    is read here: its matcher must have every token before the step's (finished rows skip)."""
+    if step.choice is not None:
+        return
+    rows, masks = step.rows, step.masks
+    for i, row in enumerate(rows):
+        if masks[i] is None and row.constraint is not None and not row.done:
+            masks[i] = row.constrain([])[1]
+    with mx.stream(generation_stream()):
+        logits = step.logits
         if any(row.processors or m is not None for row, m in zip(rows, masks, strict=True)):
             logits = mx.stack(
-                [row.processed(logits[i], drafts[i], masks[i]) for i, row in enumerate(rows)]
+                [row.processed(logits[i], step.drafts[i], masks[i]) for i, row in enumerate(rows)]
             )
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, W, V)
         choice = mx.argmax(logprobs, axis=-1)  # (B, W): the greedy rows' choice
@@ -225,7 +247,7 @@ def launch(
                     for i, row in enumerate(rows)
                 ]
             )
-        if width == 1:  # the choice is in flight: the next step's processors must see it
+        if choice.shape[1] == 1:  # the choice is in flight: the next step's processors see it
             for i, row in enumerate(rows):
                 row.length += 1
                 if row.processors:
@@ -233,7 +255,7 @@ def launch(
         top = _asking(rows)
         picked = None if top is None else _pick(logprobs, choice, top)
         mx.async_eval(choice, picked or ())
-    return Launch(rows, drafts, choice, logprobs, picked, time.perf_counter())
+    step.choice, step.logprobs, step.picked = choice, logprobs, picked
 
 
 def collect(step: Launch) -> list[Run]:

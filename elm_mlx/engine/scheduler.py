@@ -21,8 +21,9 @@ API (one thread owns a `BatchGenerator` and makes every call; nothing here is th
   together (one pass, each request's `prefill_step_size` tokens, shared out while rows decode so
   that running requests keep streaming), lets the prefilled ones join, advances every row by one
   token (or a verified run of proposed tokens: see `rows`) and returns `Event`s, in order per
-  request. A step without proposals or constraints is computed while the next call prepares
-  the one after, so its events come with the next call: call `step()` while `has_work`. A
+  request. A step without proposals is computed while the next call prepares the one after
+  (constrained rows included: see `rows`), so its events come with the next call: call
+  `step()` while `has_work`. A
   request's last event has `finish_reason` "stop" (EOS, a stop string, or its constraint
   complete) or "length".
 - A request's tokens do not depend on what runs beside it: greedy rows take the argmax, sampling
@@ -57,7 +58,7 @@ from .config import GenerationConfig, check_prompt
 from .prompt_cache import PromptCache
 from .prompt_prefill import Pending, Prefill
 from .reference import wired_limit
-from .rows import Launch, Row, Run, collect, launch, plan, propose, rewind
+from .rows import Launch, Row, Run, collect, decide, launch, plan, propose, rewind
 from .spec_budget import StepCost
 from .speculative import SpeculativeStats, check_draft
 
@@ -166,29 +167,34 @@ class BatchGenerator:
 
     def step(self) -> list[Event]:
         """Prefill a little, let prefilled requests join, advance every row once. The events
-        of a plain step come with the next call (it is computed while that call prepares the
-        following one); those of a step with proposals or constraints come at once."""
+        of a step without proposals come with the next call (it is computed while that call
+        prepares the following one); those of a step with proposals come at once."""
         self._prefill()
         if not self.rows:
             return self._collect()
-        if any(row.constraint is not None for row in self.rows) or any(
-            plan(self.rows, self.cost, self.tolerance)
-        ):
-            # proposals and constraint masks need every token so far: finish the step in flight
-            events = self._collect()
-            if not self.rows:
-                return events
-            ks = plan(self.rows, self.cost, self.tolerance)
-            drafts = [propose(row, k) for row, k in zip(self.rows, ks, strict=True)]
-            self.inflight = self._launch(drafts)
-            step = self.inflight
-            events += self._collect()
-            if step.speculative:
-                rewind(self.cache, self.rows)
-            return events
+        if any(plan(self.rows, self.cost, self.tolerance)):
+            return self._speculative_step()
+        # the next pass starts on the tokens in flight; constrained rows read their masks once
+        # those tokens are collected (their matchers advanced), while it runs
         launched = self._launch([[] for _ in self.rows])
         events = self._collect()
+        decide(launched)
         self.inflight = launched
+        return events
+
+    def _speculative_step(self) -> list[Event]:
+        """A step with proposals: they need every token so far, so the step in flight is
+        finished first, and this one is collected and rewound at once."""
+        events = self._collect()
+        if not self.rows:
+            return events
+        ks = plan(self.rows, self.cost, self.tolerance)
+        drafts = [propose(row, k) for row, k in zip(self.rows, ks, strict=True)]
+        step = self.inflight = self._launch(drafts)
+        decide(step)
+        events += self._collect()
+        if step.speculative:
+            rewind(self.cache, self.rows)
         return events
 
     def _launch(self, drafts: list[list[int]]) -> Launch:
@@ -208,7 +214,7 @@ class BatchGenerator:
                     for row in self.rows
                 ]
             )
-        return launch(self.model, self.cache, list(self.rows), first.astype(mx.uint32), drafts)
+        return launch(self.model, self.cache, list(self.rows), first, drafts)
 
     def _collect(self) -> list[Event]:
         """The events of the step in flight, once computed."""

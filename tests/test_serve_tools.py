@@ -216,7 +216,35 @@ def test_auto_answers_text_or_a_valid_call(server):
             arguments_valid(choice.message.tool_calls[0])
         else:
             text = choice.message.content
-            assert text and not text.startswith("<") and not text[0].isspace()
+            assert text and not text.startswith(HERMES.prefix) and not text[0].isspace()
+
+
+def test_auto_text_may_begin_with_anything_but_a_call(model_dir):
+    """With "auto", text may begin with the call's first character (`<b>`, `{`) but not with
+    what every call begins with: from there on it is a call, constrained to the schemas."""
+    model, tokenizer = load(model_dir)
+    tools = [ToolDef.model_validate(t) for t in TOOLS]
+    plan = plan_chat(QUESTION, tools, "auto", False, None, tokenizer, "llama", None)
+    assert plan.tools is not None and plan.tools.format == HERMES
+
+    def accepted(text: str) -> tuple[bool, bool]:
+        """(the constraint takes all of text, the answer may end there)"""
+        c = plan.constraint.build(tokenizer, model.args.vocab_size)
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        if c.valid_prefix(tokens) < len(tokens):
+            return False, False
+        for token in tokens:
+            c.advance(token)
+        return True, c.accepting
+
+    assert accepted("<b>Paris</b> is sunny.") == (True, True)
+    assert accepted('{"city": "paris"}') == (True, True)
+    assert accepted("<tool") == (True, True)
+    assert accepted(" leading space")[0] is False
+    assert accepted('<tool_call>\n{"name": "sub"')[0] is False  # not an offered function
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    assert accepted(call) == (True, True)
+    assert accepted(call[:-3]) == (True, False)  # a call begun must be finished
 
 
 def test_tool_results_are_rendered_and_answered(server, model_dir):

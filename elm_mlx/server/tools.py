@@ -10,7 +10,8 @@
   `tool_choice` "required" or a named function the answer is grammar-constrained to one call
   (or several, one per line, with `parallel_tool_calls`): a choice of the offered names and
   arguments valid against that function's schema. With "auto" the grammar is "text that does
-  not start like a call | calls", so a call, once begun, is constrained too.
+  not start as every call starts (`<tool_call>\n{"name": "`) | calls", so a call, once begun,
+  is constrained too.
 - tool_calls.py turns the answer into `message.tool_calls` (finish_reason "tool_calls"), whole
   or streamed as OpenAI streams them (a delta with index, id and name, then argument pieces).
 
@@ -42,7 +43,7 @@ class FunctionDef(_Body):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: bool | None = None  # ignored: the schema is always enforced (README)
 
 
 class ToolDef(_Body):
@@ -77,7 +78,7 @@ class JsonSchemaFormat(_Body):
     name: str
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = None  # ignored: the schema is always enforced (README)
 
 
 class ResponseFormat(_Body):
@@ -102,8 +103,13 @@ class ToolFormat:
     suffix: str
     key: str
 
+    @property
+    def opening(self) -> str:
+        """What every call begins with."""
+        return f'{self.prefix}{{"name": "'
+
     def head(self, name: str) -> str:
-        return f'{self.prefix}{{"name": "{name}", "{self.key}": '
+        return f'{self.opening}{name}", "{self.key}": '
 
     def write(self, name: str, arguments: Any) -> str:
         return f"{self.head(name)}{json.dumps(arguments, ensure_ascii=False)}}}{self.suffix}"
@@ -259,7 +265,8 @@ def call_grammar(
     text_schema: dict[str, Any] | None,
 ) -> str:
     """A Lark grammar (llguidance's dialect, `%json` for schemas) for the calls, or for text |
-    calls. Text may not begin like a call; with a response format it is that JSON instead."""
+    calls. Text may not begin with what every call begins with (so a call, once begun, is
+    constrained; `<b>` or `{` may begin text); with a response format it is that JSON instead."""
     lines = ["calls: call" + (' ("\\n" call)*' if parallel else "")]
     lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
     for i, tool in enumerate(tools):
@@ -272,11 +279,11 @@ def call_grammar(
         lines.append(f"args_{i}: %json {json.dumps(_schema_for_grammar(params))}")
     if required:
         return "start: calls\n" + "\n".join(lines)
-    first = (fmt.prefix or "{")[0]
     if text_schema is not None:
         text_rule = f"text: %json {json.dumps(_schema_for_grammar(text_schema))}"
-    else:
-        text_rule = f"text: TEXT\nTEXT: /[^{re.escape(first)}\\s](?s:.*)/"
+    else:  # any text that does not start as every call does (nor with whitespace)
+        opening = _lark_string(fmt.opening)
+        text_rule = f"text: TEXT\nTEXT: /[^\\s](?s:.*)/ & ~({opening} /(?s:.*)/)"
     return "start: text | calls\n" + text_rule + "\n" + "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,13 @@ class DecodeDetokenizer:
     mlx-lm's streaming detokenizers break that promise on real text: the naive one (used for a
     bare tokenizer.model, i.e. OpenELM and OpenLLaMA) repeats or drops characters around
     byte-fallback runs and after newlines, and the SPM/BPE ones drop the first token's space.
-    This one re-decodes only the tokens since the last commit, with a few committed tokens in
-    front as context (SentencePiece drops a space only at the start of a decode), and holds
-    back text a later token may still change: a run of byte-fallback tokens (decoded
-    all-or-nothing), an incomplete UTF-8 character, or a space that clean-up may remove.
-    Same interface as mlx-lm's (`reset`, `add_token`, `finalize`, `text`, `last_segment`).
+    This one re-decodes only the tokens since a recent start, a few committed tokens in front
+    as context (SentencePiece drops a space only at the start of a decode), and holds back
+    text a later token may still change: a run of byte-fallback tokens (decoded
+    all-or-nothing), an incomplete UTF-8 character, or a space that clean-up may remove. One
+    decode per token: the start moves on only every few tokens, so the decode just made is the
+    context of the next one. Same interface as mlx-lm's (`reset`, `add_token`, `finalize`,
+    `text`, `last_segment`).
     """
 
     context = 4
@@ -41,43 +44,62 @@ class DecodeDetokenizer:
         self._byte_ids = {i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x")}
         probe = tokenizer.encode("a ,b", add_special_tokens=False)
         self._clean_spaces = " ," not in tokenizer.decode(probe)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            # the same text as `tokenizer.decode`, without transformers' per-call overhead
+            self._decode = functools.partial(backend.decode, skip_special_tokens=False)
+        else:
+            self._decode = tokenizer.decode
         self.reset()
 
     def reset(self) -> None:
         self.tokens: list[int] = []
-        self.offset = 0  # characters of `text` already handed out by `last_segment`
-        self.text = ""  # == decode(tokens[: self._n])
+        self._pieces: list[str] = []  # join to decode(tokens[: self._n])
+        self._handed = 0  # pieces already handed out by `last_segment`
+        self._length = 0  # characters in the pieces
         self._n = 0
-        self._head = ""  # == decode(tokens[self._n - context : self._n])
+        self._start = 0  # where the context of the next decode starts
+        self._head = ""  # == decode(tokens[self._start : self._n])
 
-    def _tail(self) -> str:
-        start = max(0, self._n - self.context)
-        window = self._tokenizer.decode(self.tokens[start:])
+    def _tail(self) -> tuple[str, str | None]:
+        """The text of the tokens since the last commit, and the decode it came from (None:
+        not from the context)."""
+        window = self._decode(self.tokens[self._start :])
         if window.startswith(self._head):
-            return window[len(self._head) :]
-        return self._tokenizer.decode(self.tokens)[len(self.text) :]  # rare: no local decode
+            return window[len(self._head) :], window
+        return self._decode(self.tokens)[self._length :], None  # rare: no local decode
 
-    def _commit(self, tail: str) -> None:
-        self.text += tail
+    def _commit(self, tail: str, window: str | None) -> None:
+        self._pieces.append(tail)
+        self._length += len(tail)
         self._n = len(self.tokens)
-        self._head = self._tokenizer.decode(self.tokens[max(0, self._n - self.context) :])
+        if window is None or self._n - self._start > 4 * self.context:
+            self._start = max(0, self._n - self.context)
+            window = self._decode(self.tokens[self._start :])
+        self._head = window
 
     def add_token(self, token: int) -> None:
         self.tokens.append(token)
         if token in self._byte_ids:
             return
-        tail = self._tail()
+        tail, window = self._tail()
         if not tail.endswith("\ufffd") and not (self._clean_spaces and tail.endswith(" ")):
-            self._commit(tail)
+            self._commit(tail, window)
 
     def finalize(self) -> None:
         if self._n < len(self.tokens):
-            self._commit(self._tail())
+            self._commit(*self._tail())
+
+    @property
+    def text(self) -> str:
+        """decode(tokens) of the tokens committed so far."""
+        return "".join(self._pieces)
 
     @property
     def last_segment(self) -> str:
-        segment = self.text[self.offset :]
-        self.offset = len(self.text)
+        """The text committed since the last call."""
+        segment = "".join(self._pieces[self._handed :])
+        self._handed = len(self._pieces)
         return segment
 
 

@@ -291,6 +291,8 @@ def marginal_token_cost(cost: StepCost, rows: int, draft_s: float) -> float:
 
 def plan(rows: Sequence[Row], cost: StepCost, tolerance: float) -> list[int]:
     """How many tokens each row proposes this step: what it wants, within the batch's budget."""
+    if all(row.lengths is None for row in rows):  # nobody speculates: nothing to weigh
+        return [0] * len(rows)
     wants = []
     for row in rows:
         if row.lengths is None:

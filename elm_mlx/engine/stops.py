@@ -15,19 +15,19 @@ class StopMatcher:
         self.longest = max(map(len, self.stops), default=0)
         # every proper beginning of a stop string: text ending in one is held back
         self.prefixes = {s[:k] for s in self.stops for k in range(1, len(s))}
-        self.text = ""
-        self.emitted = 0
+        self.text = ""  # the text not emitted yet, after the part a new hit may begin in
+        self.emitted = 0  # characters of `text` already emitted
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """Add a piece; return (text safe to emit now, whether a stop string was hit). After a
         hit, the text before the earliest stop string has been emitted and nothing after it.
-        A piece costs O(len(piece) + longest stop) searches, however long the text is."""
+        A piece costs O(len(piece) + longest stop) work, however long the text is."""
         start = max(0, len(self.text) - self.longest + 1)  # a new hit ends in this piece
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             out = self.text[self.emitted : min(hits)]
-            self.emitted = len(self.text)
+            self.text, self.emitted = "", 0
             return out, True
         hold = next(
             (
@@ -38,12 +38,16 @@ class StopMatcher:
             0,
         )
         end = max(self.emitted, len(self.text) - hold)
-        out, self.emitted = self.text[self.emitted : end], end
+        out = self.text[self.emitted : end]
+        # keep what is held back and the last `longest - 1` characters a hit may begin in
+        drop = min(end, max(0, len(self.text) - self.longest + 1))
+        self.text, self.emitted = self.text[drop:], end - drop
         return out, False
 
     def flush(self) -> str:
         """The text held back (the stream ended without completing a stop string)."""
-        out, self.emitted = self.text[self.emitted :], len(self.text)
+        out = self.text[self.emitted :]
+        self.text, self.emitted = "", 0
         return out
 
 

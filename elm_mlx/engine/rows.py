@@ -202,7 +202,7 @@ def launch(
     """Start a step: the forward pass of each row's next input first (B,) (possibly still being
     computed), then its draft, padded to the longest. The choices follow at once (`decide`),
     unless a constrained row without a proposal waits for its mask, which needs the token in
-    flight: then only the pass is started, and the caller chooses once that token is known."""
+    flight: then only the pass is started, and the caller decides once that token is known."""
     masks: list[mx.array | None] = [None] * len(rows)
     for i, row in enumerate(rows):
         if drafts[i]:  # a proposal is cut where its constraint refuses it: before the pass
@@ -219,13 +219,16 @@ def launch(
         mx.async_eval(logits)  # the pass runs while the token in flight is handled
     else:
         decide(step)
+        mx.async_eval(step.choice, step.picked or ())
     return step
 
 
 def decide(step: Launch) -> None:
     """Each row's logits after its processors and constraint, its logprobs, and the token it
-    chooses at each position, started asynchronously (once per step). A constrained row's mask
-    is read here: its matcher must have every token before the step's (finished rows skip)."""
+    chooses at each position, as a lazy graph (once per step): `launch` starts it at once; a
+    step decided later is computed with the next step's pass or when collected (on the CPU
+    backend evaluating it at once would wait for its pass). A constrained row's mask is read
+    here: its matcher must have every token before the step's (finished rows skip)."""
     if step.choice is not None:
         return
     rows, masks = step.rows, step.masks
@@ -254,7 +257,6 @@ def decide(step: Launch) -> None:
                     row.seen = mx.concatenate([row.history(), choice[i]])
         top = _asking(rows)
         picked = None if top is None else _pick(logprobs, choice, top)
-        mx.async_eval(choice, picked or ())
     step.choice, step.logprobs, step.picked = choice, logprobs, picked
 
 

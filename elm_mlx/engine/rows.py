@@ -6,9 +6,8 @@ processors, its constraint, its proposer and proposal length, its statistics. A 
 entries hold all its tokens but the last, which is its next input (as after `prefill`).
 
 One step feeds every row its next input and its proposal, if it has one, padded to the longest:
-(B, 1 + w). `launch` starts its forward pass and `decide` each row's logits after its
-processors and constraint, its logprobs, and the token it chooses at each position, all
-asynchronously. `collect` reads the choices back and keeps, per row, the proposed tokens that
+(B, 1 + w). `launch` starts its forward pass, and `decide` builds each row's logits after its
+processors and constraint, its logprobs, and the token it chooses at each position (lazily). `collect` reads the choices back and keeps, per row, the proposed tokens that
 equal the model's choices, then the first choice that differs (`speculative.accepted`). With no
 proposals (w = 0) a step's only input per row is the token the previous step chose, so the
 scheduler launches step t + 1 before it collects step t: building one step overlaps computing

@@ -23,9 +23,8 @@ API (one thread owns a `BatchGenerator` and makes every call; nothing here is th
   token (or a verified run of proposed tokens: see `rows`) and returns `Event`s, in order per
   request. A step without proposals is computed while the next call prepares the one after
   (constrained rows included: see `rows`), so its events come with the next call: call
-  `step()` while `has_work`. A
-  request's last event has `finish_reason` "stop" (EOS, a stop string, or its constraint
-  complete) or "length".
+  `step()` while `has_work`. A request's last event has `finish_reason` "stop" (EOS, a stop
+  string, or its constraint complete) or "length".
 - A request's tokens do not depend on what runs beside it: greedy rows take the argmax, sampling
   rows draw with noise keyed by their seed and the position (`sampling.choose`), and
   speculation keeps only the tokens the row would have chosen anyway (exactly, but for the float

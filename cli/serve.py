@@ -84,6 +84,17 @@ def command(
     max_connections: Annotated[
         int, typer.Option(help="Open connections at most (then idle or slow ones are closed).")
     ] = SERVE.max_connections,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body in bytes (more: 413, before it is read).")
+    ] = SERVE.max_body_bytes,
+    client_rate: Annotated[
+        float,
+        typer.Option(
+            help="Requests a second one client (address) may send to /v1, twice that at once; "
+            "each 16 KiB of body counts as one more. Past it requests wait (1 s at most), then "
+            "get 429 (0: no limit)."
+        ),
+    ] = SERVE.client_rate,
     allowed_hosts: Annotated[
         list[str] | None,
         typer.Option(help="Host names accepted on a loopback bind besides localhost (repeat)."),
@@ -132,6 +143,8 @@ def command(
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         max_connections=max_connections,
+        max_body_bytes=max_body_bytes,
+        client_rate=client_rate,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
         pooling=pooling,

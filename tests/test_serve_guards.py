@@ -20,6 +20,7 @@ from serving import TIMEOUT, Server, write_endless_model, write_serving_model
 
 from elm_mlx import load
 from elm_mlx.engine.config import MAX_STOPS, GenerationConfig
+from elm_mlx.server.client_rate import MAX_DELAY, ClientRate
 from elm_mlx.server.protocol import MAX_JSON_DEPTH, Served, chat_job, longest_token_chars
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
@@ -241,6 +242,99 @@ def test_a_burst_fills_the_free_slots_then_the_queue(server):
     assert stats["active"] == 0 and stats["queued"] == 0
 
 
+def head_of(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """Read one response (status line, headers and the body its Content-Length says)."""
+    data = b""
+    for _ in range(1000):
+        if b"\r\n\r\n" in data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            headers = dict(line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:])
+            if len(body) >= int(headers["content-length"]):
+                return int(head.split()[1]), headers, json.loads(body)
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    raise AssertionError(data)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server, path):
+    """A body declared over --max-body-bytes (4 MiB) gets 413 in the route's error shape while
+    the client has sent 1 KiB of its 1 GB: the server answers from Content-Length."""
+    host, port = server.root.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {10**9}\r\n\r\n".encode()
+            + b'{"messages": "'
+            + b"x" * 1024
+        )
+        status, _, body = head_of(sock)
+    assert status == 413
+    if path == "/v1/messages":
+        assert body["type"] == "error" and body["error"]["type"] == "request_too_large"
+    else:
+        assert body["error"]["code"] == "request_too_large"
+    assert str(4 * 2**20) in (body["error"]["message"])
+    assert server.health()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def limited(model_dir, tmp_path_factory):
+    """A server where each client may send one request per 100 s (a burst of one)."""
+    log = tmp_path_factory.mktemp("log") / "limited.txt"
+    s = Server(model_dir, log, "--client-rate", "0.01", "--max-body-bytes", "65536")
+    yield s
+    s.stop(signal.SIGTERM)
+
+
+def test_a_flooding_client_gets_429_while_another_is_served(limited):
+    """--client-rate 0.01: of 20 requests at once from 127.0.0.2, one runs and 19 get 429
+    with Retry-After in the route's error shape; 127.0.0.1 is still served, /health answers
+    both."""
+    flooder = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(transport=flooder, timeout=TIMEOUT) as http:
+
+        def ask(_: int) -> httpx.Response:
+            return http.post(f"{limited.url}/chat/completions", json=hi())
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(ask, range(20)))
+        assert sorted(r.status_code for r in answers) == [200] + [429] * 19
+        for r in answers:
+            if r.status_code == 429:
+                error = error_of(r)
+                assert error["code"] == "rate_limit_exceeded" and "127.0.0.2" in error["message"]
+                # 100 s for the request that ran, plus its body's bytes (/ 16 KiB x 100 s)
+                assert 1 <= int(r.headers["retry-after"]) <= 102
+        r = http.post(f"{limited.url}/messages", json={**hi(), "model": "default"})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert http.get(f"{limited.root}/health").status_code == 200
+    r = post(limited, "/chat/completions", hi())  # another client
+    assert r.status_code == 200 and r.json()["choices"]
+    assert limited.health()["status"] == "ok"
+
+
+def test_the_rate_limit_holds_then_refuses_and_charges_bodies():
+    """GCRA at 10 a second, bursts of 2 (0.2 s ahead), requests held up to MAX_DELAY: the
+    admissions and waits that the cell rate formula gives, on a clock that does not move."""
+    now = [0.0]
+    rate = ClientRate(10, 2, clock=lambda: now[0])
+    assert [rate.admit("a") for _ in range(2)] == [(True, 0.0), (True, 0.0)]
+    held = [rate.admit("a") for _ in range(10)]  # due 0.3 ... 1.2: held 0.1 ... 1.0 s
+    assert all(ok for ok, _ in held)
+    assert [round(wait, 6) for _, wait in held] == [round(0.1 * i, 6) for i in range(1, 11)]
+    assert held[-1][1] == pytest.approx(MAX_DELAY)
+    ok, wait = rate.admit("a")
+    assert not ok and wait == pytest.approx(1.1)
+    assert rate.admit("b") == (True, 0.0)  # another client
+    now[0] = 1.2  # a owes nothing more than its burst now
+    assert rate.admit("a") == (True, 0.0)
+    rate.charge("a", 3)  # a body of three units (3 x UNIT_BYTES): 0.3 s more
+    ok, wait = rate.admit("a")
+    assert ok and wait == pytest.approx(1.2 + 0.1 + 0.3 + 0.1 - 1.2 - 0.2)
+
+
 def test_tool_messages_and_no_prompt_cache(server, endless_dir):
     model, tokenizer = load(endless_dir)
     messages = [
@@ -276,7 +370,7 @@ def test_tool_results_become_user_turns_for_templates_without_the_role(endless_d
         template=strict,
     )
     body = {"messages": [{"role": "tool", "tool_call_id": "call_9", "content": "42"}]}
-    job = chat_job(json.dumps(body).encode(), served)
+    job = chat_job(body, served)
     want = "user: Result of tool call call_9:\n42\nassistant:"
     assert job.prompt == encode_prompt(tokenizer, want)
 

@@ -171,8 +171,8 @@ def _chat_body(body: CountBody, **sampling: Any) -> ChatBody:
     return ChatBody.model_validate(fields)
 
 
-def messages_job(raw: bytes, served: Served) -> Job:
-    body = read_body(raw, MessagesBody)
+def messages_job(data: dict[str, Any], served: Served) -> Job:
+    body = read_body(data, MessagesBody)
     if body.max_tokens < 1:
         raise APIError(400, "max_tokens must be at least 1", "max_tokens")
     if any(s == "" for s in body.stop_sequences or ()):
@@ -189,8 +189,8 @@ def messages_job(raw: bytes, served: Served) -> Job:
     return chat_job_of(chat, served)
 
 
-def count_tokens(raw: bytes, served: Served) -> dict[str, int]:
-    chat = _chat_body(read_body(raw, CountBody))
+def count_tokens(data: dict[str, Any], served: Served) -> dict[str, int]:
+    chat = _chat_body(read_body(data, CountBody))
     return {"input_tokens": len(chat_job_of(chat, served).prompt)}
 
 

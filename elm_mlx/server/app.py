@@ -27,11 +27,13 @@ from starlette.types import Receive, Scope, Send
 from ..engine import scheduler as batch
 from ..engine.embeddings import embed
 from . import anthropic
+from .client_rate import ClientRate, RateLimit
 from .embeddings_api import embedding_job, embedding_response
 from .guards import guards
 from .metrics import CountRequests
+from .options import ServeOptions
 from .pool import Loaded, Pool
-from .protocol import APIError, Job, Served, chat_job, completion_job
+from .protocol import APIError, Job, Served, chat_job, completion_job, parse_json
 from .responses import Kind, Shape
 from .responses_api import ResponseShape, ResponsesJob, ResponseStore, responses_job
 from .tool_calls import ToolShape
@@ -45,8 +47,9 @@ AnyShape = Shape | EventShape
 @dataclass(frozen=True)
 class AppSettings:
     api_key: str | None = None  # then every /v1 request needs `Authorization: Bearer KEY`
-    max_body_bytes: int = 4 * 2**20
-    body_timeout: float = 30.0  # seconds a request body may take to arrive
+    max_body_bytes: int = ServeOptions.max_body_bytes
+    body_timeout: float = ServeOptions.body_timeout  # seconds a request body may take to arrive
+    client_rate: float = ServeOptions.client_rate  # requests a second per client (0: no limit)
     on_ready: Callable[[], None] | None = None  # called once the worker runs
     loopback: bool = True  # bound to a loopback address: Host headers are checked
     allowed_hosts: tuple[str, ...] = ()
@@ -203,13 +206,9 @@ async def whole_answer(
         worker.cancel(ticket)
 
 
-def _model_of(raw: bytes) -> str | None:
-    """The model a body names, if it is a JSON object naming one (the job checks the rest)."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
+def _model_of(data: dict[str, Any]) -> str | None:
+    """The model a body names, if it names one (the job checks the rest)."""
+    model = data.get("model")
     return model if isinstance(model, str) else None
 
 
@@ -264,19 +263,19 @@ class Routes:
         return await self.answer(request, "completion")
 
     async def prepared(
-        self, request: Request, make_job: Callable[[bytes, Served], Any]
+        self, request: Request, make_job: Callable[[dict[str, Any], Served], Any]
     ) -> tuple[Loaded, Any]:
-        """The model the request names (loaded), and the request's body read, checked and
-        tokenized (off the event loop) by `make_job`."""
+        """The model the request names (loaded), and the request's body read, parsed,
+        checked and tokenized (off the event loop) by `make_job`."""
         raw = await read_limited(request, self.settings.max_body_bytes, self.settings.body_timeout)
         if self.pool.closed:  # not worth tokenizing
             raise APIError(503, "the server is shutting down", kind="server_error")
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            name = await loop.run_in_executor(self.prepare, _model_of, raw)
-            model = await self.pool.acquire(name)
-            return model, await loop.run_in_executor(self.prepare, make_job, raw, model.served)
+            data = await loop.run_in_executor(self.prepare, parse_json, raw)
+            model = await self.pool.acquire(_model_of(data))
+            return model, await loop.run_in_executor(self.prepare, make_job, data, model.served)
         finally:
             self.preparing -= 1
 
@@ -296,8 +295,8 @@ class Routes:
         return await self.run(request, model, job, shape)
 
     async def responses(self, request: Request) -> Response:
-        def make_job(raw: bytes, served: Served) -> ResponsesJob:
-            return responses_job(raw, served, self.stored)
+        def make_job(data: dict[str, Any], served: Served) -> ResponsesJob:
+            return responses_job(data, served, self.stored)
 
         model, prepared = await self.prepared(request, make_job)
         shape = ResponseShape(model.served.model_id, prepared, self.stored)
@@ -368,10 +367,14 @@ def create_app(pool: Pool, settings: AppSettings | None = None) -> Starlette:
     routes = Routes(pool, settings)
     table = routes.routes()
     counted = Middleware(CountRequests, metrics=routes.metrics, routes=table)
+    rate = settings.client_rate
+    # a burst of two seconds' worth, and at least one request
+    limited = [Middleware(RateLimit, limit=ClientRate(rate, max(2 * rate, 1)))] if rate else []
     return Starlette(
         routes=table,
         middleware=[
             counted,
+            *limited,  # before the guards: a flood is refused at the least cost
             *guards(settings.loopback, settings.allowed_hosts, settings.allowed_origins),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},

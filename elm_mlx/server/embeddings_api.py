@@ -30,8 +30,8 @@ class EmbeddingJob:
     base64: bool
 
 
-def embedding_job(raw: bytes, served: Served) -> EmbeddingJob:
-    body = read_body(raw, EmbeddingBody)
+def embedding_job(data: dict[str, Any], served: Served) -> EmbeddingJob:
+    body = read_body(data, EmbeddingBody)
     _check_model(body, served)
     if body.dimensions is not None:
         raise APIError(400, "dimensions is not supported: vectors have the model's width",

@@ -23,11 +23,14 @@ from .options import is_loopback
 from .protocol import APIError
 
 
-def _error(status: int, message: str, code: str, scope: Scope) -> JSONResponse:
+def refusal(e: APIError, scope: Scope, headers: dict[str, str] | None = None) -> JSONResponse:
     """The refusal in the shape of the route's API (OpenAI's, or Anthropic's on /v1/messages)."""
-    e = APIError(status, message, code=code)
     body = anthropic.error_body(e) if scope["path"].startswith(anthropic.PATH) else e.body()
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+def _error(status: int, message: str, code: str, scope: Scope) -> JSONResponse:
+    return refusal(APIError(status, message, code=code), scope)
 
 
 def host_name(host: str) -> str:

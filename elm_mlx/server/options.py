@@ -28,6 +28,10 @@ class ServeOptions:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 512
+    # requests a second each client (remote address) may send to /v1, twice that at once; a
+    # body counts once more per 16 KiB (0: no limit). Past it a request waits (1 s at most),
+    # then gets 429 before its body is read (server/client_rate.py)
+    client_rate: float = 100.0
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS (none: CORS off)
     ttl: float = 600.0  # seconds a model may stay idle before it is unloaded (0: kept)
@@ -52,6 +56,7 @@ class ServeOptions:
             "body_timeout",
             "prompt_cache_bytes",
             "ttl",
+            "client_rate",
         ):
             if getattr(self, name) < 0:
                 raise ServeError(

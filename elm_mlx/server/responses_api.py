@@ -180,8 +180,8 @@ def _chat_fields(body: ResponsesBody) -> dict[str, Any]:
     return fields
 
 
-def responses_job(raw: bytes, served: Served, store: ResponseStore) -> ResponsesJob:
-    body = read_body(raw, ResponsesBody)
+def responses_job(data: dict[str, Any], served: Served, store: ResponseStore) -> ResponsesJob:
+    body = read_body(data, ResponsesBody)
     past = store.get(body.previous_response_id) if body.previous_response_id else []
     messages = past + _input_messages(body)
     if not messages:

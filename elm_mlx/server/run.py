@@ -156,6 +156,7 @@ def serve(
         api_key=options.api_key,
         max_body_bytes=options.max_body_bytes,
         body_timeout=options.body_timeout,
+        client_rate=options.client_rate,
         on_ready=lambda: say(ready),
         loopback=is_loopback(options.host),
         allowed_hosts=options.allowed_hosts,

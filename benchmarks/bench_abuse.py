@@ -17,6 +17,10 @@ connections open), for as long as the normal load runs:
     python benchmarks/bench_abuse.py [--model FOLDER] [--clients 2] [--requests 12]
                                      [--max-tokens 16] [--kinds "a|b"] [--json FILE]
 
+The abuser is another client than the normal load: it connects from 127.0.0.2 (the normal
+clients from 127.0.0.1), as a remote attacker has an address of its own, so the per-client
+rate limit (`--client-rate`, default on) sees it as one; it ignores Retry-After and errors.
+
 Each abused run is compared with a quiet run of the same load just before it (a busy machine's
 load drifts). Goal: p99 within 1.5x of the quiet run for every kind. Prints a table and a JSON
 line.

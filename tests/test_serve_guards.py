@@ -20,7 +20,7 @@ from serving import TIMEOUT, Server, write_endless_model, write_serving_model
 
 from elm_mlx import load
 from elm_mlx.engine.config import MAX_STOPS, GenerationConfig
-from elm_mlx.server.client_rate import MAX_DELAY, ClientRate
+from elm_mlx.server.client_rate import MAX_CLIENTS, MAX_DELAY, ClientRate
 from elm_mlx.server.protocol import MAX_JSON_DEPTH, Served, chat_job, longest_token_chars
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
@@ -333,6 +333,10 @@ def test_the_rate_limit_holds_then_refuses_and_charges_bodies():
     rate.charge("a", 3)  # a body of three units (3 x UNIT_BYTES): 0.3 s more
     ok, wait = rate.admit("a")
     assert ok and wait == pytest.approx(1.2 + 0.1 + 0.3 + 0.1 - 1.2 - 0.2)
+    for i in range(MAX_CLIENTS):  # then the clients that owe nothing are forgotten
+        rate.admit(f"c{i}")
+    now[0] = 100.0
+    assert rate.admit("new") == (True, 0.0) and set(rate.due) == {"new"}
 
 
 def test_tool_messages_and_no_prompt_cache(server, endless_dir):

@@ -42,6 +42,7 @@ class ClientRate:
         self.tolerance = burst * self.interval  # how far ahead of now `due` may be
         self.due: dict[str, float] = {}
         self.clock = clock
+        self._pruned = -math.inf  # when the clients that owe nothing were last forgotten
 
     def admit(self, client: str) -> tuple[bool, float]:
         """Charge one request to `client`: (True, s) when it may run after s seconds (0: at
@@ -52,8 +53,8 @@ class ClientRate:
         wait = due - now - self.tolerance
         if wait > MAX_DELAY:
             return False, wait
-        if len(self.due) >= MAX_CLIENTS and client not in self.due:
-            self.due = {c: t for c, t in self.due.items() if t > now}
+        if len(self.due) >= MAX_CLIENTS and now - self._pruned >= 1.0:  # once a second at most
+            self.due, self._pruned = {c: t for c, t in self.due.items() if t > now}, now
         self.due[client] = due
         return True, max(wait, 0.0)
 

@@ -58,9 +58,9 @@ TOPICS = ["Paris", "bread", "bees", "Mars", "bicycles", "rain", "chess", "volcan
 
 
 class Server:
-    def __init__(self, folder: Path, max_batch: int):
+    def __init__(self, folder: Path, max_batch: int, options: list[str]):
         args = [sys.executable, "-m", "elm_mlx.cli.main", "serve", "-m", str(folder)]
-        args += ["--port", "0", "--max-batch", str(max_batch)]
+        args += ["--port", "0", "--max-batch", str(max_batch), *options]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
@@ -235,6 +235,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--kinds", default=None, help="a subset of the abusers, separated by |")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--client-rate", default=None, help="elm serve's --client-rate (default: its default)"
+    )
     args = parser.parse_args()
     folder = args.model or smollm2.build_hf_folder(smollm2.default_cache_dir())
 
@@ -243,7 +246,8 @@ def main() -> None:
     from elm_mlx.tokenizer import load_tokenizer
 
     longest = longest_token_chars(load_tokenizer(folder))
-    server = Server(folder, args.max_batch)
+    rate = [] if args.client_rate is None else ["--client-rate", args.client_rate]
+    server = Server(folder, args.max_batch, rate)
     rows = []
 
     def load() -> dict:

@@ -21,7 +21,15 @@ from serving import TIMEOUT, Server, write_endless_model, write_serving_model
 from elm_mlx import load
 from elm_mlx.engine.config import MAX_STOPS, GenerationConfig
 from elm_mlx.server.client_rate import MAX_CLIENTS, MAX_DELAY, ClientRate
-from elm_mlx.server.protocol import MAX_JSON_DEPTH, Served, chat_job, longest_token_chars
+from elm_mlx.server.protocol import (
+    MAX_JSON_DEPTH,
+    PROBE_CHARS_PER_TOKEN,
+    APIError,
+    Served,
+    chat_job,
+    completion_job,
+    longest_token_chars,
+)
 from elm_mlx.tokenizer import encode_prompt, render_chat
 
 CONTEXT = 8192
@@ -377,6 +385,25 @@ def test_tool_results_become_user_turns_for_templates_without_the_role(endless_d
     job = chat_job(body, served)
     want = "user: Result of tool call call_9:\n42\nassistant:"
     assert job.prompt == encode_prompt(tokenizer, want)
+
+
+def test_a_prompt_over_the_context_is_refused_from_its_start(endless_dir):
+    """A prompt longer than context x PROBE_CHARS_PER_TOKEN characters whose start already
+    makes more tokens than the context holds is refused without tokenizing the rest; the
+    whole prompt, tokenized, is indeed over the context."""
+    model, tokenizer = load(endless_dir)
+    context = 64
+    served = Served("m", tokenizer, model.model_type, context, 300, GenerationConfig())
+    text = "hello there " * (context * PROBE_CHARS_PER_TOKEN // 6)
+    assert len(text) > context * PROBE_CHARS_PER_TOKEN
+    with pytest.raises(APIError) as e:
+        completion_job({"prompt": text}, served)
+    error = e.value.body()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    some = int(error["message"].split("over ")[1].split()[0])
+    assert context < some <= len(encode_prompt(tokenizer, text))
+    short = completion_job({"prompt": "hello there"}, served)  # a short one still runs
+    assert short.prompt == encode_prompt(tokenizer, "hello there")
 
 
 # ------------------------------------------------------------------------------ local guards

@@ -2,7 +2,7 @@
 /v1/completions, and /health. A request's body is read (bounded in size and time), checked and
 tokenized off the event loop (protocol.py, in a thread: a long prompt stalls nobody), answered
 by the worker, and streamed as server-sent events (`data: {...}` chunks, then `data: [DONE]`).
-In front of every route: the guards (guards.py)."""
+In front of every route: the per-client rate limit (client_rate.py) and the guards (guards.py)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """A rate limit per client, as nginx's `limit_req` keyed by the remote address sets one: each
 client may send `rate` requests a second on average and `burst` at once; a request past that is
 held until it is within the rate (nginx's delay: a client that sends one request after another
-is slowed down, not refused, and cannot make the server spin on refusals) for at most
-`MAX_DELAY` seconds; a request that would wait longer gets 429 with Retry-After, before its body
-is read. Other clients are served as before. A request also counts once more for every
+is slowed down, not refused) for at most `MAX_DELAY` seconds; a request that would wait longer
+gets 429 with Retry-After, before its body is read, itself held `MAX_DELAY` (a few at a time
+per client), so that a client ignoring Retry-After cannot make the server spin on refusals
+(nor on reading and dropping the bodies it sends with them). Other clients are served as
+before. A request also counts once more for every
 `UNIT_BYTES` of body it sends (parsing, tokenizing and prefilling it cost more than a small
 request), so a client sending megabyte bodies gets a few a second, not `rate`. /health and
 /metrics are not limited.
@@ -28,6 +30,7 @@ from .protocol import APIError
 
 UNIT_BYTES = 16 * 1024  # body bytes that count as one more request (~4,000 prompt tokens)
 MAX_DELAY = 1.0  # seconds a request may be held to keep its client within the rate
+HELD_REFUSALS = 4  # a client's refusals held MAX_DELAY at once; more are answered at once
 MAX_CLIENTS = 4096  # clients remembered before those that owe nothing are forgotten
 
 
@@ -71,6 +74,7 @@ class RateLimit:
 
     def __init__(self, app: ASGIApp, limit: ClientRate) -> None:
         self.app, self.limit = app, limit
+        self.held: dict[str, int] = {}  # refusals being held, by client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -79,14 +83,7 @@ class RateLimit:
         client = scope["client"][0] if scope.get("client") else ""
         admitted, wait = self.limit.admit(client)
         if not admitted:
-            retry = math.ceil(wait)
-            message = (
-                f"too many requests from {client}: a client may send {self.limit.rate:g} a "
-                f"second ({self.limit.burst:g} at once; each {UNIT_BYTES // 1024} KiB of body "
-                f"counts as one more); retry after {retry} s"
-            )
-            error = APIError(429, message, code="rate_limit_exceeded", kind="requests")
-            await refusal(error, scope, {"Retry-After": str(retry)})(scope, receive, send)
+            await self.refuse(client, wait, scope, receive, send)
             return
         if wait > 0:
             await asyncio.sleep(wait)
@@ -98,3 +95,25 @@ class RateLimit:
             return message
 
         await self.app(scope, counted, send)
+
+    async def refuse(
+        self, client: str, wait: float, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """429 with Retry-After, held MAX_DELAY first (a few at a time per client)."""
+        if self.held.get(client, 0) < HELD_REFUSALS:
+            self.held[client] = self.held.get(client, 0) + 1
+            try:
+                await asyncio.sleep(MAX_DELAY)
+                wait -= MAX_DELAY
+            finally:
+                self.held[client] -= 1
+                if not self.held[client]:
+                    del self.held[client]
+        retry = max(math.ceil(wait), 1)
+        message = (
+            f"too many requests from {client}: a client may send {self.limit.rate:g} a second "
+            f"({self.limit.burst:g} at once; each {UNIT_BYTES // 1024} KiB of body counts as "
+            f"one more); retry after {retry} s"
+        )
+        error = APIError(429, message, code="rate_limit_exceeded", kind="requests")
+        await refusal(error, scope, {"Retry-After": str(retry)})(scope, receive, send)

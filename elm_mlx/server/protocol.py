@@ -27,6 +27,7 @@ from .tools import (
 
 MAX_TOP_LOGPROBS = 20
 MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a body (JSON schemas need ~10)
+PROBE_CHARS_PER_TOKEN = 8  # a longer prompt's start is tokenized first (English: ~4.5)
 DEFAULT_MODEL = "default"  # the name that always means the served model
 
 
@@ -198,12 +199,9 @@ def _nested_deeper(data: Any, limit: int) -> bool:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """A request body as the JSON object it must be (parsed once: the model it names and the
-    job both read it), nesting at most MAX_JSON_DEPTH deep."""
-    too_deep = APIError(
-        400, f"the request body nests arrays and objects over {MAX_JSON_DEPTH} deep",
-        code="invalid_json",
-    )  # fmt: skip
+    """A body as the JSON object it must be, nesting at most MAX_JSON_DEPTH deep."""
+    deep = f"the request body nests arrays and objects over {MAX_JSON_DEPTH} deep"
+    too_deep = APIError(400, deep, code="invalid_json")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -218,7 +216,6 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 def read_body(data: dict[str, Any], schema: type[_Strict]) -> Any:
-    """A parsed body (`parse_json`) checked against its schema."""
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -364,6 +361,18 @@ def _check_length(chars: int, served: Served, field: str) -> None:
         )
 
 
+def _encode(served: Served, text: str, field: str) -> list[int]:
+    """The prompt's tokens; a text whose first context x PROBE_CHARS_PER_TOKEN characters
+    already make more tokens than the context holds is refused without tokenizing the rest
+    (a megabyte takes ~1 s). A cut changes its last token or two, nothing before them."""
+    context, probe = served.context_length, served.context_length * PROBE_CHARS_PER_TOKEN
+    some = len(encode_prompt(served.tokenizer, text[:probe])) - 2 if len(text) > probe else 0
+    if some > context:
+        message = f"the prompt is over {some} tokens and the context holds {context}"
+        raise APIError(400, message + ": send a shorter prompt", field, "context_length_exceeded")
+    return encode_prompt(served.tokenizer, text)
+
+
 def _chat_messages(body: ChatBody) -> list[dict[str, Any]]:
     """The messages as chat templates take them ("developer" is "system")."""
     messages = []
@@ -441,7 +450,7 @@ def chat_job_of(body: ChatBody, served: Served) -> Job:
         )
     except OptionError as e:
         raise APIError(400, f"{e.option} {e.problem}", e.option) from e
-    prompt = encode_prompt(served.tokenizer, plan.prompt)
+    prompt = _encode(served, plan.prompt, "messages")
     return Job(
         prompt=prompt,
         config=_fit(prompt, replace(config, constraint=plan.constraint), served, "messages"),
@@ -469,7 +478,7 @@ def completion_job(data: dict[str, Any], served: Served) -> Job:
         prompt = prompt[0]
     if isinstance(prompt, str):
         _check_length(len(prompt), served, "prompt")
-        tokens = encode_prompt(served.tokenizer, _text(prompt, "prompt")) if prompt else []
+        tokens = _encode(served, _text(prompt, "prompt"), "prompt") if prompt else []
     else:
         if any(not 0 <= t < served.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {served.vocab_size})", "prompt")

@@ -15,6 +15,7 @@ from elm_mlx.engine.batch_kv import KVConfig
 from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.engine.prompt_cache import PromptCache
 from elm_mlx.errors import PromptCacheError
+from elm_mlx.loader import load as load_model
 from elm_mlx.models import make_cache
 
 HEAD64 = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -37,9 +38,9 @@ def test_prompt_file_round_trip_and_continue(tiny, tmp_path, kv):
         np.testing.assert_allclose(np.array(loaded[-1][0]), np.array(cache[-1].state[0]), atol=1e-5)
     # continuing after the file: the rest is fed, the cached prompt is not
     cache = PromptCache()
-    cache.insert(tokens, loaded)
+    cache.insert(tokens, loaded, kv)
     full = prompt + random_ids(5, seed=8)
-    assert cache.fetch(full)[0] == len(prompt)
+    assert cache.fetch(full, kv)[0] == len(prompt)
     config = GenerationConfig(max_tokens=12)
     if kv.bits is None:
         got = batch_generate(model, tokenizer, [full], config, prompt_cache=cache)
@@ -154,3 +155,47 @@ def test_elm_generate_continues_after_a_prompt_cache_file(tiny, tmp_path):
     refused = runner.invoke(app, [*args, "--prompt-cache-file", str(other)])
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert '"bits": 8' in refused.stderr and '"bits": null' in refused.stderr
+
+
+def test_elm_chat_starts_from_a_prompt_cache_file(tmp_path):
+    """`elm cache-prompt --chat` of a system prompt, then `elm chat --system` with the same text
+    and `--prompt-cache-file`: the first turn reuses all the file's tokens and every answer is
+    the chat's without the file; a file of other KV settings is refused naming both, and a file
+    the conversation does not start with is warned about (answers unchanged)."""
+    from elm_mlx.cli.main import app
+    from tiny_models import write_tiny_chat_model
+    from typer.testing import CliRunner
+
+    folder = write_tiny_chat_model(tmp_path / "chatml", "chatml")
+    system = "you are a helpful assistant who answers briefly"
+    runner = CliRunner()
+    made = tmp_path / "system.safetensors"
+    make = ["cache-prompt", "-m", str(folder), "--chat", "--prompt", system]
+    assert runner.invoke(app, [*make, "-o", str(made)]).exit_code == 0
+    tokens, _ = prompt_file.load(made, folder.name, load_model(folder)[0])
+    assert len(tokens) > 5
+    chat = ["chat", "-m", str(folder), "--system", system, "--max-tokens", "6"]
+    lines = "hello there\nand rome?\n"
+    plain = runner.invoke(app, chat, input=lines)
+    cached = runner.invoke(app, [*chat, "--prompt-cache-file", str(made)], input=lines)
+    assert plain.exit_code == 0 and cached.exit_code == 0, cached.output
+    assert cached.stdout == plain.stdout and plain.stdout.count("\n") == 2
+    assert f"+ {len(tokens)} cached tokens" in cached.stderr  # the first turn
+    assert "+ 0 cached tokens" in plain.stderr and "warning" not in cached.stderr
+    # another system prompt: the file is used only as far as it matches, with a warning
+    other = runner.invoke(
+        app, ["chat", "-m", str(folder), "--system", "be terse", "--max-tokens", "6",
+              "--prompt-cache-file", str(made)], input=lines,
+    )  # fmt: skip
+    assert other.exit_code == 0 and f"of the {len(tokens)} tokens of {made}" in other.stderr
+    alone = runner.invoke(
+        app, ["chat", "-m", str(folder), "--system", "be terse", "--max-tokens", "6"], input=lines
+    )
+    assert other.stdout == alone.stdout
+    # other KV settings: refused, naming both, no traceback
+    windowed = tmp_path / "window.safetensors"
+    assert runner.invoke(app, [*make, "-o", str(windowed), "--max-kv-size", "64"]).exit_code == 0
+    refused = runner.invoke(app, [*chat, "--prompt-cache-file", str(windowed)], input=lines)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert '"max_size": 64' in refused.stderr and '"max_size": null' in refused.stderr
+    assert refused.stdout == ""

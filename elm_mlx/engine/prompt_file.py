@@ -153,21 +153,28 @@ class DiskPromptCache(PromptCache):
                 warn(f"prompt cache {path} dropped: {e}")
                 path.unlink(missing_ok=True)
                 continue
-            self._remember(tokens, layers, path)
+            self._remember(tokens, layers, self.kv, path)
 
-    def _remember(self, tokens: list[int], layers: list, path: Path | None) -> None:
-        """Insert as `PromptCache` does; a new entry gets `path` (None: a new file)."""
+    def _remember(self, tokens: list[int], layers: list, kv: KVConfig, path: Path | None) -> None:
+        """Insert as `PromptCache` does; a new entry gets `path` (None: a new file, when made
+        under this cache's KV settings; under others it stays in memory only)."""
         known = set(self.entries)
-        super().insert(tokens, layers)
+        super().insert(tokens, layers, kv)
         for key in set(self.entries) - known:
-            if path is None:
+            if path is None and kv == self.kv:
                 digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:24]
                 path = self.folder / f"{digest}.safetensors"
                 save(path, tokens, layers, self.name, self.model, self.kv)
-            self.files[key] = path
+            if path is not None:
+                self.files[key] = path
 
-    def insert(self, tokens: Sequence[int], layers: list[tuple[mx.array, mx.array]]) -> None:
-        self._remember(list(tokens), layers, None)
+    def insert(
+        self,
+        tokens: Sequence[int],
+        layers: list[tuple[mx.array, mx.array]],
+        kv: KVConfig | None = None,
+    ) -> None:
+        self._remember(list(tokens), layers, kv or KVConfig(), None)
 
     def _drop(self, key: int) -> None:
         super()._drop(key)

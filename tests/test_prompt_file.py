@@ -199,3 +199,21 @@ def test_elm_chat_starts_from_a_prompt_cache_file(tmp_path):
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert '"max_size": 64' in refused.stderr and '"max_size": null' in refused.stderr
     assert refused.stdout == ""
+
+
+def test_a_prompt_past_a_sliding_window_is_refused_cleanly(tiny):
+    """OLMo 3 (sliding layers over 8 positions): a prompt short enough that no layer dropped a
+    position is cached and continues as the uncached prompt; one whose sliding layers dropped
+    positions is refused naming the window, never cached wrong."""
+    model, tokenizer = tiny.load("olmo3")
+    prompt = random_ids(60, vocab=300, seed=5)  # past the window, nothing dropped yet
+    cache = PromptCache()
+    cache.insert(prompt, prompt_file.prefill(model, prompt, chunk=16))
+    full = prompt + random_ids(5, vocab=300, seed=6)
+    assert cache.fetch(full)[0] == len(prompt)
+    config = GenerationConfig(max_tokens=8)
+    assert batch_generate(model, tokenizer, [full], config, prompt_cache=cache) == [
+        generate(model, tokenizer, full, config)
+    ]
+    with pytest.raises(PromptCacheError, match=r"sliding-window layers \(window 8\)"):
+        prompt_file.prefill(model, random_ids(400, vocab=300, seed=7), chunk=64)

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from ..errors import PromptCacheError, PromptCacheMismatch
 from ..models import PREFILL_STEP_SIZE, CausalLM
+from ..models.base import layer_windows
 from .batch_kv import KVConfig, one_row_cache, row_cache
 from .prompt_cache import PromptCache
 
@@ -55,9 +56,15 @@ def prefill(
         mx.eval([c.state for c in cache])
     layers = row_cache(cache, 0, len(tokens))
     if layers is None:
+        windows = sorted({w for w in layer_windows(model) if w is not None})
+        why = (
+            f"the model's sliding-window layers (window {windows[0]}) keep"
+            if windows and (kv is None or kv.max_size is None)
+            else "the KV window (--max-kv-size) keeps"
+        )
         raise PromptCacheError(
-            f"the prompt's {len(tokens)} tokens pass the KV window, which keeps only the last "
-            "ones: a prompt cache needs them all; cache a shorter prompt or no --max-kv-size"
+            f"the prompt's {len(tokens)} tokens are too many: {why} only the last ones, and a "
+            "prompt cache needs them all; cache a shorter prompt"
         )
     mx.eval(layers)
     return layers

@@ -173,13 +173,13 @@ def cache_file_ttft(model, tokenizer, theirs, ids: list[int], folder: Path, args
             _first(stream_generate(model, tokenizer, ids[: args.chunk], config))  # warm up
             full_s, token = _first(stream_generate(model, tokenizer, ids + question, config))
             tic = time.perf_counter()
-            layers = prompt_file.prefill(model, ids, chunk=args.chunk)
+            layers, _ = prompt_file.prefill(model, ids, chunk=args.chunk)
             prompt_file.save(path, ids, layers, folder.name, model)
             make_s = time.perf_counter() - tic
             del layers
             mx.clear_cache()
             tic = time.perf_counter()
-            tokens, layers = prompt_file.load(path, folder.name, model)
+            tokens, layers, _ = prompt_file.load(path, folder.name, model)
             cache = PromptCache()
             cache.insert(tokens, layers)
             _, again = _first(stream_generate(model, tokenizer, tokens + question, config, cache))

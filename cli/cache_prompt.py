@@ -65,7 +65,8 @@ def command(
         text = render_chat(tokenizer, system, lm.model_type, template, add_generation_prompt=False)
     tokens = encode_prompt(tokenizer, text)
     tic = time.perf_counter()
-    layers = files.prefill(lm, tokens, config.kv_config(), config.prefill_step_size)
-    files.save(output, tokens, layers, model_name(model, adapter), lm, config.kv_config())
+    kv = config.kv_config()
+    layers, start = files.prefill(lm, tokens, kv, config.prefill_step_size)
+    files.save(output, tokens, layers, model_name(model, adapter), lm, kv, start)
     seconds = time.perf_counter() - tic
     typer.echo(f"{output}: {len(tokens)} tokens in {seconds:.1f} s", err=True)

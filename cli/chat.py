@@ -266,8 +266,8 @@ def start_from_file(session: ChatSession, path: Path, name: str) -> None:
     KV settings); warn when the conversation does not start with all of its tokens."""
     from ..engine import prompt_file as files
 
-    tokens, layers = files.load(path, name, session.model, session.config.kv_config())
-    shared = session.start_from(tokens, layers)
+    tokens, layers, start = files.load(path, name, session.model, session.config.kv_config())
+    shared = session.start_from(tokens, layers, start)
     if shared < len(tokens):
         print(
             f"warning: only {shared} of the {len(tokens)} tokens of {path} start this chat's "

@@ -107,9 +107,9 @@ def command(
         from ..engine.prompt_cache import PromptCache
 
         kv = config.kv_config()
-        tokens, layers = files.load(prompt_cache_file, model_name(model, adapter), lm, kv)
+        tokens, layers, start = files.load(prompt_cache_file, model_name(model, adapter), lm, kv)
         prompt_cache = PromptCache()
-        prompt_cache.insert(tokens, layers, kv)
+        prompt_cache.insert(tokens, layers, kv, start)
         text = tokens + tokenizer.encode(text, add_special_tokens=False)
     if verbose:
         typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)

@@ -131,6 +131,24 @@ def test_a_shared_cache_is_not_reused_across_kv_settings(tiny):
     assert [r.token for r in again] == [r.token for r in first]
 
 
+def test_a_windowed_row_that_dropped_positions_is_reused_exactly(tiny):
+    """--max-kv-size 40 (4 sinks + the last 36): a long prompt's row drops positions; its
+    entry serves a continuation (the same tokens as without the cache, under the same window)
+    but not a prompt that shares too little of it to see only held positions."""
+    model, tokenizer = tiny.load("llama", HEAD64)
+    config = GenerationConfig(max_tokens=6, max_kv_size=40)
+    prompt = random_ids(400, vocab=300, seed=11)
+    cache = PromptCache()
+    first = [r.token for r in stream_generate(model, tokenizer, prompt, config, cache)]
+    (entry,) = cache.entries.values()
+    assert 40 < entry.start < len(prompt)
+    for p, reused in ((prompt + first + [7, 8], True), ([*prompt[: entry.start - 1], 7], False)):
+        got = list(stream_generate(model, tokenizer, p, config, cache))
+        assert (got[-1].cached_tokens > 0) == reused
+        want = [r.token for r in stream_generate(model, tokenizer, p, config)]
+        assert [r.token for r in got] == want
+
+
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
     assert common_prefix([1, 2, 3], [1, 5, 3]) == 1

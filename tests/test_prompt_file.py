@@ -25,11 +25,11 @@ HEAD64 = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1
 def test_prompt_file_round_trip_and_continue(tiny, tmp_path, kv):
     model, tokenizer = tiny.load("llama", HEAD64)
     prompt = random_ids(40, seed=4)
-    layers = prompt_file.prefill(model, prompt, kv, chunk=16)
+    layers, start = prompt_file.prefill(model, prompt, kv, chunk=16)
     path = prompt_file.save(tmp_path / "p.safetensors", prompt, layers, "tiny", model, kv)
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary left
-    tokens, loaded = prompt_file.load(path, "tiny", model, kv)
-    assert tokens == prompt
+    tokens, loaded, start = prompt_file.load(path, "tiny", model, kv)
+    assert tokens == prompt and start == 0
     for (k, v), (k2, v2) in zip(layers, loaded, strict=True):
         assert mx.array_equal(k, k2) and mx.array_equal(v, v2)
     if kv.bits is None:  # a full-precision prefill holds what a plain KVCache does
@@ -52,7 +52,7 @@ def test_prompt_file_refuses_other_models_settings_and_damage(tiny, tmp_path):
     other, _ = tiny.load("llama")
     prompt = random_ids(10, seed=1)
     path = prompt_file.save(
-        tmp_path / "p.safetensors", prompt, prompt_file.prefill(model, prompt), "tiny", model
+        tmp_path / "p.safetensors", prompt, prompt_file.prefill(model, prompt)[0], "tiny", model
     )
     with pytest.raises(PromptCacheError, match=r"made with model 'tiny'.*this run uses model 'x'"):
         prompt_file.load(path, "x", model)
@@ -84,7 +84,7 @@ def test_elm_cache_prompt_command(tiny, tmp_path):
     args = ["cache-prompt", "-m", str(folder), "--prompt-file", str(tmp_path / "prompt.txt")]
     result = CliRunner().invoke(app, [*args, "-o", str(out), "--kv-bits", "8"])
     assert result.exit_code == 0, result.output
-    tokens, layers = prompt_file.load(out, folder.name, model, KVConfig(bits=8))
+    tokens, layers, _ = prompt_file.load(out, folder.name, model, KVConfig(bits=8))
     assert tokens == tokenizer.encode(text) and len(layers) == len(model.layers)
     bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "q.safetensors"), "--kv-bits", "3"])
     assert bad.exit_code == 1 and "--kv-bits must be one of (4, 8)" in bad.output
@@ -120,7 +120,11 @@ def test_disk_prompt_cache_outlives_the_process(tiny, tmp_path):
     (folder / "broken.safetensors").write_bytes(b"\x00" * 40)
     other, _ = tiny.load("llama")
     stranger = prompt_file.save(
-        folder / "other.safetensors", prompt[:5], prompt_file.prefill(other, prompt[:5]), "x", other
+        folder / "other.safetensors",
+        prompt[:5],
+        prompt_file.prefill(other, prompt[:5])[0],
+        "x",
+        other,
     )
     warnings = []
     DiskPromptCache(folder, "tiny", model, warn=warnings.append)
@@ -145,7 +149,7 @@ def test_elm_generate_continues_after_a_prompt_cache_file(tiny, tmp_path):
     args = ["generate", "-m", str(folder), "--prompt", " and rome", "--max-tokens", "8"]
     result = runner.invoke(app, [*args, "--prompt-cache-file", str(made)])
     assert result.exit_code == 0, result.output
-    tokens, _ = prompt_file.load(made, folder.name, model)
+    tokens, _, _ = prompt_file.load(made, folder.name, model)
     full = tokens + tokenizer.encode(" and rome", add_special_tokens=False)
     assert result.stdout == generate(model, tokenizer, full, GenerationConfig(max_tokens=8)) + "\n"
     assert "prompt: " in result.stderr
@@ -172,7 +176,7 @@ def test_elm_chat_starts_from_a_prompt_cache_file(tmp_path):
     made = tmp_path / "system.safetensors"
     make = ["cache-prompt", "-m", str(folder), "--chat", "--prompt", system]
     assert runner.invoke(app, [*make, "-o", str(made)]).exit_code == 0
-    tokens, _ = prompt_file.load(made, folder.name, load_model(folder)[0])
+    tokens, _, _ = prompt_file.load(made, folder.name, load_model(folder)[0])
     assert len(tokens) > 5
     chat = ["chat", "-m", str(folder), "--system", system, "--max-tokens", "6"]
     lines = "hello there\nand rome?\n"
@@ -201,19 +205,24 @@ def test_elm_chat_starts_from_a_prompt_cache_file(tmp_path):
     assert refused.stdout == ""
 
 
-def test_a_prompt_past_a_sliding_window_is_refused_cleanly(tiny):
-    """OLMo 3 (sliding layers over 8 positions): a prompt short enough that no layer dropped a
-    position is cached and continues as the uncached prompt; one whose sliding layers dropped
-    positions is refused naming the window, never cached wrong."""
+def test_a_prompt_past_a_sliding_window_is_cached_and_continues_exactly(tiny, tmp_path):
+    """OLMo 3 (sliding layers over 8 positions): a prompt long enough that its sliding layers
+    dropped positions goes through a file and continues as the uncached prompt; the file serves
+    no prefix shorter than its `start` (the positions a continuation would look back at are
+    gone), and such a prompt is then computed, not reused wrong."""
     model, tokenizer = tiny.load("olmo3")
-    prompt = random_ids(60, vocab=300, seed=5)  # past the window, nothing dropped yet
+    prompt = random_ids(400, vocab=300, seed=7)
+    layers, start = prompt_file.prefill(model, prompt, chunk=64)
+    assert 8 < start < len(prompt)  # positions were dropped
+    path = prompt_file.save(tmp_path / "p.safetensors", prompt, layers, "tiny", model, start=start)
+    tokens, layers, start = prompt_file.load(path, "tiny", model)
     cache = PromptCache()
-    cache.insert(prompt, prompt_file.prefill(model, prompt, chunk=16))
-    full = prompt + random_ids(5, vocab=300, seed=6)
-    assert cache.fetch(full)[0] == len(prompt)
+    cache.insert(tokens, layers, start=start)
     config = GenerationConfig(max_tokens=8)
-    assert batch_generate(model, tokenizer, [full], config, prompt_cache=cache) == [
-        generate(model, tokenizer, full, config)
-    ]
-    with pytest.raises(PromptCacheError, match=r"sliding-window layers \(window 8\)"):
-        prompt_file.prefill(model, random_ids(400, vocab=300, seed=7), chunk=64)
+    full = prompt + random_ids(5, vocab=300, seed=6)
+    short = prompt[: start - 1] + random_ids(5, vocab=300, seed=8)
+    assert cache.fetch(full)[0] == len(prompt) and cache.fetch(short) == (0, None)
+    for p in (full, short):
+        assert batch_generate(model, tokenizer, [p], config, prompt_cache=cache) == [
+            generate(model, tokenizer, p, config)
+        ]

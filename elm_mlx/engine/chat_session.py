@@ -173,12 +173,15 @@ class ChatSession:
         """Replace the conversation with a saved one; the next turn reuses the common prefix."""
         self.messages = read_messages(path)
 
-    def start_from(self, tokens: list[int], layers: list[tuple[mx.array, mx.array]]) -> int:
+    def start_from(
+        self, tokens: list[int], layers: list[tuple[mx.array, mx.array]], start: int = 0
+    ) -> int:
         """Put a prompt computed before (a prompt cache file made under this session's KV
-        settings: per layer keys, values (1, H, len(tokens), D)) in the cache, so that turns
-        reuse whatever prefix of it their prompt shares (answers are unchanged). Returns how
-        many of its tokens start the conversation as it is now rendered."""
-        self.cache.insert(tokens, layers, self.config.kv_config())
+        settings: per layer keys, values (1, H, len(tokens), D), serving prefixes from `start`
+        on) in the cache, so that turns reuse whatever prefix of it their prompt shares
+        (answers are unchanged). Returns how many of its tokens start the conversation as it
+        is now rendered."""
+        self.cache.insert(tokens, layers, self.config.kv_config(), start)
         return common_prefix(tokens, self.tokens())
 
     # ------------------------------------------------------------------ prompt

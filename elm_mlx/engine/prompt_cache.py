@@ -10,6 +10,9 @@ bytes and evicted least recently used first; an entry that a newer one extends i
 An entry remembers the KV settings (`KVConfig`) it was computed under and serves only requests
 under the same ones: a quantized or windowed cache's keys and values differ from the full
 cache's after the first layer (each chunk attended to quantized entries, or to a window).
+An entry of a windowed row that dropped positions (OLMo 3's sliding layers past their window,
+or `--max-kv-size`) holds zeros there and serves only prefixes from its `start` on, whose
+continuations never look back that far.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class _Entry:
     layers: list[tuple[mx.array, mx.array]]  # per layer keys, values: (1, H, len(tokens), D)
     nbytes: int
     kv: KVConfig  # the settings they were computed under
+    start: int = 0  # the shortest prefix it serves (windowed layers dropped the ones before)
 
 
 class PromptCache:
@@ -60,7 +64,7 @@ class PromptCache:
             if entry.kv != kv:
                 continue
             m = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
-            if m > n:
+            if m > n and m >= entry.start:
                 best, n = key, m
         if best is None:
             return 0, None
@@ -77,10 +81,11 @@ class PromptCache:
         tokens: Sequence[int],
         layers: list[tuple[mx.array, mx.array]],
         kv: KVConfig | None = None,
+        start: int = 0,
     ) -> None:
         """Keep the entries (per layer keys, values (1, H, len(tokens), D), copies the cache may
-        own) of `tokens`, computed under the KV settings `kv`, evicting least recently used
-        entries to stay within `max_bytes`."""
+        own) of `tokens`, computed under the KV settings `kv`, serving prefixes from `start`
+        tokens on, evicting least recently used entries to stay within `max_bytes`."""
         tokens, kv = list(tokens), kv or KVConfig()
         if not tokens:
             return
@@ -88,15 +93,15 @@ class PromptCache:
             if entry.kv != kv:
                 continue
             shared = common_prefix(entry.tokens, tokens)
-            if shared == len(tokens):  # an entry already holds all of it
+            if shared == len(tokens) and entry.start <= start:  # one holds all of it already
                 self.entries.move_to_end(key)
                 return
-            if shared == len(entry.tokens):  # the new entry extends this one
+            if shared == len(entry.tokens) and start <= entry.start:  # the new one extends it
                 self._drop(key)
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
         if nbytes > self.max_bytes:
             return
-        self.entries[next(self._keys)] = _Entry(tokens, layers, nbytes, kv)
+        self.entries[next(self._keys)] = _Entry(tokens, layers, nbytes, kv, start)
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes or len(self.entries) > (self.max_entries or 1 << 62):
             self._drop(next(iter(self.entries)))

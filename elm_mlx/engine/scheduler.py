@@ -309,10 +309,11 @@ class BatchGenerator:
             row.done = True
             if keep and self.prompt_cache is not None:
                 held = len(row.tokens) - 1  # the last token is the next input, never fed
-                layers = row_cache(self.cache, index[id(row)], held)
-                if layers is not None:  # (None: a windowed cache dropped some)
+                entry = row_cache(self.cache, index[id(row)], held)
+                if entry is not None:  # (None: a windowed cache dropped too many)
+                    layers, start = entry
                     mx.eval(layers)
-                    self.prompt_cache.insert(row.tokens[:held], layers, self.kv)
+                    self.prompt_cache.insert(row.tokens[:held], layers, self.kv, start)
         stay = [i for i, row in enumerate(self.rows) if not row.done]
         keep_rows(self.cache, stay)
         self.rows = [self.rows[i] for i in stay]

@@ -182,7 +182,10 @@ class ChatSession:
         (answers are unchanged). Returns how many of its tokens start the conversation as it
         is now rendered."""
         self.cache.insert(tokens, layers, self.config.kv_config(), start)
-        return common_prefix(tokens, self.tokens())
+        try:
+            return common_prefix(tokens, self.tokens())
+        except ChatError:  # a template that wants a user message: nothing to compare yet
+            return len(tokens)
 
     # ------------------------------------------------------------------ prompt
 

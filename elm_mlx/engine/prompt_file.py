@@ -2,9 +2,10 @@
 (`layers.{i}.keys`, `layers.{i}.values`, (1, H, n, D) each, full precision as a `KVCache` holds
 them; zeros where a windowed layer dropped positions, and then `start` names the shortest
 prefix a continuation may take) whose metadata names what they depend on: the model (its name
-and a hash of its arguments), the KV settings they were computed under, and the n tokens. A run that loads the
-file with another model or other settings is refused with a message naming both; the entry goes
-into a `PromptCache`, so generation continues after the prompt without processing it again.
+and a hash of its arguments), the KV settings they were computed under, and the n tokens. A
+run that loads the file with another model or other settings is refused with a message naming
+both; the entry goes into a `PromptCache`, so generation continues after the prompt without
+processing it again.
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ predictions included). mlx-lm cannot combine the two (RotatingKVCache.to_quantiz
     python benchmarks/bench_kv.py                        # 1k, 4k, 8k
     python benchmarks/bench_kv.py --lengths 1024 --decode 16
     python benchmarks/bench_kv.py --lengths 4096 --settings full kv8 --no-ppl
+    python benchmarks/bench_kv.py --cache-file 2048     # time to the first token from a file
+
+--cache-file N: the time to the first token of a prompt of N tokens plus a short question,
+processed (`stream_generate`, no cache) and continued from a prompt cache file of the N tokens
+(`elm cache-prompt`'s file: read from disk, then the question fed; the best of 3, the machine
+being shared), for each engine (mlx-lm: `save_prompt_cache` / `load_prompt_cache`); the goal
+is under 10% of the processed prompt's.
 
 One run; prints a table and one JSON line.
 """
@@ -34,7 +41,11 @@ import elm_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 from elm_mlx.convert import ConvertOptions, convert
 
+from elm_mlx.engine import prompt_file
 from elm_mlx.engine.batch_kv import KVConfig, add_rows, make_batch_cache
+from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.generation import stream_generate
+from elm_mlx.engine.prompt_cache import PromptCache
 from elm_mlx.loader import load as elm_load
 from elm_mlx.models import make_cache
 
@@ -141,6 +152,86 @@ def perplexity(model, make: Callable, ids: list[int], setting, args) -> float:
     return math.exp(nll / count)
 
 
+REPEATS = 3  # loads from the file (cheap), the best kept
+
+
+def _first(stream) -> tuple[float, int]:
+    """(seconds to the first response of `stream`, its token); the stream is closed."""
+    tic = time.perf_counter()
+    first = next(iter(stream))
+    seconds = time.perf_counter() - tic
+    stream.close()
+    return seconds, int(first.token)
+
+
+def cache_file_ttft(model, tokenizer, theirs, ids: list[int], folder: Path, args) -> list[dict]:
+    """Time to the first token: the prompt processed vs continued from a prompt cache file."""
+    import tempfile
+
+    question = tokenizer.encode(" What is this about?", add_special_tokens=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "prompt.safetensors"
+        if "elm" in args.engines:
+            config = GenerationConfig(max_tokens=1, prefill_step_size=args.chunk)
+            _first(stream_generate(model, tokenizer, ids[: args.chunk], config))  # warm up
+            full_s, token = _first(stream_generate(model, tokenizer, ids + question, config))
+            tic = time.perf_counter()
+            layers, _ = prompt_file.prefill(model, ids, chunk=args.chunk)
+            prompt_file.save(path, ids, layers, folder.name, model)
+            make_s = time.perf_counter() - tic
+            del layers
+            mx.clear_cache()
+            file_s, same = math.inf, True
+            for _ in range(REPEATS):
+                tic = time.perf_counter()
+                tokens, layers, _ = prompt_file.load(path, folder.name, model)
+                cache = PromptCache()
+                cache.insert(tokens, layers)
+                prompt = tokens + question
+                _, again = _first(stream_generate(model, tokenizer, prompt, config, cache))
+                file_s, same = min(file_s, time.perf_counter() - tic), same and token == again
+            rows.append(("elm", full_s, make_s, file_s, same))
+        if "mlx-lm" in args.engines:
+            import mlx_lm
+            from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+            def first_token(prompt, cache=None):
+                return mlx_lm.stream_generate(
+                    theirs, tokenizer._tokenizer, prompt, max_tokens=1,
+                    prompt_cache=cache, prefill_step_size=args.chunk,
+                )  # fmt: skip
+
+            _first(first_token(ids[: args.chunk]))  # warm up
+            full_s, token = _first(first_token(ids + question))
+            tic = time.perf_counter()
+            cache = make_prompt_cache(theirs)
+            for start in range(0, len(ids), args.chunk):
+                theirs(mx.array(ids[start : start + args.chunk])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+            save_prompt_cache(str(path), cache)
+            make_s = time.perf_counter() - tic
+            del cache
+            mx.clear_cache()
+            file_s, same = math.inf, True
+            for _ in range(REPEATS):
+                tic = time.perf_counter()
+                cache = load_prompt_cache(str(path))
+                _, again = _first(first_token(question, cache))
+                file_s, same = min(file_s, time.perf_counter() - tic), same and token == again
+            rows.append(("mlx-lm", full_s, make_s, file_s, same))
+    out = []
+    print(f"{'tokens':>6} {'engine':<7} {'processed s':>11} {'file made s':>11} "
+          f"{'from file s':>11} {'ratio':>6} {'same token':>10}")  # fmt: skip
+    for engine, full_s, make_s, file_s, same in rows:
+        print(f"{len(ids):>6} {engine:<7} {full_s:>11.2f} {make_s:>11.2f} {file_s:>11.3f} "
+              f"{file_s / full_s:>6.3f} {same!s:>10}")  # fmt: skip
+        out.append({"tokens": len(ids), "engine": engine, "processed_s": full_s,
+                    "file_made_s": make_s, "from_file_s": file_s, "ratio": file_s / full_s,
+                    "same_first_token": same})  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -149,14 +240,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip perplexity")
+    parser.add_argument(
+        "--engines", nargs="+", default=["elm", "mlx-lm"], choices=["elm", "mlx-lm"]
+    )
     parser.add_argument("--root", type=Path, default=smollm2.default_cache_dir().parent)
+    parser.add_argument(
+        "--cache-file", type=int, metavar="N", help="only time a prompt of N tokens from a file"
+    )
     args = parser.parse_args(argv)
 
     import mlx_lm
 
     folder = model_folder(args.root)
     model, tokenizer = elm_load(folder)
-    theirs = mlx_lm.load(str(folder))[0]
+    theirs = mlx_lm.load(str(folder))[0] if "mlx-lm" in args.engines else None
+    info = {
+        "machine": platform.machine(),
+        "backend": "cpu" if not mx.metal.is_available() else "metal",
+    }
+    if args.cache_file:
+        ids = held_out_tokens(tokenizer, args.cache_file)
+        results = cache_file_ttft(model, tokenizer, theirs, ids, folder, args)
+        print(json.dumps({"bench": "kv-cache-file", **info, "args": {k: str(v) for k, v in
+                          vars(args).items()}, "results": results}))  # fmt: skip
+        return 0
     results = []
     print(f"{'tokens':>6} {'setting':<11} {'engine':<7} {'prompt t/s':>10} {'prompt MB':>9} "
           f"{'KV MB':>7} {'decode t/s':>10} {'decode MB':>9} {'ppl':>8}")  # fmt: skip
@@ -164,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = held_out_tokens(tokenizer, n)
         for name in args.settings:
             for engine, m, make in (("elm", model, elm_cache), ("mlx-lm", theirs, mlx_lm_cache)):
+                if engine not in args.engines:
+                    continue
                 r = run(m, make, ids, SETTINGS[name], args)
                 if r is None:
                     print(f"{n:>6} {name:<11} {engine:<7} {'(not supported)':>10}")
@@ -175,10 +284,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['decode_peak_mb']:>9.1f} {r['ppl']:>8.3f}",
                     flush=True,
                 )
-    info = {
-        "machine": platform.machine(),
-        "backend": "cpu" if not mx.metal.is_available() else "metal",
-    }
     print(json.dumps({"bench": "kv", **info, "args": {k: str(v) for k, v in vars(args).items()},
                       "results": results}))  # fmt: skip
     return 0

@@ -15,7 +15,15 @@ from ..convert.hub_cache import DEFAULT_BITS, cache_root, ensure_model
 from ..engine.config import GenerationConfig
 from ..errors import ChatError, ElmError, OptionError
 from .constraint_options import JsonSchema, constraint_spec, schema_spec
-from .options import Adapter, ChatTemplate, HfToken, HubBits, HubQuantize, generation_options
+from .options import (
+    Adapter,
+    ChatTemplate,
+    HfToken,
+    HubBits,
+    HubQuantize,
+    generation_options,
+    model_name,
+)
 from .terminal import Interrupts, LineReader, Printer, Style
 
 if TYPE_CHECKING:
@@ -253,6 +261,22 @@ def turn(
     return True
 
 
+def start_from_file(session: ChatSession, path: Path, name: str) -> None:
+    """Load a prompt cache file into the session (refused if made for another model or other
+    KV settings); warn when the conversation does not start with all of its tokens."""
+    from ..engine import prompt_file as files
+
+    tokens, layers, start = files.load(path, name, session.model, session.config.kv_config())
+    shared = session.start_from(tokens, layers, start)
+    if shared < len(tokens):
+        print(
+            f"warning: only {shared} of the {len(tokens)} tokens of {path} start this chat's "
+            "prompt; the rest is not used (make it with elm cache-prompt --chat and the same "
+            "--system text)",
+            file=sys.stderr,
+        )
+
+
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
     "prompt_lookup", "max_ngram",
@@ -273,6 +297,13 @@ def command(
     quantize: HubQuantize = True,
     hf_token: HfToken = None,
     json_schema: JsonSchema = None,
+    prompt_cache_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from the prompt in this file (elm cache-prompt --chat with the same "
+            "--system): its tokens are not processed again."
+        ),
+    ] = None,
     *,
     config: GenerationConfig,
 ) -> None:
@@ -291,6 +322,8 @@ def command(
         session = ChatSession(
             lm, tokenizer, system=system, template=template, config=config, max_context=max_context
         )
+        if prompt_cache_file is not None:
+            start_from_file(session, prompt_cache_file, model_name(model, adapter))
         if sys.stdin.isatty():
             title = f"elm chat · {path.name} · context {session.context_length} tokens"
             interactive(session, title, cache_root() / "chat_history")

@@ -106,11 +106,10 @@ def command(
         from ..engine import prompt_file as files
         from ..engine.prompt_cache import PromptCache
 
-        tokens, layers = files.load(
-            prompt_cache_file, model_name(model, adapter), lm, config.kv_config()
-        )
+        kv = config.kv_config()
+        tokens, layers, start = files.load(prompt_cache_file, model_name(model, adapter), lm, kv)
         prompt_cache = PromptCache()
-        prompt_cache.insert(tokens, layers)
+        prompt_cache.insert(tokens, layers, kv, start)
         text = tokens + tokenizer.encode(text, add_special_tokens=False)
     if verbose:
         typer.echo(f"backend: {mx.default_device()}, BLAS: {_blas.describe()}", err=True)

@@ -233,17 +233,31 @@ def test_sliding_window_batch_equals_each_prompt_alone(tiny):
     assert min(n + len(p) for n, p in zip(lengths, prompts, strict=False)) > 8
 
 
-def test_sliding_window_rows_past_their_window_skip_the_prompt_cache(tiny):
+def test_sliding_window_rows_past_their_window_are_prompt_cached_exactly(tiny):
     """A row whose sliding layers dropped positions (past the window plus the compaction slack)
-    cannot give its prompt to the prompt cache: it is left out, and generation is as alone."""
+    leaves its entry to the prompt cache, serving only prefixes whose continuations do not look
+    back at the dropped positions: a request continuing it reuses it, one sharing less does not,
+    and both answer as alone."""
     model, tokenizer = tiny.load("olmo3")
     cache = PromptCache()
     short, long = random_ids(20, vocab=300, seed=1), random_ids(320, vocab=300, seed=2)
     config = GenerationConfig(max_tokens=4)
     got = batch_generate(model, tokenizer, [short, long], config, prompt_cache=cache)
     assert got == [generate(model, tokenizer, p, config) for p in (short, long)]
-    held = [entry.tokens for entry in cache.entries.values()]
-    assert any(t[:20] == short for t in held) and not any(len(t) >= 320 for t in held)
+    (entry,) = [e for e in cache.entries.values() if e.tokens[:320] == long]
+    assert 8 < entry.start < 320 and entry.start > 0
+    gen = BatchGenerator(model, tokenizer, prompt_cache=cache)
+    more = long + random_ids(6, vocab=300, seed=3)
+    less = long[: entry.start - 2] + random_ids(6, vocab=300, seed=4)
+    ids = [gen.add(Request(more, config)), gen.add(Request(less, config))]
+    events: dict[int, list] = {i: [] for i in ids}
+    while gen.has_work:
+        for e in gen.step():
+            events[e.request_id].append(e)
+    assert events[ids[0]][-1].usage.cached_tokens >= 320
+    assert events[ids[1]][-1].usage.cached_tokens == 0
+    for rid, p in zip(ids, (more, less), strict=True):
+        assert "".join(e.text for e in events[rid]) == generate(model, tokenizer, p, config)
 
 
 def test_refuses_bad_requests(tiny):

@@ -138,7 +138,8 @@ def test_quantized_rows_move_and_come_out_in_full_precision(tiny):
     move_rows(a, [1], b)
     keep_rows(a, [0])
     for cache, single, n in ((a, singles[0], 7), (b, singles[1], 30)):
-        layers = row_cache(cache, 0, n)
+        layers, start = row_cache(cache, 0, n)
+        assert start == 0
         for (k, v), c in zip(layers, single, strict=True):
             for got, want in ((k, c.keys[..., :n, :]), (v, c.values[..., :n, :])):
                 want = np.array(want).reshape(-1, 64)

@@ -9,11 +9,14 @@ import numpy as np
 from tiny_data import random_ids
 
 from elm_mlx import generate
+from elm_mlx.engine.batch_kv import KVConfig
 from elm_mlx.engine.config import GenerationConfig
+from elm_mlx.engine.generation import stream_generate
 from elm_mlx.engine.prompt_cache import PromptCache
 from elm_mlx.engine.scheduler import BatchGenerator, Request
 from elm_mlx.tokenizer import common_prefix, encode_prompt
 
+HEAD64 = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
 QUESTIONS = [
     "hello there",
     "what is the capital of france",
@@ -89,6 +92,61 @@ def test_entries_are_bounded_by_bytes_least_recently_used_first():
     assert [e.tokens for e in cache.entries.values()] == [[9, 9, 9, 9], [1, 2, 3, 4, 5]]
     cache.insert(list(range(20)), _layers(list(range(20))))  # larger than the bound: skipped
     assert cache.nbytes <= cache.max_bytes and len(cache) == 2
+
+
+def test_entries_serve_only_their_kv_settings():
+    """An entry made under one KV setting is never handed to a request under another, nor does
+    it replace or absorb an entry made under another."""
+    kv8, kv4 = KVConfig(bits=8), KVConfig(bits=4, group_size=32)
+    cache = PromptCache()
+    cache.insert([1, 2, 3, 4], _layers([1, 2, 3, 4]), kv8)
+    assert cache.fetch([1, 2, 3, 4, 5]) == (0, None)  # full precision
+    assert cache.fetch([1, 2, 3, 4, 5], kv4) == (0, None)
+    assert cache.fetch([1, 2, 3, 4, 5], KVConfig(bits=8, max_size=64)) == (0, None)
+    assert cache.fetch([1, 2, 3, 4, 5], KVConfig(bits=8))[0] == 4
+    cache.insert([1, 2, 3, 4, 5, 6], _layers([1, 2, 3, 4, 5, 6]))  # extends it, other settings
+    cache.insert([1, 2], _layers([1, 2]), kv4)  # held by it, other settings
+    assert [(e.tokens, e.kv) for e in cache.entries.values()] == [
+        ([1, 2, 3, 4], kv8), ([1, 2, 3, 4, 5, 6], KVConfig()), ([1, 2], kv4)
+    ]  # fmt: skip
+    assert cache.fetch([1, 2, 3, 4, 5, 6, 7])[0] == 6
+    assert cache.fetch([1, 2, 3], kv4)[0] == 2
+
+
+def test_a_shared_cache_is_not_reused_across_kv_settings(tiny):
+    """One PromptCache used by generations under 8-bit KV, then full precision: the second
+    reuses nothing and answers as the uncached prompt; under 8 bits again it reuses the first."""
+    model, tokenizer = tiny.load("llama", HEAD64)
+    cache = PromptCache()
+    prompt = random_ids(40, vocab=300, seed=3)
+    kv8 = GenerationConfig(max_tokens=6, kv_bits=8)
+    first = list(stream_generate(model, tokenizer, prompt, kv8, cache))
+    assert first[-1].cached_tokens == 0 and len(cache) == 1
+    full = GenerationConfig(max_tokens=6)
+    plain = list(stream_generate(model, tokenizer, prompt, full, cache))
+    assert plain[-1].cached_tokens == 0
+    assert "".join(r.text for r in plain) == generate(model, tokenizer, prompt, full)
+    again = list(stream_generate(model, tokenizer, prompt, kv8, cache))
+    assert again[-1].cached_tokens == len(prompt) - 1
+    assert [r.token for r in again] == [r.token for r in first]
+
+
+def test_a_windowed_row_that_dropped_positions_is_reused_exactly(tiny):
+    """--max-kv-size 40 (4 sinks + the last 36): a long prompt's row drops positions; its
+    entry serves a continuation (the same tokens as without the cache, under the same window)
+    but not a prompt that shares too little of it to see only held positions."""
+    model, tokenizer = tiny.load("llama", HEAD64)
+    config = GenerationConfig(max_tokens=6, max_kv_size=40)
+    prompt = random_ids(400, vocab=300, seed=11)
+    cache = PromptCache()
+    first = [r.token for r in stream_generate(model, tokenizer, prompt, config, cache)]
+    (entry,) = cache.entries.values()
+    assert 40 < entry.start < len(prompt)
+    for p, reused in ((prompt + first + [7, 8], True), ([*prompt[: entry.start - 1], 7], False)):
+        got = list(stream_generate(model, tokenizer, p, config, cache))
+        assert (got[-1].cached_tokens > 0) == reused
+        want = [r.token for r in stream_generate(model, tokenizer, p, config)]
+        assert [r.token for r in got] == want
 
 
 def test_common_prefix():

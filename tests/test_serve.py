@@ -532,6 +532,33 @@ def test_smollm2_answers_paris(smollm2, tmp_path):
         assert s.stop()[0] == 0
 
 
+@pytest.mark.slow
+def test_smollm2_with_an_8_bit_kv_cache_answers_as_the_full_cache(smollm2, tmp_path):
+    """`elm serve --kv-bits 8`: greedy answers to short prompts (completions and chat, the
+    prompt cache on) are those of the same server with the full-precision cache."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    question = [{"role": "user", "content": "Name three colours."}]
+
+    def answers(*options: str) -> list[str]:
+        s = Server(smollm2, tmp_path / f"serve{len(options)}.txt", *options)
+        try:
+            client = s.client()
+            got = [
+                client.completions.create(model="default", prompt=p, max_tokens=8).choices[0].text
+                for p in prompts
+            ]
+            for _ in range(2):  # the second time from the prompt cache
+                r = client.chat.completions.create(model="default", messages=question, max_tokens=8)
+                got.append(r.choices[0].message.content)
+        finally:
+            assert s.stop()[0] == 0
+        return got
+
+    full = answers()
+    assert "Paris" in full[0] and full[3] == full[4]
+    assert answers("--kv-bits", "8") == full
+
+
 def test_seeded_sampling_equals_the_library_alone_and_in_a_crowd(server, local):
     """One seeding rule: a seeded sampled request gives the library's tokens (completions and
     chat), whether it runs alone or beside seven others, and whether it speculates or not."""

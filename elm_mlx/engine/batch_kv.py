@@ -360,17 +360,26 @@ class BatchKVCache:
         head = [a[index] for a in self.head] if self.head is not None else None
         return store, head, lengths, dropped
 
-    def row(self, i: int, n: int) -> tuple[mx.array, mx.array] | None:
+    def row(self, i: int, n: int) -> tuple[mx.array, mx.array, int] | None:
         """A copy of row i's first n positions (at most its length), (1, H, n, D) each, in full
-        precision as a `KVCache` holds them; None if the row no longer holds them all."""
-        n = min(n, self.lengths[i])
-        if self.dropped[i] and n > self.sinks:
+        precision as a `KVCache` holds them, and the shortest prefix of them that a continuation
+        may take. Positions a windowed row dropped are zeros: a query at or after that prefix
+        does not see them (its window starts after them), so they are never read. None when
+        no prefix of the n is usable."""
+        n, dropped = min(n, self.lengths[i]), self.dropped[i]
+        start = dropped + self.max_size - 1 if dropped else 0  # (see `make_mask`)
+        if n < start:
             return None
-        keys, values = self._fetch(n)
+        keys, values = self._fetch(n - dropped)
         keys, values = keys[i : i + 1], values[i : i + 1]
+        if dropped:  # slot s >= sinks holds position s + dropped
+            s = self.sinks
+            gap = mx.zeros((*keys.shape[:2], dropped, keys.shape[3]), keys.dtype)
+            keys, values = (mx.concatenate([a[..., :s, :], gap, a[..., s:, :]], axis=2)
+                            for a in (keys, values))  # fmt: skip
         if self.quant is not None:
             keys = self.quant.rotate(keys)  # H H = I: back to the model's keys
-        return mx.contiguous(keys), mx.contiguous(values)
+        return mx.contiguous(keys), mx.contiguous(values), start
 
 
 def make_batch_cache(model: CausalLM, kv: KVConfig | None = None) -> list[BatchKVCache]:
@@ -443,8 +452,13 @@ def set_lengths(cache: list[BatchKVCache], lengths: Sequence[int]) -> None:
         layer.set_lengths(lengths, offset)
 
 
-def row_cache(cache: list[BatchKVCache], i: int, n: int) -> list[tuple[mx.array, mx.array]] | None:
-    """Row i's first n keys and values in every layer, copied out of the batch (None when a
-    windowed layer no longer holds them)."""
-    layers = [layer.row(i, n) for layer in cache]
-    return None if any(layer is None for layer in layers) else layers
+def row_cache(
+    cache: list[BatchKVCache], i: int, n: int
+) -> tuple[list[tuple[mx.array, mx.array]], int] | None:
+    """Row i's first n keys and values in every layer, copied out of the batch, and the
+    shortest prefix of them a continuation may take (0, or more where windowed layers dropped
+    positions, which are zeros); None when no prefix is usable."""
+    rows = [layer.row(i, n) for layer in cache]
+    if any(row is None for row in rows):
+        return None
+    return [(k, v) for k, v, _ in rows], max(start for _, _, start in rows)

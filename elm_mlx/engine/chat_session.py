@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..errors import ChatError, OutputError
 from ..models import CausalLM, context_length
-from ..tokenizer import Tokenizer, encode_prompt, render_chat
+from ..tokenizer import Tokenizer, common_prefix, encode_prompt, render_chat
 from .config import GenerationConfig
 from .generation import GenerationResponse, stream_generate
 from .prompt_cache import PromptCache
@@ -172,6 +172,20 @@ class ChatSession:
     def load(self, path: str | Path) -> None:
         """Replace the conversation with a saved one; the next turn reuses the common prefix."""
         self.messages = read_messages(path)
+
+    def start_from(
+        self, tokens: list[int], layers: list[tuple[mx.array, mx.array]], start: int = 0
+    ) -> int:
+        """Put a prompt computed before (a prompt cache file made under this session's KV
+        settings: per layer keys, values (1, H, len(tokens), D), serving prefixes from `start`
+        on) in the cache, so that turns reuse whatever prefix of it their prompt shares
+        (answers are unchanged). Returns how many of its tokens start the conversation as it
+        is now rendered."""
+        self.cache.insert(tokens, layers, self.config.kv_config(), start)
+        try:
+            return common_prefix(tokens, self.tokens())
+        except ChatError:  # a template that wants a user message: nothing to compare yet
+            return len(tokens)
 
     # ------------------------------------------------------------------ prompt
 

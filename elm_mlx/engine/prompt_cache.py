@@ -6,6 +6,13 @@ Matching is by token ids: a new prompt reuses the longest common prefix it has w
 (not only whole entries, since a chat template closes the answer's turn with tokens that the
 model did not generate), leaving at least its last token to be fed. Entries are bounded by
 bytes and evicted least recently used first; an entry that a newer one extends is dropped.
+
+An entry remembers the KV settings (`KVConfig`) it was computed under and serves only requests
+under the same ones: a quantized or windowed cache's keys and values differ from the full
+cache's after the first layer (each chunk attended to quantized entries, or to a window).
+An entry of a windowed row that dropped positions (OLMo 3's sliding layers past their window,
+or `--max-kv-size`) holds zeros there and serves only prefixes from its `start` on, whose
+continuations never look back that far.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import mlx.core as mx
 
 from ..models import KVCache
 from ..tokenizer import common_prefix
+from .batch_kv import KVConfig
 
 
 @dataclass
@@ -26,6 +34,8 @@ class _Entry:
     tokens: list[int]  # the positions the layers hold
     layers: list[tuple[mx.array, mx.array]]  # per layer keys, values: (1, H, len(tokens), D)
     nbytes: int
+    kv: KVConfig  # the settings they were computed under
+    start: int = 0  # the shortest prefix it serves (windowed layers dropped the ones before)
 
 
 class PromptCache:
@@ -42,14 +52,19 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def fetch(self, prompt: Sequence[int]) -> tuple[int, list[KVCache] | None]:
+    def fetch(
+        self, prompt: Sequence[int], kv: KVConfig | None = None
+    ) -> tuple[int, list[KVCache] | None]:
         """(n, a model's list of `KVCache`s holding the first n tokens of `prompt`): the longest
-        prefix any entry shares with it, at most all tokens but the last; (0, None) if none."""
-        prompt = list(prompt)
+        prefix any entry made under the KV settings `kv` shares with it, at most all tokens but
+        the last; (0, None) if none."""
+        prompt, kv = list(prompt), kv or KVConfig()
         best, n = None, 0
         for key, entry in self.entries.items():
+            if entry.kv != kv:
+                continue
             m = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
-            if m > n:
+            if m > n and m >= entry.start:
                 best, n = key, m
         if best is None:
             return 0, None
@@ -61,23 +76,32 @@ class PromptCache:
             caches.append(cache)
         return n, caches
 
-    def insert(self, tokens: Sequence[int], layers: list[tuple[mx.array, mx.array]]) -> None:
+    def insert(
+        self,
+        tokens: Sequence[int],
+        layers: list[tuple[mx.array, mx.array]],
+        kv: KVConfig | None = None,
+        start: int = 0,
+    ) -> None:
         """Keep the entries (per layer keys, values (1, H, len(tokens), D), copies the cache may
-        own) of `tokens`, evicting least recently used entries to stay within `max_bytes`."""
-        tokens = list(tokens)
+        own) of `tokens`, computed under the KV settings `kv`, serving prefixes from `start`
+        tokens on, evicting least recently used entries to stay within `max_bytes`."""
+        tokens, kv = list(tokens), kv or KVConfig()
         if not tokens:
             return
         for key, entry in list(self.entries.items()):
+            if entry.kv != kv:
+                continue
             shared = common_prefix(entry.tokens, tokens)
-            if shared == len(tokens):  # an entry already holds all of it
+            if shared == len(tokens) and entry.start <= start:  # one holds all of it already
                 self.entries.move_to_end(key)
                 return
-            if shared == len(entry.tokens):  # the new entry extends this one
+            if shared == len(entry.tokens) and start <= entry.start:  # the new one extends it
                 self._drop(key)
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
         if nbytes > self.max_bytes:
             return
-        self.entries[next(self._keys)] = _Entry(tokens, layers, nbytes)
+        self.entries[next(self._keys)] = _Entry(tokens, layers, nbytes, kv, start)
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes or len(self.entries) > (self.max_entries or 1 << 62):
             self._drop(next(iter(self.entries)))

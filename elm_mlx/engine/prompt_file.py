@@ -1,9 +1,11 @@
 """Prompt caches on disk: a prompt's keys and values, computed once, kept in a safetensors file
 (`layers.{i}.keys`, `layers.{i}.values`, (1, H, n, D) each, full precision as a `KVCache` holds
-them) whose metadata names what they depend on: the model (its name and a hash of its
-arguments), the KV settings they were computed under, and the n tokens. A run that loads the
-file with another model or other settings is refused with a message naming both; the entry goes
-into a `PromptCache`, so generation continues after the prompt without processing it again.
+them; zeros where a windowed layer dropped positions, and then `start` names the shortest
+prefix a continuation may take) whose metadata names what they depend on: the model (its name
+and a hash of its arguments), the KV settings they were computed under, and the n tokens. A
+run that loads the file with another model or other settings is refused with a message naming
+both; the entry goes into a `PromptCache`, so generation continues after the prompt without
+processing it again.
 """
 
 from __future__ import annotations
@@ -46,21 +48,18 @@ def prefill(
     tokens: Sequence[int],
     kv: KVConfig | None = None,
     chunk: int = PREFILL_STEP_SIZE,
-) -> list[tuple[mx.array, mx.array]]:
+) -> tuple[list[tuple[mx.array, mx.array]], int]:
     """The keys and values of every token of `tokens` under `kv`, fed in chunks as generation
-    feeds a prompt; per layer (1, H, n, D) each."""
+    feeds a prompt, per layer (1, H, n, D) each; and the shortest prefix of them a continuation
+    may take (0 unless a windowed layer dropped positions, which are zeros)."""
     cache = one_row_cache(model, kv)
     for start in range(0, len(tokens), chunk):
         model(mx.array(list(tokens[start : start + chunk]), mx.uint32)[None], cache=cache)
         mx.eval([c.state for c in cache])
-    layers = row_cache(cache, 0, len(tokens))
-    if layers is None:
-        raise PromptCacheError(
-            f"the prompt's {len(tokens)} tokens pass the KV window, which keeps only the last "
-            "ones: a prompt cache needs them all; cache a shorter prompt or no --max-kv-size"
-        )
-    mx.eval(layers)
-    return layers
+    entry = row_cache(cache, 0, len(tokens))
+    assert entry is not None  # all the tokens: every window's positions are held
+    mx.eval(entry[0])
+    return entry
 
 
 def save(
@@ -70,6 +69,7 @@ def save(
     name: str,
     model: CausalLM,
     kv: KVConfig | None = None,
+    start: int = 0,
 ) -> Path:
     """Write the file atomically (a temporary file in the same folder, then renamed)."""
     path = Path(path)
@@ -79,6 +79,7 @@ def save(
     meta = {
         "format": FORMAT,
         "tokens": json.dumps(list(tokens)),
+        "start": str(start),
         **_identity(name, model, kv or KVConfig()),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +96,9 @@ def save(
 
 def load(
     path: Path, name: str, model: CausalLM, kv: KVConfig | None = None
-) -> tuple[list[int], list[tuple[mx.array, mx.array]]]:
-    """(tokens, per layer keys and values) of a file made for this model and these settings."""
+) -> tuple[list[int], list[tuple[mx.array, mx.array]], int]:
+    """(tokens, per layer keys and values, the shortest prefix a continuation may take) of a
+    file made for this model and these settings."""
     path = Path(path)
     try:
         tensors, meta = mx.load(str(path), return_metadata=True)
@@ -112,6 +114,7 @@ def load(
         )
     try:
         tokens = [int(t) for t in json.loads(meta["tokens"])]
+        start = int(meta.get("start", 0))
         layers = [
             (tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"])
             for i in range(len(model.layers))
@@ -120,8 +123,10 @@ def load(
         raise PromptCacheError(f"{path}: incomplete prompt cache ({e})") from e
     if any(k.shape[2] != len(tokens) or v.shape[2] != len(tokens) for k, v in layers):
         raise PromptCacheError(f"{path}: its tensors do not hold its {len(tokens)} tokens")
+    if not 0 <= start <= len(tokens):
+        raise PromptCacheError(f"{path}: its start {start} is not within its tokens")
     mx.eval(layers)  # read now, in this thread (a lazy load is bound to this thread's stream)
-    return tokens, layers
+    return tokens, layers, start
 
 
 class DiskPromptCache(PromptCache):
@@ -145,7 +150,7 @@ class DiskPromptCache(PromptCache):
         self.folder.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
             try:
-                tokens, layers = load(path, name, model, self.kv)
+                tokens, layers, start = load(path, name, model, self.kv)
             except PromptCacheMismatch as e:
                 warn(f"prompt cache {path} not used: {e}")
                 continue
@@ -153,21 +158,31 @@ class DiskPromptCache(PromptCache):
                 warn(f"prompt cache {path} dropped: {e}")
                 path.unlink(missing_ok=True)
                 continue
-            self._remember(tokens, layers, path)
+            self._remember(tokens, layers, self.kv, start, path)
 
-    def _remember(self, tokens: list[int], layers: list, path: Path | None) -> None:
-        """Insert as `PromptCache` does; a new entry gets `path` (None: a new file)."""
+    def _remember(
+        self, tokens: list[int], layers: list, kv: KVConfig, start: int, path: Path | None
+    ) -> None:
+        """Insert as `PromptCache` does; a new entry gets `path` (None: a new file, when made
+        under this cache's KV settings; under others it stays in memory only)."""
         known = set(self.entries)
-        super().insert(tokens, layers)
+        super().insert(tokens, layers, kv, start)
         for key in set(self.entries) - known:
-            if path is None:
+            if path is None and kv == self.kv:
                 digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:24]
                 path = self.folder / f"{digest}.safetensors"
-                save(path, tokens, layers, self.name, self.model, self.kv)
-            self.files[key] = path
+                save(path, tokens, layers, self.name, self.model, self.kv, start)
+            if path is not None:
+                self.files[key] = path
 
-    def insert(self, tokens: Sequence[int], layers: list[tuple[mx.array, mx.array]]) -> None:
-        self._remember(list(tokens), layers, None)
+    def insert(
+        self,
+        tokens: Sequence[int],
+        layers: list[tuple[mx.array, mx.array]],
+        kv: KVConfig | None = None,
+        start: int = 0,
+    ) -> None:
+        self._remember(list(tokens), layers, kv or KVConfig(), start, None)
 
     def _drop(self, key: int) -> None:
         super()._drop(key)

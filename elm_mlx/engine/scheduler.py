@@ -115,6 +115,7 @@ class BatchGenerator:
         self.prompt_cache = prompt_cache
         self.cost = cost or StepCost()  # forward-pass times, for the speculation budget
         self.tolerance = tolerance  # the slowdown speculation may cost the other rows
+        self.kv = kv or KVConfig()  # also what prompt-cache entries are matched on
         self.cache = make_batch_cache(model, kv)  # quantized or windowed as `kv` says
         self.rows: list[Row] = []  # in the order of the cache's rows
         self.queue: deque[Pending] = deque()  # not yet admitted
@@ -276,7 +277,7 @@ class BatchGenerator:
             p = self.queue.popleft()
             cache = None
             if self.prompt_cache is not None:
-                p.cached, cache = self.prompt_cache.fetch(p.prompt)
+                p.cached, cache = self.prompt_cache.fetch(p.prompt, self.kv)
                 p.fed = p.cached
             self.prefill.add(p, cache)
         if self.prefill.todo:
@@ -308,10 +309,11 @@ class BatchGenerator:
             row.done = True
             if keep and self.prompt_cache is not None:
                 held = len(row.tokens) - 1  # the last token is the next input, never fed
-                layers = row_cache(self.cache, index[id(row)], held)
-                if layers is not None:  # (None: a windowed cache dropped some)
+                entry = row_cache(self.cache, index[id(row)], held)
+                if entry is not None:  # (None: a windowed cache dropped too many)
+                    layers, start = entry
                     mx.eval(layers)
-                    self.prompt_cache.insert(row.tokens[:held], layers)
+                    self.prompt_cache.insert(row.tokens[:held], layers, self.kv, start)
         stay = [i for i, row in enumerate(self.rows) if not row.done]
         keep_rows(self.cache, stay)
         self.rows = [self.rows[i] for i in stay]

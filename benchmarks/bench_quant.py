@@ -1,8 +1,11 @@
 """Quantization quality, elm vs mlx-lm, on the same float weights and the same calibration text.
 
-For each model (the real SmolLM2-135M-Instruct, and a random-weight OpenELM-270M with the true
-config) and each method, one worker process builds the quantized folder and reports its time
-and peak memory; the folder is then scored on held-out text that no method calibrated on:
+Sources: the real SmolLM2-135M-Instruct (its floats are GGUF Q4_1 values, 4-bit grids of 32-wide
+groups, which a quantizer can partly recover), "smollm2-noisy": the same with uniform noise of one
+Q4_1 bin added to every block weight (continuous values, as a real fp16 checkpoint has; the noisy
+model is the float reference), and a random-weight OpenELM-270M with the true config. For each
+source and method, one worker process builds the quantized folder and reports its time and peak
+memory; the folder is then scored on held-out text that no method calibrated on:
 
     rtn 8/64, rtn 4/64, rtn 4/32   round to nearest (`mlx_lm.convert -q`; elm's plain
                                    `--quantize` writes the same tensors)
@@ -13,16 +16,18 @@ and peak memory; the folder is then scored on held-out text that no method calib
     elm calibrated 4/64            `elm convert -q --calibrate`
     elm mixed B                    `elm convert -q --bpw B`
 
-The text is the standard library's pydoc topics (every Python has it): the first 85% of its
-characters is the calibration file both engines use, the rest is held out. Metrics: bits per
-weight (packed codes + scales + biases over the quantized tensors, 16-bit scales), perplexity of
-the held-out tokens in windows of --window (SmolLM2) and the mean KL divergence of the quantized
-model's next-token distribution from the float one (both), convert seconds and the worker's peak
-resident memory. mlx-lm's AWQ, DWQ and dynamic quantization are left out: on this CPU they did
-not finish in 10 minutes for SmolLM2 (issue 11).
+Calibration text: the standard library's pydoc topics (every Python has it); its first 85% of
+characters is the calibration file both engines use. Held out: "pydoc", the remaining 15% (the
+calibration's domain), and "prose", English prose of another domain (Alice's Adventures in
+Wonderland, chapters I-III, public domain, shipped in tests/data). Metrics per held-out text:
+perplexity in windows of --window and the mean KL divergence of the quantized model's next-token
+distribution from the float one; bits per weight (packed codes + scales + biases over the
+quantized tensors, 16-bit scales), convert seconds and the worker's peak resident memory.
+mlx-lm's AWQ, DWQ and dynamic quantization are left out: on this CPU they did not finish in 10
+minutes for SmolLM2 (issue 11).
 
-    python benchmarks/bench_quant.py                 # both models
-    python benchmarks/bench_quant.py --models smollm2 --bpw 4.5 4.25
+    python benchmarks/bench_quant.py                 # every source
+    python benchmarks/bench_quant.py --models smollm2-noisy --bpw 4.5
 
 One run; prints a table per model and one JSON line.
 """
@@ -49,13 +54,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_SHARE = 0.85  # of the text's characters; the rest is held out
 
 
-def texts() -> tuple[str, str]:
-    """(calibration text, held-out text)."""
+PROSE = ROOT / "tests" / "data" / "alice-ch1-3.txt"
+
+
+def texts() -> tuple[str, dict[str, str]]:
+    """(calibration text, {name: held-out text})."""
     from elm_mlx.quantize import default_text
 
     text = default_text()
     cut = text.rfind("\n\n", 0, int(len(text) * CALIBRATION_SHARE))
-    return text[:cut], text[cut:]
+    return text[:cut], {"pydoc": text[cut:], "prose": PROSE.read_text()}
 
 
 # ---------------------------------------------------------------------------- sources
@@ -66,6 +74,32 @@ def smollm2_source(work: Path) -> Path:
     import smollm2
 
     return smollm2.build_hf_folder(smollm2.default_cache_dir())
+
+
+def smollm2_noisy_source(work: Path) -> Path:
+    """SmolLM2 with each block weight moved by uniform noise of one Q4_1 bin (the range of its
+    32-wide group / 15), seeded: continuous values, off any 4-bit grid."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src, out = smollm2_source(work), work / "smollm2-noisy-hf"
+    if (out / "model.safetensors").exists():
+        return out
+    rng = np.random.default_rng(0)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name, w in tensors.items():
+        if name.startswith("model.layers.") and w.ndim == 2:
+            g = w.astype(np.float32).reshape(w.shape[0], -1, 32)
+            step = (g.max(-1, keepdims=True) - g.min(-1, keepdims=True)) / 15
+            g += (rng.random(g.shape, dtype=np.float32) - 0.5) * step
+            tensors[name] = g.reshape(w.shape).astype(w.dtype)
+    staging = work / "smollm2-noisy-hf.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    staging.rename(out)
+    return out
 
 
 def openelm_source(work: Path) -> Path:
@@ -90,7 +124,11 @@ def openelm_source(work: Path) -> Path:
     return folder
 
 
-SOURCES = {"smollm2": smollm2_source, "openelm": openelm_source}
+SOURCES = {
+    "smollm2": smollm2_source,
+    "smollm2-noisy": smollm2_noisy_source,
+    "openelm": openelm_source,
+}
 
 
 # ---------------------------------------------------------------------------- methods
@@ -202,7 +240,10 @@ def next_token_logprobs(model, ids: list[int], window: int):
         yield logits - mx.logsumexp(logits, axis=-1, keepdims=True), ids[s + 1 : s + window + 1]
 
 
-def score(folder: Path, ids: list[int], window: int, reference: list | None) -> dict:
+def score(folder: Path, held: dict[str, list[int]], window: int, reference: dict | None) -> dict:
+    """Per held-out text: perplexity and, against `reference` (the float model's log-probs,
+    float16 to halve their memory), the mean KL; without it, the log-probs become the reference
+    (returned under "logprobs")."""
     from elm_mlx import load
     from elm_mlx.quantize import dequantized_view
 
@@ -210,24 +251,24 @@ def score(folder: Path, ids: list[int], window: int, reference: list | None) -> 
     # MLX's CPU quantized matmul is a plain loop (minutes per window): score with the
     # dequantized weights instead, the same values in float32
     dequantized_view(model)
-    nll = kl = 0.0
-    n = 0
-    logprobs = []
-    for i, (lp, targets) in enumerate(next_token_logprobs(model, ids, window)):
-        lp = lp[: len(targets)]
-        picked = mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)
-        nll -= picked.sum().item()
-        n += len(targets)
-        if reference is None:
-            logprobs.append(np.array(lp))
-        else:
-            ref = mx.array(reference[i])
-            kl += (mx.exp(ref) * (ref - lp)).sum().item()
-    result = {"ppl": math.exp(nll / n), "tokens": n, "bpw": bits_per_weight(folder)}
+    result: dict = {"bpw": bits_per_weight(folder)}
+    logprobs: dict[str, list] = {}
+    for name, ids in held.items():
+        nll = kl = 0.0
+        n = 0
+        for i, (lp, targets) in enumerate(next_token_logprobs(model, ids, window)):
+            lp = lp[: len(targets)]
+            picked = mx.take_along_axis(lp, mx.array(targets)[:, None], axis=-1)
+            nll -= picked.sum().item()
+            n += len(targets)
+            if reference is None:
+                logprobs.setdefault(name, []).append(np.array(lp.astype(mx.float16)))
+            else:
+                ref = mx.array(reference[name][i]).astype(mx.float32)
+                kl += (mx.exp(ref) * (ref - lp)).sum().item()
+        result[name] = {"ppl": math.exp(nll / n), "tokens": n, "kl": kl / n}
     if reference is None:
         result["logprobs"] = logprobs
-    else:
-        result["kl"] = kl / n
     return result
 
 
@@ -239,7 +280,7 @@ def bench_model(
 ) -> list:
     from elm_mlx.tokenizer import load_tokenizer
 
-    calibration_text, held_text = texts()
+    calibration_text, held_texts = texts()
     calibration = work / "calibration.txt"
     calibration.write_text(calibration_text)
     src = SOURCES[name](work)
@@ -260,36 +301,41 @@ def bench_model(
         row = {"model": name, "method": label, **built}
         if "error" not in built:
             if reference is None:
-                ids = load_tokenizer(out).encode(held_text)[:tokens]
-            scored = score(out, ids, window, reference)
+                tokenizer = load_tokenizer(out)
+                held = {k: tokenizer.encode(t)[:tokens] for k, t in held_texts.items()}
+            scored = score(out, held, window, reference)
             if reference is None:
                 reference = scored.pop("logprobs")
-                scored["kl"] = 0.0
             row |= scored
         rows.append(row)
         print(format_row(row), flush=True)
-    base = rows[0]["ppl"]
     for row in rows:
-        if "ppl" in row:
-            row["ppl_change"] = row["ppl"] / base - 1
+        for text in held_texts:
+            if text in row and text in rows[0]:
+                row[text]["ppl_change"] = row[text]["ppl"] / rows[0][text]["ppl"] - 1
     return rows
 
 
 def format_row(row: dict) -> str:
     if "error" in row:
-        return f"{row['model']:8} {row['method']:22} error: {row['error']}"
+        return f"{row['model']:13} {row['method']:22} error: {row['error']}"
     bpw = "-" if row["bpw"] is None else f"{row['bpw']:.3f}"
     secs = "cached" if row.get("cached") else f"{row['seconds']:.0f}s"
     peak = "" if row.get("cached") else f"{row['peak_rss'] / 2**30:.2f} GiB"
+    cells = []
+    for text in ("pydoc", "prose"):
+        r = row[text]
+        change = f" ({100 * r['ppl_change']:+.1f}%)" if "ppl_change" in r else ""
+        cells.append(f"{text} ppl {r['ppl']:7.3f}{change:9} KL {r['kl']:.4f}")
     return (
-        f"{row['model']:8} {row['method']:22} bpw {bpw:>6}  ppl {row['ppl']:8.3f}  "
-        f"KL {row['kl']:.5f}  convert {secs:>6}  peak {peak}"
+        f"{row['model']:13} {row['method']:22} bpw {bpw:>6}  {'  '.join(cells)}  "
+        f"convert {secs:>6}  peak {peak}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["smollm2", "openelm"], choices=SOURCES)
+    parser.add_argument("--models", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--bpw", nargs="+", type=float, default=[4.5, 4.25])
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=1024)
@@ -306,10 +352,7 @@ def main() -> None:
         rows += bench_model(name, work, args.bpw, args.tokens, args.window, args.methods)
     print()
     for row in rows:
-        if "ppl_change" in row:
-            print(f"{format_row(row)}  ({100 * row['ppl_change']:+.1f}%)")
-        else:
-            print(format_row(row))
+        print(format_row(row))
     summary = {
         "bench": "quant",
         "date": time.strftime("%Y-%m-%d"),

@@ -26,7 +26,7 @@ from ..quantize import (
     quantize_model,
     split,
 )
-from ..quantize.mixed import quantizable
+from ..quantize.mixed import describe_plan, quantizable
 from ..tokenizer import load_tokenizer
 
 
@@ -41,6 +41,7 @@ class QuantizationReport:
     calibration_source: str
     bits_per_weight: float  # packed codes + scales + biases over the quantized layers
     seconds: float
+    plan: str  # settings used: layers and share of the weights per setting
 
     def summary(self) -> str:
         change = 100 * (self.quantized_perplexity / self.float_perplexity - 1)
@@ -48,7 +49,7 @@ class QuantizationReport:
             f"perplexity on {self.held_out_tokens} held-out tokens of {self.calibration_source}: "
             f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
             f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated on "
-            f"{self.calibration_tokens} tokens in {self.seconds:.0f}s"
+            f"{self.calibration_tokens} tokens in {self.seconds:.0f}s; {self.plan}"
         )
 
 
@@ -100,7 +101,7 @@ def quantize_calibrated(
             bars[stage] = tqdm(
                 total=total,
                 desc=stage,
-                unit="block",
+                unit="layer" if stage == "sensitivity" else "block",
                 disable=None if progress else True,
                 leave=False,
             )
@@ -108,7 +109,7 @@ def quantize_calibrated(
 
     try:
         plan = quantize_model(
-            model, data.windows, setting, dtype, bpw, config.sensitivity_windows, show
+            model, data.windows, setting, dtype, bpw, config.sensitivity_tokens, show
         )
     finally:
         for bar in bars.values():
@@ -127,6 +128,7 @@ def quantize_calibrated(
         calibration_source=source,
         bits_per_weight=bits_per_weight(model),
         seconds=time.perf_counter() - tic,
+        plan=describe_plan(plan, sizes),
     )
     return quantization_config(plan, sizes), report
 

@@ -21,6 +21,7 @@ from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
 from elm_mlx.quantize import CalibrationConfig, default_text, split
 from elm_mlx.quantize.grid import Setting, fit_grid
 from elm_mlx.quantize.mixed import allocate, lower_hull
+from elm_mlx.quantize.sensitivity import measure, rounded
 from elm_mlx.train.dataset import load_splits
 from elm_mlx.train.fuse import fuse
 from elm_mlx.train.trainer import TrainConfig, Trainer
@@ -257,6 +258,7 @@ def test_calibrate_through_the_cli_reports_held_out_perplexity(tiny, tmp_path):
     assert f"held-out tokens of {text}" in result.stderr
     assert "bits per weight" in result.stderr and f"wrote {out}" in result.stderr
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert "4-bit g64" in result.stderr and "layers (100%)" in result.stderr  # the plan
 
 
 def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny, tmp_path):
@@ -267,3 +269,50 @@ def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny, tmp_path):
     assert result.exit_code == 1
     assert "the model has 256 embeddings" in result.stderr and "--tokenizer" in result.stderr
     assert not out.exists() and _leftovers(out) == []
+
+
+class InputEnergy(nn.Module):
+    """The test's own record of diag E[x x^T] over a linear layer's inputs."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear, self.inputs = linear, []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.inputs.append(x.reshape(-1, x.shape[-1]))
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("family", ["llama", "openelm"])
+def test_measured_cost_is_the_kl_of_rounding_that_layer_alone(tiny, family):
+    """A layer's measured cost at the probe setting is the mean KL, over the positions, of the
+    float model's next-token distribution against the same model with only that layer rounded
+    (computed here with whole forward passes), and other settings scale it by their rounding
+    error."""
+    model, tokenizer = load(tiny.converted(family))
+    tokens = mx.array(held_out(tokenizer, 48))[None]
+    probe, finer = Setting(4, 32), Setting(8, 32)
+    measured = measure(model, tokens, [probe, finer], probe, mx.float32)
+    reference = nn.log_softmax(model(tokens).astype(mx.float32))
+    layers = dict(model.named_modules())
+    blocks = [p for p in measured if isinstance(layers[p], nn.Linear) and ".layers." in p]
+    for path in (blocks[0], blocks[len(blocks) // 2], blocks[-1]):
+        linear = layers[path]
+        parent, name = path.rsplit(".", 1)
+        recorder = InputEnergy(linear)
+        setattr(layers[parent], name, recorder)
+        model(tokens)
+        setattr(layers[parent], name, linear)
+        x = mx.concatenate(recorder.inputs).astype(mx.float32)
+        h_diag = np.array((x * x).mean(0))
+        w = np.array(linear.weight)
+        linear.weight = mx.array(rounded(w, h_diag, probe, mx.float32))
+        logprobs = nn.log_softmax(model(tokens).astype(mx.float32))
+        linear.weight = mx.array(w)
+        kl = (mx.exp(reference) * (reference - logprobs)).sum(-1).mean().item()
+        costs = {s: err for _, err, s in measured[path].options}
+        assert kl > 0
+        np.testing.assert_allclose(costs[probe], kl, rtol=1e-3)
+        assert 0 < costs[finer] < costs[probe] / 50  # 8 bits: 16x finer steps, ~256x less error
+    embeddings = [p for p in measured if isinstance(layers[p], nn.Embedding)]
+    assert len(embeddings) == 1 and measured[embeddings[0]].options[0][1] > 0

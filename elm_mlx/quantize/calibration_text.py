@@ -27,7 +27,7 @@ class CalibrationConfig:
     window: int = 512  # tokens per calibration sequence
     windows: int = 8  # calibration sequences (window * windows tokens in all)
     held_out: int = 4096  # tokens at the end of the text kept for perplexity
-    sensitivity_windows: int = 2  # of the calibration windows, those the sensitivity pass uses
+    sensitivity_tokens: int = 256  # of the calibration tokens, those the sensitivity pass uses
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,22 @@ def quantization_config(plan: Mapping[str, Setting], sizes: Mapping[str, int]) -
     return config
 
 
+def describe_plan(plan: Mapping[str, Setting], sizes: Mapping[str, int]) -> str:
+    """One line: each setting's layer count and share of the weights, most weights first, and
+    the setting of each layer above a tenth of the weights (embedding, output layer)."""
+    total = sum(sizes[p] for p in plan)
+    by_setting: dict[Setting, list[str]] = {}
+    for path, s in plan.items():
+        by_setting.setdefault(s, []).append(path)
+    parts = [
+        f"{s.bits}-bit g{s.group_size} {len(paths)} layers "
+        f"({100 * sum(sizes[p] for p in paths) / total:.0f}%)"
+        for s, paths in sorted(by_setting.items(), key=lambda kv: -sum(sizes[p] for p in kv[1]))
+    ]
+    large = [f"{p} {s.bits}-bit g{s.group_size}" for p, s in plan.items() if sizes[p] > total / 10]
+    return "; ".join(parts) + (f" ({', '.join(large)})" if large else "")
+
+
 def bits_per_weight(model: nn.Module) -> float:
     """Average bits per weight over the quantized layers: packed codes, scales and biases."""
     bits = weights = 0

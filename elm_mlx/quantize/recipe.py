@@ -13,7 +13,7 @@ from ..models import CausalLM
 from .blockwise import calibrate
 from .grid import Setting
 from .mixed import CANDIDATES, MAX_BPW, budget_plan, cheapest_bpw, uniform_plan
-from .sensitivity import estimate
+from .sensitivity import measure
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -35,12 +35,13 @@ def quantize_model(
     setting: Setting,
     dtype: mx.Dtype,
     bpw: float | None = None,
-    sensitivity_windows: int = 2,
+    sensitivity_tokens: int = 256,
     progress: Progress | None = None,
 ) -> dict[str, Setting]:
     """Quantize `model` in place, calibrated on the token windows (N, L); return the plan
     (module path -> setting). Without `bpw` every layer gets `setting`; with it, layers get
-    the candidate settings that lose least by the sensitivity estimate within the budget."""
+    the candidate settings that lose least within the budget, each layer's loss measured on the
+    first `sensitivity_tokens` of the windows with `setting` as the probe."""
     if bpw is None:
         plan = uniform_plan(model, setting)
     else:
@@ -50,8 +51,9 @@ def quantize_model(
             if progress is not None:
                 progress("sensitivity", done, total)
 
-        estimates = estimate(model, windows[:sensitivity_windows], CANDIDATES, dtype, stage)
-        plan = budget_plan(estimates, bpw)
+        tokens = windows.reshape(1, -1)[:, :sensitivity_tokens]  # (1, tokens)
+        candidates = sorted({*CANDIDATES, setting})
+        plan = budget_plan(measure(model, tokens, candidates, setting, dtype, stage), bpw)
 
     def calibrating(done: int, total: int) -> None:
         if progress is not None:

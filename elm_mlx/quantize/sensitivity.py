@@ -1,21 +1,21 @@
-"""How much each layer's quantization error costs the model: per layer and candidate setting,
-an estimate of the increase of the calibration loss.
+"""How much each layer's quantization error costs the model, measured: per layer and candidate
+setting, the KL divergence of the model's next-token distribution from the float model's.
 
-Second order, with the Kronecker-factored curvature of K-FAC (Martens & Grosse 2015): when the
-weight of a linear layer y = W x moves by dW, the summed loss grows by about
-    1/2 tr(G dW H dW^T),  H = E[x x^T] over its inputs,  G = Sum_tokens g g^T, g = dLoss/dy,
-the empirical Fisher of its outputs. Keeping both diagonals (rounding errors of different
-inputs are nearly uncorrelated: on SmolLM2 the full H changes the estimate by under 5%) gives
-    E_l(s) = 1/2 Sum_o,j G_oo H_jj dW_oj^2,
-with dW the error of rounding to the grids `grid.fit_grid` picks for setting s. GPTQ later
-removes a similar share of it everywhere (about 4x on SmolLM2), which leaves the ranking. The
-same idea drives HAWQ's Hessian-aware bit allocation (Dong et al. 2019) and mlx-lm's dynamic
-quantization (a gradient-times-error score), here without a weight-sized gradient. A tied
-embedding counts twice: in the logits (output Fisher: the softmax's (p - y)^2) and in the rows
-looked up (the gradient reaching the first block, per token id).
+For each quantizable layer l, the float model is run on a calibration slice with that one layer
+rounded to the probe setting (the uniform setting asked for), everything else float, and the mean
+KL(float || perturbed) over the slice's positions is measured: K_l. Blocks below l are not run
+again (their outputs are kept), so a layer costs a forward pass from its block up. For small
+perturbations the KL is quadratic in the weight error, so the other candidates' costs follow
+from the probe's by the ratio of their weighted rounding errors,
+    E_l(s) = K_l * m_l(s) / m_l(probe),  m_l(s) = Sum_o,j H_jj dW_oj(s)^2,
+with H = E[x x^T] over the layer's inputs (dW: the error of rounding to the grids `grid.fit_grid`
+picks for s). A measured K_l takes in what a curvature estimate must approximate: how the
+network downstream amplifies or absorbs that layer's error (HAWQ's Hessian-aware allocation,
+Dong et al. 2019, and mlx-lm's dynamic quantization rank layers by such estimates; the measured
+loss of quantizing one layer is the ranking of e.g. SqueezeLLM's and LLM-MQ's sensitivity
+studies). A tied embedding is measured once, in both roles (lookup and logits).
 
-Memory: the activations at each block boundary for a few windows, and one block's backward
-pass at a time (no weight gradients).
+Memory: the float activations at each block boundary on the slice, and two slices of logits.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..models import CausalLM
 from .blockwise import linears, module_paths, output_layers
 from .grid import Setting, codes_on, dequantize, fit_grid
 
-Progress = Callable[[int, int], None]  # (blocks done, blocks in all)
+Progress = Callable[[int, int], None]  # (layers done, layers in all)
 
 
 @dataclass
@@ -43,149 +43,116 @@ class LayerOptions:
     options: list[tuple[float, float, Setting]]
 
 
-class Probe(nn.Module):
-    """Wraps a Linear: adds up x^2 of its inputs per input (plain calls), and adds `delta` to
-    its output (so that the gradient w.r.t. delta is dLoss/dy)."""
+class Energy(nn.Module):
+    """Passes through to `linear`, adding up x^2 of its inputs per input: diag E[x x^T]."""
 
     def __init__(self, linear: nn.Module):
         super().__init__()
         self.linear = linear
-        self.delta: mx.array | None = None
         self.energy = mx.zeros((linear.weight.shape[1],), mx.float32)
         self.count = 0
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.delta is not None:
-            return self.linear(x) + self.delta
         flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
         self.energy = self.energy + (flat * flat).sum(0)
         self.count += flat.shape[0]
         return self.linear(x)
 
-    def input_moment(self) -> np.ndarray:
-        """diag E[x x^T]"""
+    def diagonal(self) -> np.ndarray:
         return np.array(self.energy) / max(self.count, 1)
 
 
-def candidate_options(
-    w: mx.array,
-    h_diag: np.ndarray,
-    g: np.ndarray | None,
-    candidates: Sequence[Setting],
-    dtype: mx.Dtype,
-    lookups: tuple[np.ndarray, np.ndarray] | None = None,
-) -> LayerOptions:
-    """Each candidate's cost and estimated loss increase for the weight w (out, n), given the
-    diagonal of its input moment (n,), its output Fisher g (out,) if it is an output/linear
-    layer, and for an embedding the Fisher of the rows looked up (`lookups`: row ids and their
-    summed squared gradients (ids, n))."""
-    scale_bytes = mx.zeros((), dtype).itemsize
-    w_np = np.array(w.astype(mx.float32))
-    options = []
-    for s in candidates:
-        if not s.fits(w_np.shape[1]):
-            continue
-        # unclipped grids only: a ranking needs no clipping search, and it halves the time
-        scales, biases = fit_grid(w_np, h_diag, s, dtype, shrinks=(1.0,))
-        dw2 = (dequantize(codes_on(w_np, scales, biases, s.bits), scales, biases) - w_np) ** 2
-        err = 0.0 if g is None else 0.5 * float(g @ dw2 @ h_diag)
-        if lookups is not None:
-            ids, fisher = lookups
-            err += 0.5 * float((fisher * dw2[ids]).sum())
-        options.append((w_np.size * s.bits_per_weight(scale_bytes), err, s))
-    return LayerOptions(w_np.size, options)
+def rounded(w: np.ndarray, h_diag: np.ndarray, s: Setting, dtype: mx.Dtype) -> np.ndarray:
+    """w (out, n) rounded to the nearest point of the grids fitted for s (unclipped: a ranking
+    needs no clipping search, and it halves the time)."""
+    scales, biases = fit_grid(w, h_diag, s, dtype, shrinks=(1.0,))
+    return dequantize(codes_on(w, scales, biases, s.bits), scales, biases)
 
 
-def estimate(
+def weighted_errors(
+    w: np.ndarray, h_diag: np.ndarray, candidates: Sequence[Setting], dtype: mx.Dtype
+) -> dict[Setting, float]:
+    """m(s) = Sum_o,j H_jj (w - round_s(w))_oj^2 for each candidate that fits w (out, n)."""
+    return {
+        s: float(((rounded(w, h_diag, s, dtype) - w) ** 2).sum(0) @ h_diag)
+        for s in candidates
+        if s.fits(w.shape[1])
+    }
+
+
+def measure(
     model: CausalLM,
-    windows: mx.array,
+    tokens: mx.array,
     candidates: Sequence[Setting],
+    probe: Setting,
     dtype: mx.Dtype,
     progress: Progress | None = None,
 ) -> dict[str, LayerOptions]:
     """LayerOptions for every Linear of every block and for the embedding (and an untied output
     layer), measured on the float model with the token windows (N, L)."""
     paths = module_paths(model)
-    blocks = model.layers
-    probes = []
-    for block in blocks:
-        wrapped = [(p, Probe(m)) for p, m in linears(block)]
-        block.update_modules(tree_unflatten(wrapped))
-        probes.append(wrapped)
-    try:
-        return _estimate(model, windows, candidates, dtype, progress, paths, probes)
-    finally:
-        for block, wrapped in zip(blocks, probes, strict=True):
-            block.update_modules(tree_unflatten([(p, probe.linear) for p, probe in wrapped]))
-
-
-def _with_deltas(block: nn.Module, wrapped: list[tuple[str, Probe]]) -> Callable:
-    """block(h) with `deltas[k]` added to the output of its k-th linear layer."""
-
-    def run(h: mx.array, *deltas: mx.array) -> mx.array:
-        for (_, probe), d in zip(wrapped, deltas, strict=True):
-            probe.delta = d
-        return block(h, "causal", None)
-
-    return run
-
-
-def _estimate(model, windows, candidates, dtype, progress, paths, probes):
     embedding, head, norm = output_layers(model)
-    blocks = model.layers
-    inputs = [embedding(windows).astype(mx.float32)]  # (N, L, D) at each block boundary
-    for block, wrapped in zip(blocks, probes, strict=True):
-        inputs.append(block(inputs[-1], "causal", None))
-        mx.eval(inputs[-1], [probe.energy for _, probe in wrapped])
-
-    # The top: the summed next-token loss through the final norm and the output layer.
     logits_of = head if head is not None else embedding.as_linear
-    targets = windows[:, 1:]
+    blocks = model.layers
 
-    def top_loss(h: mx.array) -> mx.array:
-        logits = logits_of(norm(h))[:, :-1]
-        return nn.losses.cross_entropy(logits, targets, reduction="sum")
+    # The float pass: each block's input, each linear layer's diag E[x x^T], the reference.
+    inputs = [embedding(tokens).astype(mx.float32)]  # (N, L, D) at each block boundary
+    energies: list[list[tuple[str, Energy]]] = []
+    for block in blocks:
+        wrapped = [(p, Energy(m)) for p, m in linears(block)]
+        block.update_modules(tree_unflatten(wrapped))
+        inputs.append(block(inputs[-1], "causal", None))
+        mx.eval(inputs[-1], [e.energy for _, e in wrapped])
+        block.update_modules(tree_unflatten([(p, e.linear) for p, e in wrapped]))
+        energies.append(wrapped)
+    final = norm(inputs[-1])
+    reference = nn.log_softmax(logits_of(final).astype(mx.float32))  # (N, L, V)
+    p_ref = mx.exp(reference)
+    h_head = np.array((final.astype(mx.float32) ** 2).mean((0, 1)))  # (D,)
+    mx.eval(reference, p_ref)
 
-    _, (grad,) = mx.vjp(top_loss, [inputs[-1]], [mx.array(1.0)])
-    final = norm(inputs[-1])[:, :-1].astype(mx.float32)  # (N, L-1, D)
-    probs = mx.softmax(logits_of(final), axis=-1)  # (N, L-1, V)
-    onehot = mx.arange(probs.shape[-1])[None, None] == targets[..., None]
-    g_head = np.array(((probs - onehot) ** 2).sum((0, 1)))  # (V,)
-    h_head = np.array((final * final).mean((0, 1)))  # (D,)
-    del probs, onehot, final
+    def kl_from(i: int, h: mx.array | None = None) -> float:
+        """Mean KL(float || model) per position, running blocks i.. on h (by default the float
+        input of block i)."""
+        h = inputs[i] if h is None else h
+        for block in blocks[i:]:
+            h = block(h, "causal", None)
+        logprobs = nn.log_softmax(logits_of(norm(h)).astype(mx.float32))
+        return (p_ref * (reference - logprobs)).sum(-1).mean().item()
 
+    def options(module: nn.Module, h_diag: np.ndarray, start: int) -> LayerOptions:
+        """The module's candidates, its probe's KL measured from block `start` up."""
+        w = np.array(module.weight.astype(mx.float32))
+        errors = weighted_errors(w, h_diag, candidates, dtype)
+        unit = 0.0
+        if probe in errors:
+            original = module.weight
+            module.weight = mx.array(rounded(w, h_diag, probe, dtype))
+            try:
+                h = embedding(tokens).astype(mx.float32) if module is embedding else None
+                unit = kl_from(start, h) / max(errors[probe], 1e-30)
+            finally:
+                module.weight = original
+        scale_bytes = mx.zeros((), dtype).itemsize
+        return LayerOptions(
+            w.size,
+            [(w.size * s.bits_per_weight(scale_bytes), unit * m, s) for s, m in errors.items()],
+        )
+
+    layers = [
+        (f"{paths[id(block)]}.{p}", e.linear, e.diagonal(), i)
+        for i, (block, wrapped) in enumerate(zip(blocks, energies, strict=True))
+        for p, e in wrapped
+    ]
+    if head is not None:
+        layers.append((paths[id(head)], head, h_head, len(blocks)))
+        flat = np.ones(embedding.weight.shape[1], np.float32)  # a lookup: rows used unweighted
+        layers.append((paths[id(embedding)], embedding, flat, 0))
+    else:  # tied: one matrix in both roles, weighted as the output layer
+        layers.append((paths[id(embedding)], embedding, h_head, 0))
     result: dict[str, LayerOptions] = {}
-    for i in range(len(blocks) - 1, -1, -1):
-        block, wrapped, h_in = blocks[i], probes[i], inputs[i]
-
-        deltas = [mx.zeros((*h_in.shape[:2], p.linear.weight.shape[0])) for _, p in wrapped]
-        _, (grad, *grad_deltas) = mx.vjp(_with_deltas(block, wrapped), [h_in, *deltas], [grad])
-        mx.eval(grad, grad_deltas)
-        for (p, probe), gd in zip(wrapped, grad_deltas, strict=True):
-            probe.delta = None
-            g = np.array((gd * gd).sum((0, 1)))  # (out,)
-            result[f"{paths[id(block)]}.{p}"] = candidate_options(
-                probe.linear.weight, probe.input_moment(), g, candidates, dtype
-            )
-        inputs[i + 1] = None  # free the activations above
+    for done, (path, module, h_diag, start) in enumerate(layers, 1):
+        result[path] = options(module, h_diag, start)
         if progress is not None:
-            progress(len(blocks) - i, len(blocks))
-
-    # Embedding rows: the gradient reaching block 0, added up per token id.
-    ids = np.array(windows).reshape(-1)
-    g_in = np.array(grad.astype(mx.float32)).reshape(len(ids), -1) ** 2
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    fisher = np.zeros((len(uniq), g_in.shape[1]), np.float64)
-    np.add.at(fisher, inverse, g_in)
-    lookups = (uniq, fisher)
-    if head is None:  # tied: one matrix, both roles
-        result[paths[id(embedding)]] = candidate_options(
-            embedding.weight, h_head, g_head, candidates, dtype, lookups
-        )
-    else:
-        result[paths[id(head)]] = candidate_options(head.weight, h_head, g_head, candidates, dtype)
-        flat = np.ones(embedding.weight.shape[1], np.float32)
-        result[paths[id(embedding)]] = candidate_options(
-            embedding.weight, flat, None, candidates, dtype, lookups
-        )
+            progress(done, len(layers))
     return result

@@ -52,8 +52,9 @@ def command(
     calibration_file: Annotated[
         Path | None,
         typer.Option(
-            help="UTF-8 text to calibrate on; its tail is held out for perplexity.",
-            show_default="the Python documentation bundled with Python",
+            help="UTF-8 text to calibrate on (alone); its tail is held out for perplexity.",
+            show_default="text the float model writes, half and half with the Python "
+            "documentation bundled with Python (its tail held out)",
         ),
     ] = DEFAULTS.calibration_file,
     bpw: Annotated[

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from ..quantize import (
     quantize_model,
     split,
 )
+from ..quantize.calibration_text import with_own_text
 from ..quantize.mixed import describe_plan, quantizable
+from ..quantize.self_text import self_generated_windows
 from ..tokenizer import load_tokenizer
 
 
@@ -38,7 +40,8 @@ class QuantizationReport:
     quantized_perplexity: float
     held_out_tokens: int  # tokens scored
     calibration_tokens: int
-    calibration_source: str
+    calibration_source: str  # the text the held-out tokens come from
+    calibrated_on: str  # what the calibration windows are
     bits_per_weight: float  # packed codes + scales + biases over the quantized layers
     seconds: float
     plan: str  # settings used: layers and share of the weights per setting
@@ -49,7 +52,7 @@ class QuantizationReport:
             f"perplexity on {self.held_out_tokens} held-out tokens of {self.calibration_source}: "
             f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
             f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated on "
-            f"{self.calibration_tokens} tokens in {self.seconds:.0f}s; {self.plan}"
+            f"{self.calibrated_on} in {self.seconds:.0f}s; {self.plan}"
         )
 
 
@@ -73,6 +76,7 @@ def quantize_calibrated(
     model: CausalLM,
     text: str,
     source: str,
+    own_text: bool,
     tokenizer_dir: Path,
     setting: Setting,
     bpw: float | None,
@@ -80,7 +84,8 @@ def quantize_calibrated(
     progress: bool,
 ) -> tuple[dict[str, Any], QuantizationReport]:
     """Quantize the loaded float `model` in place; return config.json's "quantization" and the
-    report. The tokenizer is the one the output folder ships (`tokenizer_dir`)."""
+    report. With `own_text`, part of the calibration windows are text the float model writes.
+    The tokenizer is the one the output folder ships (`tokenizer_dir`)."""
     tic = time.perf_counter()
     config = CalibrationConfig()
     ids = encode_text(load_tokenizer(tokenizer_dir), text)
@@ -89,7 +94,12 @@ def quantize_calibrated(
             f"the tokenizer gives id {max(ids)} for {source}, but the model has "
             f"{vocab_size(model)} embeddings; is it the model's own tokenizer (--tokenizer)?"
         )
+    if own_text:
+        config = replace(config, windows=config.windows - config.own_windows)
     data = split(ids, config, source)
+    if own_text:
+        own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
+        data = with_own_text(data, own)
     sizes = {p: m.weight.size for p, m in quantizable(model).items()}
     float_ppl = held_out_perplexity(model, data.held_out)
     bars: dict[str, Any] = {}
@@ -126,6 +136,7 @@ def quantize_calibrated(
         held_out_tokens=len(data.held_out) - 1,
         calibration_tokens=data.windows.size,
         calibration_source=source,
+        calibrated_on=data.calibrated_on,
         bits_per_weight=bits_per_weight(model),
         seconds=time.perf_counter() - tic,
         plan=describe_plan(plan, sizes),

@@ -47,7 +47,7 @@ class ConvertOptions:
     force: bool = False
     max_shard_bytes: int = 5 << 30
     calibrate: bool = False  # GPTQ against calibration text instead of rounding to nearest
-    calibration_file: str | None = None  # None: the Python documentation bundled with Python
+    calibration_file: str | None = None  # None: the model's own text and the Python docs
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
 
     def validate(self) -> None:
@@ -107,6 +107,7 @@ def convert(
             quant, result = quantize_calibrated(
                 model,
                 *text,
+                options.calibration_file is None,  # the default text: add the model's own
                 tmp,
                 Setting(options.bits, options.group_size),
                 options.bpw,

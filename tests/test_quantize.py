@@ -19,8 +19,10 @@ from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import build_model, load, load_model
 from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
 from elm_mlx.quantize import CalibrationConfig, default_text, split
+from elm_mlx.quantize.calibration_text import with_own_text
 from elm_mlx.quantize.grid import Setting, fit_grid
 from elm_mlx.quantize.mixed import allocate, lower_hull
+from elm_mlx.quantize.self_text import deduplicate, self_generated_windows
 from elm_mlx.quantize.sensitivity import measure, rounded
 from elm_mlx.train.dataset import load_splits
 from elm_mlx.train.fuse import fuse
@@ -316,3 +318,38 @@ def test_measured_cost_is_the_kl_of_rounding_that_layer_alone(tiny, family):
         assert 0 < costs[finer] < costs[probe] / 50  # 8 bits: 16x finer steps, ~256x less error
     embeddings = [p for p in measured if isinstance(layers[p], nn.Embedding)]
     assert len(embeddings) == 1 and measured[embeddings[0]].options[0][1] > 0
+
+
+# ---------------------------------------------------------------------------- the model's own text
+
+
+def test_own_text_drops_loops_and_duplicates():
+    rng = np.random.default_rng(0)
+    fresh = rng.integers(0, 1000, size=(2, 64))
+    loop = np.tile(np.arange(5), 13)[:64]
+    rows = np.stack([fresh[0], loop, fresh[0], fresh[1]])
+    kept = deduplicate(rows)
+    assert [list(k) for k in kept] == [list(fresh[0]), list(fresh[1])]
+
+
+def test_default_calibration_mixes_the_models_own_text_with_the_stdlib(tiny):
+    model, _ = tiny.load("llama")
+    own = self_generated_windows(model, 400, count=2, window=64, seed=1)
+    assert own.shape == (2, 64) and own.max() < 400
+    np.testing.assert_array_equal(own, self_generated_windows(model, 400, 2, 64, seed=1))
+    text = list(range(1000, 3000))
+    data = with_own_text(split(text, CalibrationConfig(window=64, windows=2), "the text"), own)
+    rows = np.array(data.windows)
+    assert rows.shape == (4, 64)
+    assert [i for i, r in enumerate(rows) if r.max() < 400] == [0, 2]  # alternating
+    assert data.held_out == text[-len(data.held_out) :] and rows.max() < text[-len(data.held_out)]
+    assert data.calibrated_on == "128 tokens the float model wrote and 128 tokens of the text"
+
+
+def test_the_report_says_what_calibration_read(tiny, tmp_path):
+    out = tmp_path / "out"
+    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "tokens the float model wrote and" in result.stderr
+    assert "tokens of the Python documentation topics" in result.stderr

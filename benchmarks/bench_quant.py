@@ -13,11 +13,12 @@ memory; the folder is then scored on held-out text that no method calibrated on:
                                    at 6 bits); it raises on OpenELM/OLMo layer names
     mlx-lm gptq 4/64               `mlx_lm.quant.gptq.gptq_quantize` (its fallback layers, the
                                    embedding here, at 8 bits), fed elm's calibration windows
-    elm calibrated 4/64            `elm convert -q --calibrate`
-    elm mixed B                    `elm convert -q --bpw B`
+    elm calibrated 4/64            `elm convert -q --calibrate --own-text`
+    elm mixed B                    `elm convert -q --bpw B --own-text`
 
 Calibration text: the standard library's pydoc topics (every Python has it); its first 85% of
-characters is the calibration file both engines use. Held out: "pydoc", the remaining 15% (the
+characters is the calibration file both engines use (elm adds as many windows of text the
+float model writes, as it does by default without a file). Held out: "pydoc", the remaining 15% (the
 calibration's domain), and "prose", English prose of another domain (Alice's Adventures in
 Wonderland, chapters I-III, public domain, shipped in tests/data). Metrics per held-out text:
 perplexity in windows of --window and the mean KL divergence of the quantized model's next-token
@@ -158,6 +159,7 @@ def build_elm(src: Path, out: Path, spec: dict, calibration: Path) -> None:
         calibrate=spec.get("calibrate", False),
         bpw=spec.get("bpw"),
         calibration_file=str(calibration) if spec.get("quantize") else None,
+        own_text=True if spec.get("quantize") else None,  # as without a file, held out apart
     )
     convert(src, out, options, progress=False, report=lambda r: print(r.summary(), file=sys.stderr))
 

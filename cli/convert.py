@@ -52,11 +52,19 @@ def command(
     calibration_file: Annotated[
         Path | None,
         typer.Option(
-            help="UTF-8 text to calibrate on (alone); its tail is held out for perplexity.",
-            show_default="text the float model writes, half and half with the Python "
-            "documentation bundled with Python (its tail held out)",
+            help="UTF-8 text to calibrate on; its tail is held out for perplexity.",
+            show_default="the Python documentation bundled with Python",
         ),
     ] = DEFAULTS.calibration_file,
+    own_text: Annotated[
+        bool | None,
+        typer.Option(
+            "--own-text/--no-own-text",
+            help="Calibrate half on text the float model writes itself (so that no one "
+            "domain dominates).",
+            show_default="with the default text, not with --calibration-file",
+        ),
+    ] = DEFAULTS.own_text,
     bpw: Annotated[
         float | None,
         typer.Option(
@@ -80,6 +88,7 @@ def command(
         force=force,
         calibrate=calibrate,
         calibration_file=None if calibration_file is None else str(calibration_file),
+        own_text=own_text,
         bpw=bpw,
     )
     path = convert(src, out, options, report=lambda r: typer.echo(r.summary(), err=True))

@@ -47,7 +47,8 @@ class ConvertOptions:
     force: bool = False
     max_shard_bytes: int = 5 << 30
     calibrate: bool = False  # GPTQ against calibration text instead of rounding to nearest
-    calibration_file: str | None = None  # None: the model's own text and the Python docs
+    calibration_file: str | None = None  # None: the Python documentation bundled with Python
+    own_text: bool | None = None  # half the windows the model's own; None: without a file
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
 
     def validate(self) -> None:
@@ -57,7 +58,7 @@ class ConvertOptions:
             raise OptionError("bits", f"must be one of {BITS}, not {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
-        for name in ("calibrate", "calibration_file", "bpw"):
+        for name in ("calibrate", "calibration_file", "own_text", "bpw"):
             if getattr(self, name) not in (None, False) and not self.quantize:
                 raise OptionError(name, "needs --quantize (it chooses how to quantize)")
 
@@ -107,7 +108,7 @@ def convert(
             quant, result = quantize_calibrated(
                 model,
                 *text,
-                options.calibration_file is None,  # the default text: add the model's own
+                options.calibration_file is None if options.own_text is None else options.own_text,
                 tmp,
                 Setting(options.bits, options.group_size),
                 options.bpw,

@@ -261,6 +261,7 @@ def test_calibrate_through_the_cli_reports_held_out_perplexity(tiny, tmp_path):
     assert "bits per weight" in result.stderr and f"wrote {out}" in result.stderr
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     assert "4-bit g64" in result.stderr and "layers (100%)" in result.stderr  # the plan
+    assert "float model wrote" not in result.stderr  # a file alone, unless --own-text
 
 
 def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny, tmp_path):
@@ -346,10 +347,17 @@ def test_default_calibration_mixes_the_models_own_text_with_the_stdlib(tiny):
     assert data.calibrated_on == "128 tokens the float model wrote and 128 tokens of the text"
 
 
-def test_the_report_says_what_calibration_read(tiny, tmp_path):
+@pytest.mark.parametrize("own", ["default", "--own-text"])
+def test_the_report_says_what_calibration_read(tiny, tmp_path, own):
+    """By default half the windows are the model's own text; with a file, only with --own-text."""
     out = tmp_path / "out"
     args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
+    source = "the Python documentation topics"
+    if own == "--own-text":
+        source = tmp_path / "text.txt"
+        source.write_text(default_text()[:60_000])
+        args += ["--calibration-file", str(source), "--own-text"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert "tokens the float model wrote and" in result.stderr
-    assert "tokens of the Python documentation topics" in result.stderr
+    assert f"tokens of {source}" in result.stderr

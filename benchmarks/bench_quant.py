@@ -158,7 +158,7 @@ def build_elm(src: Path, out: Path, spec: dict, calibration: Path) -> None:
         quantize=spec.get("quantize", False),
         calibrate=spec.get("calibrate", False),
         bpw=spec.get("bpw"),
-        calibration_file=str(calibration) if spec.get("quantize") else None,
+        calibration_files=(str(calibration),) if spec.get("quantize") else (),
         own_text=True if spec.get("quantize") else None,  # as without a file, held out apart
     )
     convert(src, out, options, progress=False, report=lambda r: print(r.summary(), file=sys.stderr))

@@ -50,12 +50,13 @@ def command(
         ),
     ] = DEFAULTS.calibrate,
     calibration_file: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            help="UTF-8 text to calibrate on; its tail is held out for perplexity.",
+            help="UTF-8 text to calibrate on (repeatable: the windows are shared); each tail "
+            "is held out for perplexity.",
             show_default="the Python documentation bundled with Python",
         ),
-    ] = DEFAULTS.calibration_file,
+    ] = None,
     own_text: Annotated[
         bool | None,
         typer.Option(
@@ -87,7 +88,7 @@ def command(
         hf_token=hf_token,
         force=force,
         calibrate=calibrate,
-        calibration_file=None if calibration_file is None else str(calibration_file),
+        calibration_files=tuple(str(f) for f in calibration_file or ()),
         own_text=own_text,
         bpw=bpw,
     )

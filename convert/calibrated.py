@@ -26,7 +26,7 @@ from ..quantize import (
     quantize_model,
     split,
 )
-from ..quantize.calibration_text import with_own_text
+from ..quantize.calibration_text import combine, written_by_model
 from ..quantize.mixed import describe_plan, quantizable
 from ..quantize.self_text import self_generated_windows
 from ..tokenizer import load_tokenizer
@@ -74,8 +74,7 @@ def held_out_perplexity(model: CausalLM, ids: list[int]) -> float:
 
 def quantize_calibrated(
     model: CausalLM,
-    text: str,
-    source: str,
+    texts: list[tuple[str, str]],
     own_text: bool,
     tokenizer_dir: Path,
     setting: Setting,
@@ -84,22 +83,30 @@ def quantize_calibrated(
     progress: bool,
 ) -> tuple[dict[str, Any], QuantizationReport]:
     """Quantize the loaded float `model` in place; return config.json's "quantization" and the
-    report. With `own_text`, part of the calibration windows are text the float model writes.
-    The tokenizer is the one the output folder ships (`tokenizer_dir`)."""
+    report. Calibration windows are shared among the texts (text, name), each with its tail held
+    out; with `own_text`, half of them are text the float model writes. The tokenizer is the one
+    the output folder ships (`tokenizer_dir`)."""
     tic = time.perf_counter()
     config = CalibrationConfig()
-    ids = encode_text(load_tokenizer(tokenizer_dir), text)
-    if ids and max(ids) >= vocab_size(model):
-        raise TokenizerError(
-            f"the tokenizer gives id {max(ids)} for {source}, but the model has "
-            f"{vocab_size(model)} embeddings; is it the model's own tokenizer (--tokenizer)?"
-        )
-    if own_text:
-        config = replace(config, windows=config.windows - config.own_windows)
-    data = split(ids, config, source)
+    parts = []
     if own_text:
         own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
-        data = with_own_text(data, own)
+        parts.append(written_by_model(own))
+    share = replace(
+        config,
+        windows=max(1, (config.windows - (config.own_windows if own_text else 0)) // len(texts)),
+        held_out=config.held_out // len(texts),
+    )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    for text, source in texts:
+        ids = encode_text(tokenizer, text)
+        if ids and max(ids) >= vocab_size(model):
+            raise TokenizerError(
+                f"the tokenizer gives id {max(ids)} for {source}, but the model has "
+                f"{vocab_size(model)} embeddings; is it the model's own tokenizer (--tokenizer)?"
+            )
+        parts.append(split(ids, share, source))
+    data = combine(parts)
     sizes = {p: m.weight.size for p, m in quantizable(model).items()}
     float_ppl = held_out_perplexity(model, data.held_out)
     bars: dict[str, Any] = {}
@@ -135,7 +142,7 @@ def quantize_calibrated(
         quantized_perplexity=quant_ppl,
         held_out_tokens=len(data.held_out) - 1,
         calibration_tokens=data.windows.size,
-        calibration_source=source,
+        calibration_source=data.source,
         calibrated_on=data.calibrated_on,
         bits_per_weight=bits_per_weight(model),
         seconds=time.perf_counter() - tic,

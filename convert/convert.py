@@ -47,8 +47,8 @@ class ConvertOptions:
     force: bool = False
     max_shard_bytes: int = 5 << 30
     calibrate: bool = False  # GPTQ against calibration text instead of rounding to nearest
-    calibration_file: str | None = None  # None: the Python documentation bundled with Python
-    own_text: bool | None = None  # half the windows the model's own; None: without a file
+    calibration_files: tuple[str, ...] = ()  # none: the Python documentation bundled with Python
+    own_text: bool | None = None  # half the windows the model's own; None: without files
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
 
     def validate(self) -> None:
@@ -58,9 +58,10 @@ class ConvertOptions:
             raise OptionError("bits", f"must be one of {BITS}, not {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
-        for name in ("calibrate", "calibration_file", "own_text", "bpw"):
-            if getattr(self, name) not in (None, False) and not self.quantize:
-                raise OptionError(name, "needs --quantize (it chooses how to quantize)")
+        for name in ("calibrate", "calibration_files", "own_text", "bpw"):
+            if getattr(self, name) not in (None, False, ()) and not self.quantize:
+                flag = name.removesuffix("s")  # the flag, once per file
+                raise OptionError(flag, "needs --quantize (it chooses how to quantize)")
 
     @property
     def calibrated(self) -> bool:
@@ -84,7 +85,9 @@ def convert(
     options.validate()
     out = Path(out).expanduser()
     check_output(out, options.force)
-    text = read_text(options.calibration_file) if options.calibrated else None
+    texts = None
+    if options.calibrated:
+        texts = [read_text(f) for f in options.calibration_files] or [read_text(None)]
 
     source = hub.resolve(src, options.revision, options.hf_token)
     config = read_config(source)
@@ -101,14 +104,14 @@ def convert(
     float_shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     if options.bpw is not None:
         check_budget(model, options.bpw, dtype)
-    if text is not None:
+    if texts is not None:
         with staging_folder(out) as tmp:
             copy_tokenizer(tokenizer, tmp)
             load_float(model, _checkpoint_tensors(model, files, float_shapes, source), dtype)
             quant, result = quantize_calibrated(
                 model,
-                *text,
-                options.calibration_file is None if options.own_text is None else options.own_text,
+                texts,
+                not options.calibration_files if options.own_text is None else options.own_text,
                 tmp,
                 Setting(options.bits, options.group_size),
                 options.bpw,

@@ -19,7 +19,7 @@ from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import build_model, load, load_model
 from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
 from elm_mlx.quantize import CalibrationConfig, default_text, split
-from elm_mlx.quantize.calibration_text import with_own_text
+from elm_mlx.quantize.calibration_text import combine, written_by_model
 from elm_mlx.quantize.grid import Setting, fit_grid
 from elm_mlx.quantize.mixed import allocate, lower_hull
 from elm_mlx.quantize.self_text import deduplicate, self_generated_windows
@@ -339,7 +339,7 @@ def test_default_calibration_mixes_the_models_own_text_with_the_stdlib(tiny):
     assert own.shape == (2, 64) and own.max() < 400
     np.testing.assert_array_equal(own, self_generated_windows(model, 400, 2, 64, seed=1))
     text = list(range(1000, 3000))
-    data = with_own_text(split(text, CalibrationConfig(window=64, windows=2), "the text"), own)
+    data = combine([written_by_model(own), split(text, CalibrationConfig(64, 2), "the text")])
     rows = np.array(data.windows)
     assert rows.shape == (4, 64)
     assert [i for i, r in enumerate(rows) if r.max() < 400] == [0, 2]  # alternating
@@ -361,3 +361,18 @@ def test_the_report_says_what_calibration_read(tiny, tmp_path, own):
     assert result.exit_code == 0, result.stderr
     assert "tokens the float model wrote and" in result.stderr
     assert f"tokens of {source}" in result.stderr
+
+
+def test_calibration_files_repeat_and_share_the_windows(tiny, tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text(default_text()[:40_000])
+    second.write_text(default_text()[-40_000:])
+    out = tmp_path / "out"
+    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
+    result = runner.invoke(
+        app, [*args, "--calibration-file", str(first), "--calibration-file", str(second)]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert f"held-out tokens of {first} and {second}" in result.stderr
+    assert f"4096 tokens of {first} and 4096 tokens of {second}" in result.stderr  # 8 windows each
+    assert "float model wrote" not in result.stderr

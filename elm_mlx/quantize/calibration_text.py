@@ -85,15 +85,25 @@ def split(ids: list[int], config: CalibrationConfig, source: str) -> Calibration
     )
 
 
-def with_own_text(data: CalibrationData, own: np.ndarray) -> CalibrationData:
-    """The text's windows and the windows the model wrote (n, window), alternating (so that any
-    leading slice, e.g. the sensitivity tokens, holds both); the held-out tail stays the text's."""
-    text = np.array(data.windows)
-    rows = [w for pair in zip(own, text, strict=False) for w in pair]
-    rows += list(own[len(text) :]) + list(text[len(own) :])
+def written_by_model(windows: np.ndarray) -> CalibrationData:
+    """Windows (n, window) the float model wrote, as calibration data with nothing held out."""
     return CalibrationData(
-        mx.array(np.stack(rows).astype(np.int32)),
-        data.held_out,
-        data.source,
-        f"{own.size} tokens the float model wrote and {data.calibrated_on}",
+        mx.array(windows.astype(np.int32)),
+        [],
+        "the float model's own text",
+        f"{windows.size} tokens the float model wrote",
+    )
+
+
+def combine(parts: list[CalibrationData]) -> CalibrationData:
+    """The parts' windows taken in turn (so that any leading slice, e.g. the sensitivity
+    tokens, holds some of each) and their held-out tails one after another."""
+    arrays = [np.array(p.windows) for p in parts]
+    longest = max(len(a) for a in arrays)
+    rows = [a[i] for i in range(longest) for a in arrays if i < len(a)]
+    return CalibrationData(
+        mx.array(np.stack(rows)),
+        [t for p in parts for t in p.held_out],
+        " and ".join(p.source for p in parts if p.held_out),
+        " and ".join(p.calibrated_on for p in parts),
     )

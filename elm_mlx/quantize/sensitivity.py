@@ -125,12 +125,16 @@ def measure(
         w = np.array(module.weight.astype(mx.float32))
         errors = weighted_errors(w, h_diag, candidates, dtype)
         unit = 0.0
-        if probe in errors:
+        if errors:  # probed at the probe setting, or the fitting one nearest to it
+            near = min(
+                errors,
+                key=lambda s: (abs(s.bits - probe.bits), abs(s.group_size - probe.group_size)),
+            )
             original = module.weight
-            module.weight = mx.array(rounded(w, h_diag, probe, dtype))
+            module.weight = mx.array(rounded(w, h_diag, near, dtype))
             try:
                 h = embedding(tokens).astype(mx.float32) if module is embedding else None
-                unit = kl_from(start, h) / max(errors[probe], 1e-30)
+                unit = kl_from(start, h) / max(errors[near], 1e-30)
             finally:
                 module.weight = original
         scale_bytes = mx.zeros((), dtype).itemsize

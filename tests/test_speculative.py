@@ -33,7 +33,7 @@ from elm_mlx.engine.speculative import ProposalLength, SpeculativeStats
 from elm_mlx.errors import GenerationError, OptionError
 from elm_mlx.loader import load
 from elm_mlx.models import make_cache
-from elm_mlx.tokenizer import load_tokenizer
+from elm_mlx.tokenizer import encode_prompt, load_tokenizer
 
 FAMILIES = ["llama", "olmo", "openelm"]
 FREE = StepCost.fixed(1.0, 0.0)  # proposals cost nothing: a row proposes all it wants
@@ -381,6 +381,17 @@ def responses(model, tokenizer, **options):
     return list(stream_generate(model, tokenizer, PROMPT, **options))
 
 
+def unpriced(model, tokenizer, **options):
+    """A batch of one whose proposals cost nothing to the speculation budget: on a busy machine
+    the timed step costs may otherwise price speculation out, and nothing would be proposed."""
+    engine = BatchGenerator(model, tokenizer, max_batch=1, cost=StepCost.fixed(1.0, 0.0))
+    engine.add(Request(encode_prompt(tokenizer, PROMPT), GenerationConfig(**options)))
+    events = []
+    while engine.has_work:
+        events += engine.step()
+    return events
+
+
 def test_eos_inside_an_accepted_run(tiny_folder):
     """Each distinct token of the output in turn ends the text: the speculative stream stops
     where plain decoding does, also when the end of text is inside a run of accepted tokens.
@@ -393,7 +404,7 @@ def test_eos_inside_an_accepted_run(tiny_folder):
         tokenizer.eos_token_ids = {eos}
         expected = responses(model, tokenizer, max_tokens=48)
         for options in ({"prompt_lookup": 6}, {"draft_model": model, "num_draft": 4}):
-            got = responses(model, tokenizer, max_tokens=48, **options)
+            got = unpriced(model, tokenizer, max_tokens=48, **options)
             assert [(r.token, r.text) for r in got] == [(r.token, r.text) for r in expected]
             assert got[-1].token == eos and got[-1].finish_reason == "stop"
             inside_a_run += got[-1].from_draft  # a proposed token never ends its run

@@ -64,6 +64,11 @@ class ConvertOptions:
                 raise OptionError(flag, "needs --quantize (it chooses how to quantize)")
 
     @property
+    def with_own_text(self) -> bool:
+        """Half the calibration windows written by the model: by default without files."""
+        return not self.calibration_files if self.own_text is None else self.own_text
+
+    @property
     def calibrated(self) -> bool:
         return self.calibrate or self.bpw is not None
 
@@ -111,7 +116,7 @@ def convert(
             quant, result = quantize_calibrated(
                 model,
                 texts,
-                not options.calibration_files if options.own_text is None else options.own_text,
+                options.with_own_text,
                 tmp,
                 Setting(options.bits, options.group_size),
                 options.bpw,

@@ -7,8 +7,9 @@ topics (`pydoc_data.topics`: ~465k characters of English prose and code about Py
 one domain dominates: calibrated on the documentation alone, the quantized model lost three times
 as much (KL to the float model) on English prose as on held-out documentation; with half of
 its own text, a third less on prose at the same loss on the documentation (BENCHMARKS.md, issue
-17; Williams & Aletras 2024, arXiv:2311.09755, on the calibration set's domain). Split: the last `held_out` tokens are held out; calibration windows
-are spread evenly over the tokens before them.
+17; Williams & Aletras 2024, arXiv:2311.09755, on the calibration set's domain). Split: the
+last `held_out` tokens are held out; calibration windows are spread evenly over the tokens
+before them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class CalibrationConfig:
 
     window: int = 512  # tokens per calibration sequence
     windows: int = 16  # calibration sequences (window * windows tokens in all)
-    own_windows: int = 8  # of them, text the float model writes (with the default text only)
+    own_windows: int = 8  # of them, text the float model writes (when it writes any)
     held_out: int = 4096  # tokens at the end of the text kept for perplexity
     sensitivity_tokens: int = 256  # of the calibration tokens, those the sensitivity pass uses
 

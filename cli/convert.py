@@ -57,13 +57,21 @@ def command(
             show_default="the Python documentation bundled with Python",
         ),
     ] = None,
+    calibration_dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="A dataset to calibrate on too, ID or ID:CONFIG: a hub id (needs a network "
+            "connection and `pip install 'elm-mlx[hub]'`) or a local dataset folder; the text "
+            "of its train split."
+        ),
+    ] = DEFAULTS.calibration_dataset,
     own_text: Annotated[
         bool | None,
         typer.Option(
             "--own-text/--no-own-text",
             help="Calibrate half on text the float model writes itself (so that no one "
             "domain dominates).",
-            show_default="with the default text, not with --calibration-file",
+            show_default="with the default text, not with a file or dataset",
         ),
     ] = DEFAULTS.own_text,
     bpw: Annotated[
@@ -89,6 +97,7 @@ def command(
         force=force,
         calibrate=calibrate,
         calibration_files=tuple(str(f) for f in calibration_file or ()),
+        calibration_dataset=calibration_dataset,
         own_text=own_text,
         bpw=bpw,
     )

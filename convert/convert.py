@@ -23,7 +23,7 @@ from ..model_folder import (
     write_config,
 )
 from ..models import family_of
-from ..quantize import Setting, check_budget, read_text
+from ..quantize import CalibrationConfig, Setting, check_budget, read_dataset, read_text
 from .calibrated import QuantizationReport, load_float, model_tensors, quantize_calibrated
 from .hf_checkpoint import checkpoint_files, iter_tensors
 from .tokenizer_files import find_tokenizer
@@ -48,7 +48,8 @@ class ConvertOptions:
     max_shard_bytes: int = 5 << 30
     calibrate: bool = False  # GPTQ against calibration text instead of rounding to nearest
     calibration_files: tuple[str, ...] = ()  # none: the Python documentation bundled with Python
-    own_text: bool | None = None  # half the windows the model's own; None: without files
+    calibration_dataset: str | None = None  # a hub dataset id (or "id:config"), when online
+    own_text: bool | None = None  # half the windows the model's own; None: without given text
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
 
     def validate(self) -> None:
@@ -58,19 +59,31 @@ class ConvertOptions:
             raise OptionError("bits", f"must be one of {BITS}, not {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
-        for name in ("calibrate", "calibration_files", "own_text", "bpw"):
+        for name in ("calibrate", "calibration_files", "calibration_dataset", "own_text", "bpw"):
             if getattr(self, name) not in (None, False, ()) and not self.quantize:
                 flag = name.removesuffix("s")  # the flag, once per file
                 raise OptionError(flag, "needs --quantize (it chooses how to quantize)")
 
     @property
+    def given_text(self) -> bool:
+        return bool(self.calibration_files) or self.calibration_dataset is not None
+
+    @property
     def with_own_text(self) -> bool:
-        """Half the calibration windows written by the model: by default without files."""
-        return not self.calibration_files if self.own_text is None else self.own_text
+        """Half the calibration windows written by the model: by default without given text."""
+        return not self.given_text if self.own_text is None else self.own_text
 
     @property
     def calibrated(self) -> bool:
-        return self.calibrate or self.bpw is not None
+        return self.calibrate or self.bpw is not None or self.given_text
+
+    def calibration_texts(self) -> list[tuple[str, str]]:
+        """(text, name) of each text to calibrate on: the files, the dataset, or the default."""
+        texts = [read_text(f) for f in self.calibration_files]
+        if self.calibration_dataset is not None:
+            chars = CalibrationConfig().dataset_characters
+            texts.append(read_dataset(self.calibration_dataset, chars))
+        return texts or [read_text(None)]
 
 
 def convert(
@@ -92,7 +105,7 @@ def convert(
     check_output(out, options.force)
     texts = None
     if options.calibrated:
-        texts = [read_text(f) for f in options.calibration_files] or [read_text(None)]
+        texts = options.calibration_texts()
 
     source = hub.resolve(src, options.revision, options.hf_token)
     config = read_config(source)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -376,3 +379,35 @@ def test_calibration_files_repeat_and_share_the_windows(tiny, tmp_path):
     assert f"held-out tokens of {first} and {second}" in result.stderr
     assert f"4096 tokens of {first} and 4096 tokens of {second}" in result.stderr  # 8 windows each
     assert "float model wrote" not in result.stderr
+
+
+def test_a_dataset_folder_calibrates_through_datasets(tiny, tmp_path):
+    """--calibration-dataset reads a dataset's train split with `datasets` (a local folder
+    here; a hub id the same way when online) and calibrates on it alone."""
+    folder = tmp_path / "prose"
+    folder.mkdir()
+    paragraphs = default_text()[:60_000].split("\n\n")
+    with open(folder / "train.jsonl", "w") as f:
+        for i, text in enumerate(paragraphs):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    out = tmp_path / "out"
+    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q"]
+    result = runner.invoke(app, [*args, "--calibration-dataset", str(folder)])
+    assert result.exit_code == 0, result.stderr
+    assert f"held-out tokens of the dataset {folder}" in result.stderr  # it implies calibration
+    assert "float model wrote" not in result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+
+
+def test_a_hub_dataset_offline_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = [str(tiny.hf("llama")), "-o", str(out), "-q", "--calibration-dataset", "wikitext"]
+    result = subprocess.run(
+        [sys.executable, "-m", "elm_mlx.cli.main", "convert", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "--calibration-dataset" in result.stderr and "--calibration-file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and _leftovers(out) == []

@@ -4,7 +4,14 @@ Imports only the model families and errors: the converter drives it on a float m
 """
 
 from .blockwise import dequantized_view
-from .calibration_text import CalibrationConfig, CalibrationData, default_text, read_text, split
+from .calibration_text import (
+    CalibrationConfig,
+    CalibrationData,
+    default_text,
+    read_dataset,
+    read_text,
+    split,
+)
 from .grid import Setting
 from .mixed import CANDIDATES, bits_per_weight, quantization_config
 from .recipe import check_budget, quantize_model
@@ -20,6 +27,7 @@ __all__ = [
     "dequantized_view",
     "quantization_config",
     "quantize_model",
+    "read_dataset",
     "read_text",
     "split",
 ]

@@ -34,6 +34,7 @@ class CalibrationConfig:
     own_windows: int = 8  # of them, text the float model writes (when it writes any)
     held_out: int = 4096  # tokens at the end of the text kept for perplexity
     sensitivity_tokens: int = 256  # of the calibration tokens, those the sensitivity pass uses
+    dataset_characters: int = 400_000  # read from a hub dataset (about the default text's size)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,44 @@ def read_text(path: str | Path | None) -> tuple[str, str]:
     if not text.strip():
         raise OptionError("calibration_file", f"{path} is empty; give a file of plain text")
     return text, str(path)
+
+
+def read_dataset(spec: str, characters: int) -> tuple[str, str]:
+    """(text, name for messages) of the first `characters` of a dataset's train split, read
+    through `datasets` (streamed: only what is used is downloaded). `spec` is a hub id or a
+    local dataset folder, optionally ":CONFIG"; the "text" column, or else the first column of
+    strings."""
+    name, _, subset = spec.partition(":")
+    try:
+        import datasets
+    except ImportError as e:
+        raise OptionError(
+            "calibration_dataset", "needs the `datasets` package: pip install 'elm-mlx[hub]'"
+        ) from e
+    parts, size = [], 0
+    try:
+        for row in datasets.load_dataset(name, subset or None, split="train", streaming=True):
+            column = (
+                "text"
+                if "text" in row
+                else next((k for k, v in row.items() if isinstance(v, str)), None)
+            )
+            if column is None:
+                raise OptionError("calibration_dataset", f"{spec} has no column of text")
+            parts.append(row[column])
+            size += len(row[column])
+            if size >= characters:
+                break
+    except (OSError, ValueError) as e:  # no network: ConnectionError (an OSError), ValueError
+        raise OptionError(
+            "calibration_dataset",
+            f"cannot read {spec} ({e}); a hub dataset needs a network connection: offline, "
+            "calibrate on text files with --calibration-file",
+        ) from e
+    text = "\n\n".join(parts)[:characters]
+    if not text.strip():
+        raise OptionError("calibration_dataset", f"{spec} has no text in its train split")
+    return text, f"the dataset {spec}"
 
 
 def split(ids: list[int], config: CalibrationConfig, source: str) -> CalibrationData:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,7 +24,7 @@ from transformers import (
 from elm_mlx import generate, load, stream_generate
 from elm_mlx.engine.sampling import make_transform, repetition_penalty
 from elm_mlx.errors import OptionError
-from elm_mlx.tokenizer import encode_prompt
+from elm_mlx.tokenizer import DecodeDetokenizer, encode_prompt
 
 PROMPT = "the capital of france is"
 
@@ -268,12 +269,16 @@ TEXTS = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["loaded", "decode"])
 @pytest.mark.parametrize("family", ["llama", "olmo"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_detokenizer_streams_real_text_exactly(tiny, family, text):
+def test_detokenizer_streams_real_text_exactly(tiny, family, text, kind):
+    """The streaming detokenizer joins to `decode`'s text, as loaded (through tokenizers'
+    stream where that gives decode's text) and re-decoding in Python only."""
     _, tokenizer = tiny.load(family)
     tokens = tokenizer.encode(text, add_special_tokens=False)
-    detokenizer = tokenizer.detokenizer
+    hf = tokenizer._tokenizer
+    detokenizer = tokenizer.detokenizer if kind == "loaded" else DecodeDetokenizer(hf, False)
     pieces = []
     for t in tokens:
         detokenizer.add_token(t)
@@ -339,3 +344,29 @@ def test_generation_stream_does_not_leak_into_the_caller(tiny):
         assert generate(model, tokenizer, PROMPT, max_tokens=3) == "".join(
             r.text for r in stream_generate(model, tokenizer, PROMPT, max_tokens=3)
         )
+
+
+@pytest.mark.slow
+def test_real_tokenizer_streams_with_tokenizers_decoder_exactly():
+    """SmolLM2's byte-level BPE streams through `tokenizers`' DecodeStream, and its pieces join
+    to `decode`'s text on prose and on random ids (bytes split anywhere)."""
+    from serving import load_smollm2_example
+
+    from elm_mlx.tokenizer import load_tokenizer
+
+    example = load_smollm2_example()
+    tokenizer = load_tokenizer(example.build_hf_folder(example.default_cache_dir()))
+    assert tokenizer.detokenizer.streams
+    prose = (Path(__file__).parent / "data" / "alice-ch1-3.txt").read_text()[:5000]
+    rng = np.random.default_rng(0)
+    cases = [tokenizer.encode(prose, add_special_tokens=False)]
+    cases += [rng.integers(0, tokenizer.vocab_size, 200).tolist() for _ in range(5)]
+    for tokens in cases:
+        detokenizer = tokenizer.detokenizer
+        pieces = []
+        for t in tokens:
+            detokenizer.add_token(t)
+            pieces.append(detokenizer.last_segment)
+        detokenizer.finalize()
+        pieces.append(detokenizer.last_segment)
+        assert "".join(pieces) == tokenizer.decode(tokens)

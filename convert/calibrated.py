@@ -45,15 +45,31 @@ class QuantizationReport:
     bits_per_weight: float  # packed codes + scales + biases over the quantized layers
     seconds: float
     plan: str  # settings used: layers and share of the weights per setting
+    stages: tuple[tuple[str, float], ...] = ()  # (stage, seconds) in the order they ran
 
     def summary(self) -> str:
         change = 100 * (self.quantized_perplexity / self.float_perplexity - 1)
+        stages = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in self.stages)
         return (
             f"perplexity on {self.held_out_tokens} held-out tokens of {self.calibration_source}: "
             f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
             f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated on "
-            f"{self.calibrated_on} in {self.seconds:.0f}s; {self.plan}"
+            f"{self.calibrated_on} in {self.seconds:.0f}s ({stages}); {self.plan}"
         )
+
+
+class StageClock:
+    """Seconds per stage: each stage runs from the end of the one before it."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """`stage` has run (or run on) until now."""
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._last
+        self._last = now
 
 
 def load_float(model: CausalLM, tensors: Iterator[tuple[str, mx.array]], dtype: mx.Dtype) -> None:
@@ -87,11 +103,13 @@ def quantize_calibrated(
     out; with `own_text`, half of them are text the float model writes. The tokenizer is the one
     the output folder ships (`tokenizer_dir`)."""
     tic = time.perf_counter()
+    clock = StageClock()
     config = CalibrationConfig()
     parts = []
     if own_text:
         own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
         parts.append(written_by_model(own))
+        clock.lap("own text")
     share = replace(
         config,
         windows=max(1, (config.windows - (config.own_windows if own_text else 0)) // len(texts)),
@@ -108,12 +126,15 @@ def quantize_calibrated(
         parts.append(split(ids, share, source))
     data = combine(parts)
     sizes = {p: m.weight.size for p, m in quantizable(model).items()}
+    clock.lap("calibration text")
     float_ppl = held_out_perplexity(model, data.held_out)
+    clock.lap("float perplexity")
     bars: dict[str, Any] = {}
 
     def show(stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
 
+        clock.lap(stage)
         if stage not in bars:  # disable=None: no bar when stderr is not a terminal
             bars[stage] = tqdm(
                 total=total,
@@ -132,7 +153,9 @@ def quantize_calibrated(
         for bar in bars.values():
             bar.close()
     swaps = dequantized_view(model) if default_compute_dtype() is not None else []
+    clock.lap("calibrating")  # the output layer, after the last block's progress
     quant_ppl = held_out_perplexity(model, data.held_out)
+    clock.lap("quantized perplexity")
     if swaps:
         from mlx.utils import tree_unflatten
 
@@ -147,6 +170,7 @@ def quantize_calibrated(
         bits_per_weight=bits_per_weight(model),
         seconds=time.perf_counter() - tic,
         plan=describe_plan(plan, sizes),
+        stages=tuple(clock.stages.items()),
     )
     return quantization_config(plan, sizes), report
 

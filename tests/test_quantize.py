@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +365,11 @@ def test_the_report_says_what_calibration_read(tiny, tmp_path, own):
     assert result.exit_code == 0, result.stderr
     assert "tokens the float model wrote and" in result.stderr
     assert f"tokens of {source}" in result.stderr
+    stages = re.search(r"in \d+s \((.*?)\);", result.stderr).group(1)  # seconds per stage
+    names = [part.rsplit(" ", 1)[0] for part in stages.split(", ")]
+    assert names == [
+        "own text", "calibration text", "float perplexity", "calibrating", "quantized perplexity"
+    ]  # fmt: skip
 
 
 def test_calibration_files_repeat_and_share_the_windows(tiny, tmp_path):

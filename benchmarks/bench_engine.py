@@ -92,18 +92,31 @@ def main() -> None:
     reference(model, prompt, 16)  # warm-up
     engine(model, tokenizer, prompt, 16, None)
     runs: dict[str, list[float]] = {"generate_step": [], "engine": [], "engine + lookup": []}
-    for _ in range(args.repeats):
-        runs["generate_step"].append(reference(model, prompt, n))
-        runs["engine"].append(engine(model, tokenizer, prompt, n, None))
-        runs["engine + lookup"].append(engine(model, tokenizer, prompt, n, 10))
+    paths = {
+        "generate_step": lambda: reference(model, prompt, n),
+        "engine": lambda: engine(model, tokenizer, prompt, n, None),
+        "engine + lookup": lambda: engine(model, tokenizer, prompt, n, 10),
+    }
+    for i in range(args.repeats):
+        # the order turns each repeat, so that a drift of the machine's speed does not favour
+        # whichever path runs first
+        names = list(paths)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            runs[name].append(paths[name]())
     median = {k: statistics.median(v) for k, v in runs.items()}
     base = median["generate_step"]
+    # per repeat, each path against the reference run beside it: less noisy than the medians'
+    # ratio when the machine's speed drifts between repeats
+    paired = {
+        k: statistics.median(a / b for a, b in zip(v, runs["generate_step"], strict=True))
+        for k, v in runs.items()
+    }
     print(f"random Llama hidden {args.hidden}, {args.layers} layers, vocab {tokenizer.vocab_size}")
     print(f"step time of the reference: {1000 / base:.2f} ms; {n} tokens, median of "
-          f"{args.repeats} alternating runs")  # fmt: skip
-    print(f"{'path':<18}{'tok/s':>8}{'vs generate_step':>18}")
+          f"{args.repeats} runs in turn")  # fmt: skip
+    print(f"{'path':<18}{'tok/s':>8}{'vs generate_step':>18}{'paired':>9}")
     for name, tps in median.items():
-        print(f"{name:<18}{tps:>8.1f}{tps / base:>17.3f}x")
+        print(f"{name:<18}{tps:>8.1f}{tps / base:>17.3f}x{paired[name]:>8.3f}x")
     print(
         json.dumps(
             {
@@ -116,6 +129,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "step_ms": 1000 / base,
                 "tok_s": median,
+                "paired_ratio": paired,
                 "runs": runs,
             }
         )

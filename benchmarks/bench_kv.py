@@ -52,12 +52,14 @@ from elm_mlx.models import make_cache
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import smollm2
 
-SETTINGS = {  # name: (kv_bits, max_kv_size)
-    "full": (None, None),
-    "kv8": (8, None),
-    "kv4": (4, None),
-    "window": (None, 1024),
-    "kv8+window": (8, 1024),
+SETTINGS = {  # name: (kv_bits, max_kv_size, recent tokens in full precision: None = default)
+    "full": (None, None, None),
+    "kv8": (8, None, None),
+    "kv8-plain": (8, None, 0),
+    "kv4": (4, None, None),
+    "kv4-plain": (4, None, 0),
+    "window": (None, 1024, None),
+    "kv8+window": (8, 1024, None),
 }
 
 
@@ -79,18 +81,19 @@ def held_out_tokens(tokenizer, n: int) -> list[int]:
     return ids[-n:]
 
 
-def elm_cache(model, bits, size, group):
-    cache = make_batch_cache(model, KVConfig(bits=bits, group_size=group, max_size=size))
+def elm_cache(model, bits, size, group, recent):
+    kv = KVConfig(bits=bits, group_size=group, max_size=size, recent_tokens=recent)
+    cache = make_batch_cache(model, kv)
     add_rows(cache, [make_cache(model)])
     return cache, lambda: None
 
 
-def mlx_lm_cache(model, bits, size, group):
+def mlx_lm_cache(model, bits, size, group, recent):
     from mlx_lm.generate import maybe_quantize_kv_cache
     from mlx_lm.models.cache import make_prompt_cache
 
-    if bits is not None and size is not None:
-        return None, None  # not supported by mlx-lm
+    if (bits is not None and size is not None) or recent == 0:
+        return None, None  # not supported by mlx-lm (it has no full-precision window)
     cache = make_prompt_cache(model, max_kv_size=size)
     # as generate_step does after each chunk, from the first token (--quantized-kv-start 0)
     return cache, lambda: maybe_quantize_kv_cache(cache, 0, group, bits)
@@ -100,9 +103,14 @@ def _nbytes(cache) -> int:
     return sum(c.nbytes for c in cache)
 
 
+def _recent(setting, args) -> int:
+    recent = setting[2]
+    return args.kv_recent_tokens if recent is None else recent
+
+
 def run(model, make: Callable, ids: list[int], setting, args) -> dict | None:
-    bits, size = setting
-    cache, after_chunk = make(model, bits, size, args.group_size)
+    bits, size, _ = setting
+    cache, after_chunk = make(model, bits, size, args.group_size, _recent(setting, args))
     if cache is None:
         return None
     weights = mx.get_active_memory()
@@ -137,8 +145,8 @@ def run(model, make: Callable, ids: list[int], setting, args) -> dict | None:
 
 
 def perplexity(model, make: Callable, ids: list[int], setting, args) -> float:
-    bits, size = setting
-    cache, after_chunk = make(model, bits, size, args.group_size)
+    bits, size, _ = setting
+    cache, after_chunk = make(model, bits, size, args.group_size, _recent(setting, args))
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, args.chunk):
         chunk = ids[start : start + args.chunk]
@@ -239,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument(
+        "--kv-recent-tokens",
+        type=int,
+        default=KVConfig.recent_tokens,
+        help="elm: positions before each query read in full precision (the -plain settings: 0)",
+    )
     parser.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip perplexity")
     parser.add_argument(
         "--engines", nargs="+", default=["elm", "mlx-lm"], choices=["elm", "mlx-lm"]
@@ -275,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 r = run(m, make, ids, SETTINGS[name], args)
                 if r is None:
-                    print(f"{n:>6} {name:<11} {engine:<7} {'(not supported)':>10}")
+                    if not name.endswith("-plain"):  # (mlx-lm's kv8/kv4 rows are its plain ones)
+                        print(f"{n:>6} {name:<11} {engine:<7} {'(not supported)':>10}")
                     continue
                 results.append({"tokens": n, "setting": name, "engine": engine, **r})
                 print(

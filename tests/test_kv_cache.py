@@ -99,24 +99,28 @@ def test_quantized_attention_equals_attention_over_dequantized(bits, length):
 def test_quantized_cache_logits_close_to_full_cache(tiny):
     """A prompt chunk, then tokens one by one: at 8 bits the logits stay close to the full
     cache's (16 times closer than at 4 bits: each bit halves the step); positions within the
-    first `kv_full_tokens` are exact; chunking does not change what a position sees."""
+    first `kv_full_tokens` are exact; chunking does not change what a position sees. (No
+    full-precision window: test_kv_recent.py.)"""
     model = _model(tiny)
     ids = random_ids(80, seed=5)
     chunks = [16] + [1] * 64  # (80 queries at once are dequantized; 16 and 1 are not)
     full = _logits(model, None, ids, chunks)
     err = {}
     for bits in (8, 4):
-        got = _logits(model, KVConfig(bits=bits), ids, chunks)
+        got = _logits(model, KVConfig(bits=bits, recent_tokens=0), ids, chunks)
         err[bits] = np.abs(got - full).mean()
-        whole = _logits(model, KVConfig(bits=bits), ids, [80])
+        whole = _logits(model, KVConfig(bits=bits, recent_tokens=0), ids, [80])
         np.testing.assert_allclose(whole, got, atol=1e-4)
     assert err[8] < 0.02 * full.std()
     assert err[8] < err[4] / 8
-    first = _logits(model, KVConfig(bits=4, full_tokens=4), ids[:4], [3, 1])
+    first = _logits(model, KVConfig(bits=4, full_tokens=4, recent_tokens=0), ids[:4], [3, 1])
     np.testing.assert_allclose(first, full[:4], atol=1e-4)
     # and without full tokens those positions are quantized too
     assert (
-        np.abs(_logits(model, KVConfig(bits=4, full_tokens=0), ids[:4], [4]) - full[:4]).max()
+        np.abs(
+            _logits(model, KVConfig(bits=4, full_tokens=0, recent_tokens=0), ids[:4], [4])
+            - full[:4]
+        ).max()
         > 1e-3
     )
 
@@ -158,7 +162,8 @@ def test_quantized_rows_move_and_come_out_in_full_precision(tiny):
 
 def test_kv_options_are_validated(tiny):
     for bad, option in (({"kv_bits": 3}, "kv_bits"), ({"kv_group_size": 48}, "kv_group_size"),
-                        ({"max_kv_size": 4}, "max_kv_size")):  # fmt: skip
+                        ({"max_kv_size": 4}, "max_kv_size"),
+                        ({"kv_recent_tokens": -1}, "kv_recent_tokens")):  # fmt: skip
         with pytest.raises(OptionError, match=option):
             GenerationConfig(**bad).validate()
     model = tiny.load("llama")[0]  # head size 16: no group of 64 fits

@@ -9,7 +9,9 @@ slots it does not hold. So the model files need nothing beyond their `make_mask`
 rewinds (speculative rejections) never disturbs the others.
 
 Quantized: keys and values are stored packed (see kv_quant.py), the first `full_tokens`
-positions also in full precision, which attention uses instead.
+positions also in full precision, which attention uses instead, and each row's last positions
+too (kv_recent.py, KIVI's full-precision window): a query reads the `recent_tokens` positions
+up to its own in full precision.
 
 Windowed: a row keeps its first `sinks` positions (attention sinks) and, of the others, the last
 `max_size - sinks`; the mask shows a query exactly those, whatever the cache still holds. Slots
@@ -32,7 +34,15 @@ import mlx.core as mx
 from ..errors import OptionError
 from ..models import CausalLM, KVCache
 from ..models.base import layer_windows, window_mask
-from .kv_quant import BITS, GROUP_SIZES, KVQuantizer, prefers_packed, quantized_attention
+from .kv_quant import (
+    BITS,
+    GROUP_SIZES,
+    KVQuantizer,
+    prefers_packed,
+    quantized_attention,
+    scores_mask,
+)
+from .kv_recent import RecentKV
 
 
 def _round_up(n: int, step: int) -> int:
@@ -46,6 +56,7 @@ class KVConfig:
     bits: int | None = None  # 8 or 4: quantized keys and values (None: the model's dtype)
     group_size: int = 64  # quantization group, along the head dimension
     full_tokens: int = 4  # the first positions of each row also kept in full precision
+    recent_tokens: int = 64  # a query sees this many positions up to its own in full precision
     max_size: int | None = None  # a window: the first `sinks` positions and the last ones
     sinks: int = 4
 
@@ -58,6 +69,8 @@ class KVConfig:
             )
         if self.full_tokens < 0:
             raise OptionError("kv_full_tokens", f"must be >= 0, got {self.full_tokens}")
+        if self.recent_tokens < 0:
+            raise OptionError("kv_recent_tokens", f"must be >= 0, got {self.recent_tokens}")
         if self.max_size is not None and self.max_size <= self.sinks:
             raise OptionError(
                 "max_kv_size",
@@ -72,6 +85,7 @@ class BatchKVCache:
 
     step = 256
     margin = 32  # positions past the window kept, for rewinds
+    query_block = 128  # queries per attention call over a quantized cache with recent tokens
 
     def __init__(
         self,
@@ -79,10 +93,15 @@ class BatchKVCache:
         full_tokens: int = 0,
         max_size: int | None = None,
         sinks: int = 0,
+        recent_tokens: int = 0,
     ) -> None:
         self.quant, self.max_size = quant, max_size
         self.sinks = sinks if max_size is not None else 0
         self.full_tokens = min(full_tokens, self.sinks if max_size is not None else full_tokens)
+        if max_size is not None:  # no query sees further back than the window
+            recent_tokens = min(recent_tokens, max_size - self.sinks)
+        self.recent = RecentKV(recent_tokens) if quant is not None and recent_tokens else None
+        self.padding: list[int] | None = None  # the next write's real lengths (`mark_padding`)
         if quant is None:
             self.full_tokens = 0
         self.store: list[mx.array] | None = None  # encoded keys and values, (B, H, capacity, *)
@@ -90,7 +109,7 @@ class BatchKVCache:
         self.lengths: list[int] = []  # host copy, for shapes and row bookkeeping
         self.dropped: list[int] = []  # positions dropped after the sinks, per row
         self.offset = mx.array([], mx.int32)  # (B,) the same lengths, for RoPE
-        self._packed: tuple | None = None  # the last write's packed keys, values and head
+        self._packed: tuple | None = None  # the last write's packed keys, values, head, recent
 
     @property
     def rows(self) -> int:
@@ -106,6 +125,7 @@ class BatchKVCache:
     # ------------------------------------------------------------------ storage
 
     def _encode(self, keys: mx.array, values: mx.array) -> list[mx.array]:
+        """Keys (rotated when quantized: `_rotate`) and values as the store holds them."""
         if self.quant is None:
             return [keys, values]
         dim = keys.shape[-1]
@@ -113,7 +133,10 @@ class BatchKVCache:
             raise OptionError(
                 "kv_group_size", f"{self.quant.group_size} must divide the head size {dim}"
             )
-        return self.quant.encode(keys, values)
+        return self.quant.pack(keys, values)
+
+    def _rotate(self, keys: mx.array) -> mx.array:
+        return self.quant.rotate(keys) if self.quant is not None else keys
 
     def _decode(self, store: list[mx.array]) -> tuple[mx.array, mx.array]:
         return (store[0], store[1]) if self.quant is None else self.quant.decode(store)
@@ -140,13 +163,13 @@ class BatchKVCache:
         ]
 
     def _write_head(self, keys: mx.array, values: mx.array) -> None:
-        """The full-precision copy of the positions below `full_tokens` (slots = positions)."""
+        """The full-precision copy (keys rotated) of the positions below `full_tokens` (slots =
+        positions)."""
         f = self.full_tokens
         if self.head is None:
             self.head = [mx.zeros((*a.shape[:2], f, a.shape[3]), a.dtype) for a in (keys, values)]
         end = max(self.lengths) + keys.shape[2]
         pad = [(0, 0), (0, 0), (0, max(0, end - f)), (0, 0)]
-        keys = self.quant.rotate(keys)  # in the space of the stored keys
         head = self._write([mx.pad(a, pad) for a in self.head], [keys, values], self.lengths)
         self.head = [a[..., :f, :] for a in head]
 
@@ -156,20 +179,28 @@ class BatchKVCache:
         `make_mask`). A quantized cache returns them dequantized, lazily: `attend` may use the
         packed ones instead."""
         batch, heads, length, _ = keys.shape
-        parts = self._encode(keys, values)
+        rotated = self._rotate(keys)  # (one array for the store and the recent copy)
+        parts = self._encode(rotated, values)
         slots = self.slots()
         end = max(slots) + length
+        recent = None
+        if self.recent is not None:  # what attention reads in full precision, and where
+            window = self.recent.write(rotated, values, self.lengths, self.padding)
+            s = mx.arange(end)[None]  # (1, S) slots -> (B, S) positions
+            held = mx.where(s < self.sinks, s, s + mx.array(self.dropped)[:, None])
+            recent = window, held, self.offset[:, None] + mx.arange(length)[None]
+        self.padding = None
         if self.store is None:
             cap = _round_up(end, self.step)
             self.store = [mx.zeros((batch, heads, cap, *p.shape[3:]), p.dtype) for p in parts]
         self._reserve(end)
         self.store = self._write(self.store, parts, slots)
         if self.full_tokens and min(self.lengths) < self.full_tokens:
-            self._write_head(keys, values)
+            self._write_head(rotated, values)
         self._set_lengths([n + length for n in self.lengths], self.offset + length)
         fetched = self._fetch(end)
         if self.quant is not None:  # what `attend` multiplies by, before any compaction
-            self._packed = [a[..., :end, :] for a in self.store], self.head
+            self._packed = [a[..., :end, :] for a in self.store], self.head, recent
         self._compact(slots)  # for the next call; the mask of this one is made
         return fetched
 
@@ -198,10 +229,27 @@ class BatchKVCache:
                 queries, keys, values, scale=scale, mask=mask
             )
         queries = self.quant.rotate(queries)
-        (store, head), self._packed = self._packed, None
+        (store, head, recent), self._packed = self._packed, None
+        if recent is None:
+            if prefers_packed(queries, keys.shape[1]):
+                return quantized_attention(queries, store, head, self.quant, scale, mask)
+            return mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=scale, mask=mask
+            )
+        window, held, positions = recent
+        base = scores_mask(mask, queries.shape[2], keys.shape[2])
+        mask = window.mask(base, held, positions, self.recent.size)  # (B, 1, L, S + T)
+        tail = [window.keys, window.values]
         if prefers_packed(queries, keys.shape[1]):
-            return quantized_attention(queries, store, head, self.quant, scale, mask)
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+            out = quantized_attention(queries, store, head, self.quant, scale, mask, tail)
+        else:
+            keys, values = (
+                mx.concatenate([a, b], axis=2) for a, b in zip((keys, values), tail, strict=True)
+            )
+            out = _blockwise_attention(queries, keys, values, scale, mask, self.query_block)
+        # the copy's new entries are made with this layer's output, not at the end of the pass
+        # (else every layer's new keys and values would wait for them: a prompt chunk's worth)
+        return mx.depends(out, self.recent.state)
 
     def _compact(self, held: list[int]) -> None:
         """Drop the oldest non-sink slots of rows that `held` (before the last write: the new
@@ -263,11 +311,13 @@ class BatchKVCache:
         if self.store is None:
             return ()
         end = max(self.slots())
-        return (*[a[..., :end, :] for a in self.store], *(self.head or []))
+        recent = self.recent.state if self.recent is not None else []
+        return (*[a[..., :end, :] for a in self.store], *(self.head or []), *recent)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.store or []) + (self.head or []))
+        recent = self.recent.nbytes if self.recent is not None else 0
+        return sum(a.nbytes for a in (self.store or []) + (self.head or [])) + recent
 
     # ------------------------------------------------------------------ row operations
 
@@ -283,15 +333,19 @@ class BatchKVCache:
         """Append N rows: keys, values (N, H, S, D) in full precision hold row i's positions up
         to lengths[i] (None: N empty rows)."""
         if keys is None:
+            if self.recent is not None:
+                self.recent.extend(None, None, lengths)
             self._append(None, None, lengths, [0] * len(lengths))
             return
         head = None
+        keys_r = self._rotate(keys)
         if self.full_tokens:
             f = self.full_tokens
             pad = [(0, 0), (0, 0), (0, max(0, f - keys.shape[2])), (0, 0)]
-            keys_r = self.quant.rotate(keys)
             head = [mx.pad(a[..., :f, :], pad) for a in (keys_r, values)]
-        self._append(self._encode(keys, values), head, lengths, [0] * len(lengths))
+        if self.recent is not None:
+            self.recent.extend(keys_r, values, lengths)
+        self._append(self._encode(keys_r, values), head, lengths, [0] * len(lengths))
 
     def _append(
         self,
@@ -335,6 +389,8 @@ class BatchKVCache:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only the given rows, in that order, and shrink the capacity to fit them."""
+        if self.recent is not None:
+            self.recent.keep(rows)
         lengths = [self.lengths[i] for i in rows]
         dropped = [self.dropped[i] for i in rows]
         if self.store is not None:
@@ -372,6 +428,14 @@ class BatchKVCache:
             return None
         keys, values = self._fetch(n - dropped)
         keys, values = keys[i : i + 1], values[i : i + 1]
+        if self.recent is not None:  # the positions its full-precision copy holds
+            lo, held = self.recent.held(i, n, self.sinks + dropped if dropped else 0)
+            if held:
+                at = lo - dropped  # (contiguous in slots: all past the sinks when dropped)
+                keys, values = (
+                    mx.concatenate([a[..., :at, :], h, a[..., at + h.shape[2] :, :]], axis=2)
+                    for a, h in zip((keys, values), held, strict=True)
+                )
         if dropped:  # slot s >= sinks holds position s + dropped
             s = self.sinks
             gap = mx.zeros((*keys.shape[:2], dropped, keys.shape[3]), keys.dtype)
@@ -380,6 +444,21 @@ class BatchKVCache:
         if self.quant is not None:
             keys = self.quant.rotate(keys)  # H H = I: back to the model's keys
         return mx.contiguous(keys), mx.contiguous(values), start
+
+
+def _blockwise_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array, block: int
+) -> mx.array:
+    """Attention (B, Hq, L, D) under a mask array, `block` queries at a time, each block after
+    the one before: a kernel without a fused path (MLX's CPU backend) then holds the scores of
+    one block at a time, so a prompt chunk stays below the full cache's peak."""
+    outs: list[mx.array] = []
+    for i in range(0, queries.shape[2], block):
+        q = queries[:, :, i : i + block]
+        q = mx.depends(q, outs[-1]) if outs else q
+        m = mask[:, :, i : i + block]
+        outs.append(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=m))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 def make_batch_cache(model: CausalLM, kv: KVConfig | None = None) -> list[BatchKVCache]:
@@ -391,9 +470,11 @@ def make_batch_cache(model: CausalLM, kv: KVConfig | None = None) -> list[BatchK
     caches = []
     for window in layer_windows(model):
         if window is not None and (kv.max_size is None or window <= kv.max_size):
-            caches.append(BatchKVCache(quant, 0, window, sinks=0))
+            caches.append(BatchKVCache(quant, 0, window, 0, kv.recent_tokens))
         else:
-            caches.append(BatchKVCache(quant, kv.full_tokens, kv.max_size, kv.sinks))
+            caches.append(
+                BatchKVCache(quant, kv.full_tokens, kv.max_size, kv.sinks, kv.recent_tokens)
+            )
     return caches
 
 
@@ -433,6 +514,8 @@ def move_rows(src: list[BatchKVCache], rows: Sequence[int], dst: list[BatchKVCac
     drops them)."""
     whole = not dst[0].rows and list(rows) == list(range(src[0].rows))
     for a, b in zip(src, dst, strict=True):
+        if b.recent is not None:
+            b.recent.append(*a.recent.take(rows))
         if whole and a.store is not None:  # all of src into an empty dst: hand the arrays over
             b.store, b.head, b.dropped = a.store, a.head, list(a.dropped)
             b._set_lengths(list(a.lengths))
@@ -443,6 +526,13 @@ def move_rows(src: list[BatchKVCache], rows: Sequence[int], dst: list[BatchKVCac
 def keep_rows(cache: list[BatchKVCache], rows: Sequence[int]) -> None:
     for layer in cache:
         layer.keep(rows)
+
+
+def mark_padding(cache: list[BatchKVCache], lengths: Sequence[int]) -> None:
+    """The next forward pass gives row b lengths[b] new tokens, then padding that is rewound
+    after (`set_lengths`): the full-precision windows keep the rows' own last positions."""
+    for layer in cache:
+        layer.padding = list(lengths)
 
 
 def set_lengths(cache: list[BatchKVCache], lengths: Sequence[int]) -> None:

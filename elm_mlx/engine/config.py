@@ -44,10 +44,12 @@ class GenerationConfig:
     num_draft: int = 4
     # the output must match this (JSON schema, JSON object, regular expression, grammar)
     constraint: ConstraintSpec | None = None
-    # the KV cache: quantized (8 or 4 bits, the first tokens kept in full precision), windowed
+    # the KV cache: quantized (8 or 4 bits, the first tokens and each query's last ones read in
+    # full precision), windowed
     kv_bits: int | None = KVConfig.bits
     kv_group_size: int = KVConfig.group_size
     kv_full_tokens: int = KVConfig.full_tokens
+    kv_recent_tokens: int = KVConfig.recent_tokens
     max_kv_size: int | None = KVConfig.max_size
 
     def validate(self) -> None:
@@ -105,7 +107,13 @@ class GenerationConfig:
 
     def kv_config(self) -> KVConfig:
         """The batch cache these options ask for (`batch_kv.make_batch_cache`)."""
-        return KVConfig(self.kv_bits, self.kv_group_size, self.kv_full_tokens, self.max_kv_size)
+        return KVConfig(
+            self.kv_bits,
+            self.kv_group_size,
+            self.kv_full_tokens,
+            recent_tokens=self.kv_recent_tokens,
+            max_size=self.max_kv_size,
+        )
 
     @property
     def speculative(self) -> bool:

@@ -40,8 +40,12 @@ class KVQuantizer:
 
     def encode(self, keys: mx.array, values: mx.array) -> list[mx.array]:
         """(B, H, L, D) each -> packed keys, scales, biases, then the same for values."""
+        return self.pack(self.rotate(keys), values)
+
+    def pack(self, rotated: mx.array, values: mx.array) -> list[mx.array]:
+        """`encode` of keys already rotated."""
         kw = {"group_size": self.group_size, "bits": self.bits}
-        return [*mx.quantize(self.rotate(keys), **kw), *mx.quantize(values, **kw)]
+        return [*mx.quantize(rotated, **kw), *mx.quantize(values, **kw)]
 
     def decode(self, store: list[mx.array]) -> tuple[mx.array, mx.array]:
         """The keys (rotated, as the queries will be) and values of `encode`'s arrays."""
@@ -49,12 +53,13 @@ class KVQuantizer:
         return mx.dequantize(*store[:3], **kw), mx.dequantize(*store[3:], **kw)
 
 
-def _scores_mask(mask: str | mx.array | None, length: int, size: int) -> mx.array | None:
-    """The boolean (…, L, S) form of an attention mask ("causal": bottom-right aligned)."""
+def scores_mask(mask: str | mx.array | None, length: int, size: int) -> mx.array | None:
+    """The boolean (…, L, S) form of an attention mask ("causal": bottom-right aligned; None:
+    all keys)."""
     if isinstance(mask, str):
         queries = mx.arange(size - length, size)[:, None]
         return mx.arange(size)[None] <= queries  # (L, S)
-    return mask
+    return mx.ones((length, size), mx.bool_) if mask is None else mask
 
 
 def quantized_attention(
@@ -64,10 +69,12 @@ def quantized_attention(
     quant: KVQuantizer,
     scale: float,
     mask: str | mx.array | None,
+    tail: list[mx.array] | None = None,
 ) -> mx.array:
     """Attention of queries (B, Hq, L, D), already rotated, over packed keys and values (`store`,
     each (B, Hkv, S, *)) whose first F positions are replaced by `head` (full-precision keys,
-    values (B, Hkv, F, D)), without dequantizing the cache; -> (B, Hq, L, D)."""
+    values (B, Hkv, F, D)), then over full-precision `tail` keys and values (B, Hkv, T, D) (the
+    mask then covers S + T), without dequantizing the cache; -> (B, Hq, L, D)."""
     batch, n_heads, length, dim = queries.shape
     n_kv = store[0].shape[1]
     size = store[0].shape[2]
@@ -79,17 +86,23 @@ def quantized_attention(
     if f:
         first = q @ head[0][:, :, None, :f].swapaxes(-1, -2)  # (B, Hkv, R, L, F)
         scores = mx.concatenate([first, scores[..., f:]], axis=-1)
-    if (m := _scores_mask(mask, length, size)) is not None:
+    if tail:
+        recent = q @ tail[0][:, :, None].swapaxes(-1, -2)  # (B, Hkv, R, L, T)
+        scores = mx.concatenate([scores, recent], axis=-1)
+    if (m := scores_mask(mask, length, size)) is not None:
         m = m[:, :, None] if m.ndim == 4 else m  # (B, 1, L, S) -> (B, 1, 1, L, S)
         scores = mx.where(m, scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores, axis=-1, precise=True)
     out = None
     if f < size:  # (a product over no positions faults in MLX's CPU kernel)
         rest = [a[..., f:, :] for a in packed[3:]]
-        out = mx.quantized_matmul(weights[..., f:], *rest, transpose=False, **kw)
+        out = mx.quantized_matmul(weights[..., f:size], *rest, transpose=False, **kw)
     if f:
         first = weights[..., :f] @ head[1][:, :, None, :f]
         out = first if out is None else out + first
+    if tail:
+        recent = weights[..., size:] @ tail[1][:, :, None]
+        out = recent if out is None else out + recent
     return out.reshape(batch, n_heads, length, dim)
 
 

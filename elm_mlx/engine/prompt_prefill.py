@@ -19,6 +19,7 @@ from .batch_kv import (
     add_rows,
     keep_rows,
     make_batch_cache,
+    mark_padding,
     move_rows,
     set_lengths,
 )
@@ -75,6 +76,7 @@ class Prefill:
         if not longest:
             return
         inputs = [chunk + [0] * (longest - len(chunk)) for chunk in chunks]
+        mark_padding(self.cache, list(map(len, chunks)))
         tic = time.perf_counter()
         with mx.stream(generation_stream()):
             self.model(mx.array(inputs, mx.uint32), cache=self.cache)

@@ -15,6 +15,7 @@ from .options import (
     KvBits,
     KvFullTokens,
     KvGroupSize,
+    KvRecentTokens,
     MaxKvSize,
     model_name,
 )
@@ -30,6 +31,7 @@ def command(
     kv_bits: KvBits = GENERATION.kv_bits,
     kv_group_size: KvGroupSize = GENERATION.kv_group_size,
     kv_full_tokens: KvFullTokens = GENERATION.kv_full_tokens,
+    kv_recent_tokens: KvRecentTokens = GENERATION.kv_recent_tokens,
     max_kv_size: MaxKvSize = GENERATION.max_kv_size,
     adapter: Adapter = None,
     chat: Annotated[
@@ -55,7 +57,8 @@ def command(
     text = read_prompt(prompt, prompt_file)
     config = replace(
         GENERATION, kv_bits=kv_bits, kv_group_size=kv_group_size,
-        kv_full_tokens=kv_full_tokens, max_kv_size=max_kv_size,
+        kv_full_tokens=kv_full_tokens, kv_recent_tokens=kv_recent_tokens,
+        max_kv_size=max_kv_size,
     )  # fmt: skip
     config.validate()  # before anything is loaded
     template = load_template(chat_template) if chat_template else None

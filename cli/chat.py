@@ -16,6 +16,7 @@ from ..engine.config import GenerationConfig
 from ..errors import ChatError, ElmError, OptionError
 from .constraint_options import JsonSchema, constraint_spec, schema_spec
 from .options import (
+    KV_FIELDS,
     Adapter,
     ChatTemplate,
     HfToken,
@@ -280,7 +281,7 @@ def start_from_file(session: ChatSession, path: Path, name: str) -> None:
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
     "prompt_lookup", "max_ngram",
-    "kv_bits", "kv_group_size", "kv_full_tokens", "max_kv_size",
+    *KV_FIELDS,
 )  # fmt: skip
 def command(
     model: Annotated[

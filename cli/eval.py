@@ -15,7 +15,14 @@ import typer
 
 from ..errors import EvaluationError
 from ..eval.loglikelihood import EvalConfig
-from .options import GENERATION, KvBits, KvFullTokens, KvGroupSize, MaxKvSize
+from .options import (
+    GENERATION,
+    KvBits,
+    KvFullTokens,
+    KvGroupSize,
+    KvRecentTokens,
+    MaxKvSize,
+)
 
 DEFAULTS = EvalConfig()
 LONG_TEXT = 2048  # tokens: longer texts get a progress bar
@@ -116,6 +123,7 @@ def command(
     kv_bits: KvBits = GENERATION.kv_bits,
     kv_group_size: KvGroupSize = GENERATION.kv_group_size,
     kv_full_tokens: KvFullTokens = GENERATION.kv_full_tokens,
+    kv_recent_tokens: KvRecentTokens = GENERATION.kv_recent_tokens,
     max_kv_size: MaxKvSize = GENERATION.max_kv_size,
 ) -> None:
     """Evaluate a model: perplexity of text files and/or lm-evaluation-harness tasks.
@@ -137,7 +145,8 @@ def command(
 
     kv = replace(
         GENERATION, kv_bits=kv_bits, kv_group_size=kv_group_size,
-        kv_full_tokens=kv_full_tokens, max_kv_size=max_kv_size,
+        kv_full_tokens=kv_full_tokens, kv_recent_tokens=kv_recent_tokens,
+        max_kv_size=max_kv_size,
     )  # fmt: skip
     kv.validate()
     new_cache = make_cache  # a plain cache, unless the KV options ask for another

@@ -12,7 +12,7 @@ import typer
 from ..engine.config import GenerationConfig
 from ..errors import GenerationError
 from .constraint_options import Grammar, JsonObject, JsonSchema, Regex, constraint_spec
-from .options import Adapter, DraftModel, generation_options, model_name
+from .options import KV_FIELDS, Adapter, DraftModel, generation_options, model_name
 
 if TYPE_CHECKING:
     from ..engine.generation import GenerationResponse
@@ -47,7 +47,7 @@ def empty_answer_notice(chat: bool) -> str:
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
     "prompt_lookup", "max_ngram", "num_draft",
-    "kv_bits", "kv_group_size", "kv_full_tokens", "max_kv_size",
+    *KV_FIELDS,
 )  # fmt: skip
 def command(
     model: Annotated[str, typer.Option("--model", "-m", help="MLX model folder or hub id.")],

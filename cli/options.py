@@ -48,10 +48,19 @@ GENERATION_FLAGS: dict[str, GenerationFlag] = {
     ),
     "kv_group_size": GenerationFlag(int, "KV quantization group along the head dimension."),
     "kv_full_tokens": GenerationFlag(int, "First tokens kept unquantized in the KV cache."),
+    "kv_recent_tokens": GenerationFlag(
+        int,
+        "Quantized KV cache: each token attends to this many last tokens unquantized (KIVI's "
+        "window; 0: none).",
+    ),
     "max_kv_size": GenerationFlag(
         int | None, "Keep 4 first tokens and the last ones in the KV cache, this many in all."
     ),
 }
+
+
+# The KV cache's fields, for the commands that take all of them.
+KV_FIELDS = ("kv_bits", "kv_group_size", "kv_full_tokens", "kv_recent_tokens", "max_kv_size")
 
 
 def flag(option: str) -> str:
@@ -114,6 +123,7 @@ ChatTemplate = Annotated[
 KvBits = Annotated[int | None, typer.Option(help=GENERATION_FLAGS["kv_bits"].help)]
 KvGroupSize = Annotated[int, typer.Option(help=GENERATION_FLAGS["kv_group_size"].help)]
 KvFullTokens = Annotated[int, typer.Option(help=GENERATION_FLAGS["kv_full_tokens"].help)]
+KvRecentTokens = Annotated[int, typer.Option(help=GENERATION_FLAGS["kv_recent_tokens"].help)]
 MaxKvSize = Annotated[int | None, typer.Option(help=GENERATION_FLAGS["max_kv_size"].help)]
 # A hub id given as --model is converted once into the local cache (convert/hub_cache.py).
 HubBits = Annotated[int, typer.Option(help="For a hub id: quantize to 4 or 8 bits on first use.")]

@@ -13,6 +13,7 @@ from ..engine.config import GenerationConfig
 from ..errors import GenerationError, ServeError
 from ..server.options import ServeOptions
 from .options import (
+    KV_FIELDS,
     Adapter,
     ChatTemplate,
     DraftModel,
@@ -34,7 +35,7 @@ def served_id(model: str) -> str:
 @generation_options(
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "prompt_lookup", "max_ngram", "num_draft",
-    "kv_bits", "kv_group_size", "kv_full_tokens", "max_kv_size",
+    *KV_FIELDS,
 )  # fmt: skip
 def command(
     model: Annotated[

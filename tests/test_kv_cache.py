@@ -327,7 +327,8 @@ def test_generation_goes_past_the_window_and_through_8_bits(tiny):
 
 
 def test_elm_generate_with_kv_flags(tiny):
-    """`elm generate --kv-bits 8 --max-kv-size 24` prints what the library generates with them."""
+    """`elm generate --kv-bits 8 --max-kv-size 24 --kv-recent-tokens 8` prints what the library
+    generates with them."""
     from elm_mlx.cli.main import app
     from typer.testing import CliRunner
 
@@ -335,10 +336,19 @@ def test_elm_generate_with_kv_flags(tiny):
 
     model, tokenizer = tiny.load("llama", HEAD64)
     folder = str(tiny.converted("llama", HEAD64))
-    flags = ["--kv-bits", "8", "--max-kv-size", "24", "--max-tokens", "30"]
+    flags = [
+        "--kv-bits",
+        "8",
+        "--max-kv-size",
+        "24",
+        "--kv-recent-tokens",
+        "8",
+        "--max-tokens",
+        "30",
+    ]
     result = CliRunner().invoke(app, ["generate", "-m", folder, "-p", "the capital of", *flags])
     assert result.exit_code == 0, result.output
-    config = GenerationConfig(max_tokens=30, kv_bits=8, max_kv_size=24)
+    config = GenerationConfig(max_tokens=30, kv_bits=8, max_kv_size=24, kv_recent_tokens=8)
     assert result.stdout == generate(model, tokenizer, "the capital of", config) + "\n"
     bad = CliRunner().invoke(app, ["generate", "-m", folder, "-p", "x", "--kv-bits", "5"])
     assert bad.exit_code == 1 and bad.stderr.startswith("error: --kv-bits must be one of")

@@ -199,3 +199,17 @@ def test_prompt_file_keeps_the_window_and_refuses_another_size(tiny, tmp_path):
     assert row_cache(rebuilt, 0, 50) is not None
     with pytest.raises(PromptCacheError, match=r'"recent_tokens": 16.*"recent_tokens": 32'):
         prompt_file.load(path, "tiny", model, KVConfig(bits=4, recent_tokens=32))
+
+
+def test_sliding_layers_read_their_whole_window_in_full_precision(tiny):
+    """OLMo 3 (sliding layers over 8 positions, a full one): the window is at most a layer's
+    own, so with a window longer than the text every key a query sees is in full precision,
+    through the sliding layers' compactions: the full cache's logits, 4 bits or not."""
+    model = tiny.load("olmo3", {"hidden_size": 128, "num_attention_heads": 2})[0]
+    ids = random_ids(330, vocab=300, seed=5)
+    kv = KVConfig(bits=4, recent_tokens=400)
+    chunks = [64, 64, 64, 64, 64] + [1] * 10
+    np.testing.assert_allclose(
+        _logits(model, kv, ids, chunks), _logits(model, None, ids, chunks), atol=1e-4
+    )
+    assert one_row_cache(model, kv)[0].recent.size == 8

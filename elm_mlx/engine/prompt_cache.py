@@ -12,7 +12,11 @@ under the same ones: a quantized or windowed cache's keys and values differ from
 cache's after the first layer (each chunk attended to quantized entries, or to a window).
 An entry of a windowed row that dropped positions (OLMo 3's sliding layers past their window,
 or `--max-kv-size`) holds zeros there and serves only prefixes from its `start` on, whose
-continuations never look back that far.
+continuations never look back that far. A quantized row's entry holds its keys and values in
+full precision as `BatchKVCache.row` gives them: the recent window's (kv_recent.py) as the
+cache held them, older positions dequantized. Reused, they are quantized again: the window
+comes back as it was, an older position's codes may move by one step (MLX's affine scales are
+not idempotent), and a prefix shorter than the entry gets the entry's values for its own window.
 """
 
 from __future__ import annotations

@@ -34,14 +34,7 @@ import mlx.core as mx
 from ..errors import OptionError
 from ..models import CausalLM, KVCache
 from ..models.base import layer_windows, window_mask
-from .kv_quant import (
-    BITS,
-    GROUP_SIZES,
-    KVQuantizer,
-    prefers_packed,
-    quantized_attention,
-    scores_mask,
-)
+from .kv_quant import BITS, GROUP_SIZES, KVQuantizer, prefers_packed, quantized_attention
 from .kv_recent import RecentKV
 
 
@@ -85,7 +78,6 @@ class BatchKVCache:
 
     step = 256
     margin = 32  # positions past the window kept, for rewinds
-    query_block = 128  # queries per attention call over a quantized cache with recent tokens
 
     def __init__(
         self,
@@ -230,26 +222,12 @@ class BatchKVCache:
             )
         queries = self.quant.rotate(queries)
         (store, head, recent), self._packed = self._packed, None
-        if recent is None:
-            if prefers_packed(queries, keys.shape[1]):
-                return quantized_attention(queries, store, head, self.quant, scale, mask)
-            return mx.fast.scaled_dot_product_attention(
-                queries, keys, values, scale=scale, mask=mask
-            )
-        window, held, positions = recent
-        base = scores_mask(mask, queries.shape[2], keys.shape[2])
-        mask = window.mask(base, held, positions, self.recent.size)  # (B, 1, L, S + T)
-        tail = [window.keys, window.values]
+        if recent is not None:  # the last positions in full precision
+            args = (queries, keys, values, scale, mask, recent, store, head, self.quant)
+            return self.recent.attend(*args)
         if prefers_packed(queries, keys.shape[1]):
-            out = quantized_attention(queries, store, head, self.quant, scale, mask, tail)
-        else:
-            keys, values = (
-                mx.concatenate([a, b], axis=2) for a, b in zip((keys, values), tail, strict=True)
-            )
-            out = _blockwise_attention(queries, keys, values, scale, mask, self.query_block)
-        # the copy's new entries are made with this layer's output, not at the end of the pass
-        # (else every layer's new keys and values would wait for them: a prompt chunk's worth)
-        return mx.depends(out, self.recent.state)
+            return quantized_attention(queries, store, head, self.quant, scale, mask)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
     def _compact(self, held: list[int]) -> None:
         """Drop the oldest non-sink slots of rows that `held` (before the last write: the new
@@ -444,21 +422,6 @@ class BatchKVCache:
         if self.quant is not None:
             keys = self.quant.rotate(keys)  # H H = I: back to the model's keys
         return mx.contiguous(keys), mx.contiguous(values), start
-
-
-def _blockwise_attention(
-    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array, block: int
-) -> mx.array:
-    """Attention (B, Hq, L, D) under a mask array, `block` queries at a time, each block after
-    the one before: a kernel without a fused path (MLX's CPU backend) then holds the scores of
-    one block at a time, so a prompt chunk stays below the full cache's peak."""
-    outs: list[mx.array] = []
-    for i in range(0, queries.shape[2], block):
-        q = queries[:, :, i : i + block]
-        q = mx.depends(q, outs[-1]) if outs else q
-        m = mask[:, :, i : i + block]
-        outs.append(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=m))
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 def make_batch_cache(model: CausalLM, kv: KVConfig | None = None) -> list[BatchKVCache]:

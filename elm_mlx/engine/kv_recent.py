@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .kv_quant import KVQuantizer, prefers_packed, quantized_attention, scores_mask
+
 FAR = -(1 << 30)  # the position of a copy entry that holds nothing: no query sees it
 
 
@@ -56,6 +58,7 @@ class RecentKV:
     entry i of row b holds position end[b] - capacity + i, if at least low[b]."""
 
     slack = 64  # rewinds kept exact: speculation rewinds at most MAX_PROPOSAL (config.py)
+    query_block = 128  # queries per attention call when the scores are materialised
 
     def __init__(self, size: int) -> None:
         self.size, self.capacity = size, size + self.slack
@@ -115,6 +118,37 @@ class RecentKV:
         self.low = [max(lo, e - self.capacity) for lo, e in zip(low, self.end, strict=True)]
         return recent
 
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        scale: float,
+        mask: str | mx.array | None,
+        written: tuple[Recent, mx.array, mx.array],
+        store: list[mx.array],
+        head: list[mx.array] | None,
+        quant: KVQuantizer,
+    ) -> mx.array:
+        """Attention of queries (B, Hq, L, D) (rotated) over a quantized cache's slots (`store`
+        packed, `keys`, `values` dequantized (B, Hkv, S, D), `mask` theirs) and this copy, as
+        the last `write` gave it (`written`: it, the positions the slots hold (B, S), the
+        queries' (B, L)); -> (B, Hq, L, D)."""
+        recent, held, positions = written
+        base = scores_mask(mask, queries.shape[2], keys.shape[2])
+        mask = recent.mask(base, held, positions, self.size)  # (B, 1, L, S + T)
+        tail = [recent.keys, recent.values]
+        if prefers_packed(queries, keys.shape[1]):
+            out = quantized_attention(queries, store, head, quant, scale, mask, tail)
+        else:
+            keys, values = (
+                mx.concatenate([a, b], axis=2) for a, b in zip((keys, values), tail, strict=True)
+            )
+            out = _blockwise_attention(queries, keys, values, scale, mask, self.query_block)
+        # the copy's new entries are made with this layer's output, not at the end of the pass
+        # (else every layer's new keys and values would wait for them: a prompt chunk's worth)
+        return mx.depends(out, self.state)
+
     # ------------------------------------------------------------------ rows
 
     def extend(self, keys: mx.array | None, values: mx.array | None, lengths: list[int]) -> None:
@@ -169,3 +203,18 @@ class RecentKV:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
+
+
+def _blockwise_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array, block: int
+) -> mx.array:
+    """Attention (B, Hq, L, D) under a mask array, `block` queries at a time, each block after
+    the one before: a kernel without a fused path (MLX's CPU backend) then holds the scores of
+    one block at a time, so a prompt chunk stays below the full cache's peak."""
+    outs: list[mx.array] = []
+    for i in range(0, queries.shape[2], block):
+        q = queries[:, :, i : i + block]
+        q = mx.depends(q, outs[-1]) if outs else q
+        m = mask[:, :, i : i + block]
+        outs.append(mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=m))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

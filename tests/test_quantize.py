@@ -374,8 +374,8 @@ def test_the_report_says_what_calibration_read(tiny, tmp_path, own):
 
 def test_calibration_files_repeat_and_share_the_windows(tiny, tmp_path):
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
-    first.write_text(default_text()[:40_000])
-    second.write_text(default_text()[-40_000:])
+    first.write_text(default_text()[:80_000])
+    second.write_text(default_text()[-80_000:])
     out = tmp_path / "out"
     args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
     result = runner.invoke(
@@ -383,7 +383,8 @@ def test_calibration_files_repeat_and_share_the_windows(tiny, tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     assert f"held-out tokens of {first} and {second}" in result.stderr
-    assert f"4096 tokens of {first} and 4096 tokens of {second}" in result.stderr  # 8 windows each
+    windows = CalibrationConfig().windows // 2 * CalibrationConfig().window  # tokens each
+    assert f"{windows} tokens of {first} and {windows} tokens of {second}" in result.stderr
     assert "float model wrote" not in result.stderr
 
 

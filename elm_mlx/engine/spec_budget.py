@@ -67,11 +67,22 @@ class StepCost:
         return self._line
 
     def __call__(self, n: int) -> float:
+        a, b = self._ab()
+        return a + b * n
+
+    def within(self, seconds: float) -> float:
+        """The most tokens a pass may feed within `seconds` (inf: any number; < 0: none)."""
+        a, b = self._ab()
+        if b <= 0:
+            return float("inf") if seconds >= a else -1.0
+        return (seconds - a) / b
+
+    def _ab(self) -> tuple[float, float]:
         line = self.line()
         if line is None:  # no fit yet: proportional to n, from whatever was timed
             per_token = sum(t / m for m, t in self.means.items()) / max(len(self.means), 1)
-            return n * (per_token or 1.0)
-        return line[0] + line[1] * n
+            return 0.0, per_token or 1.0
+        return line
 
 
 class RowLength(ProposalLength):

@@ -193,8 +193,8 @@ def test_long_prompt_prefills_within_its_share_while_others_stream(tiny):
     """A 200-token prompt (prefill_step_size 64) arriving while a request decodes, with pass
     costs from a fixed model (n tokens: 1 + 0.05 n; a 64-token chunk ~4 decode steps): the
     running request gets a token at every step meanwhile, the prefill passes cost at most
-    `share` (0.5) of the decode steps so far and are narrower than a full chunk, and both equal
-    their solo runs."""
+    `share` (0.5) of the decode steps so far (but for one pass's overdraft) and are narrower
+    than a full chunk, and both equal their solo runs."""
     model, tokenizer = tiny.load("llama")
     cost = StepCost.fixed(1.0, 0.05)
     short = Request(random_ids(5, seed=1), GenerationConfig(max_tokens=80))
@@ -218,7 +218,7 @@ def test_long_prompt_prefills_within_its_share_while_others_stream(tiny):
             widths.append(now - fed)
             spent += cost(now - fed)
             fed = now
-        assert spent <= earned
+        assert spent <= earned + cost(max(widths, default=0))
     assert fed == len(long.prompt) - 1 and max(widths) < 64
     assert len(widths) >= 199 // 64 + 1
     _step_all(gen, events)
@@ -245,13 +245,13 @@ def test_full_chunks_when_no_row_decodes(tiny):
 @pytest.mark.parametrize("share", [0.25, 1.0])
 def test_a_short_request_beside_a_long_prefill_finishes_in_steps_bounded_by_its_own(tiny, share):
     """A row decodes, a long prompt prefills beside it, then a short request arrives: the
-    steps until the short one finishes do not depend on the long prompt's length (300 or 900
+    steps until the short one finishes do not depend on the long prompt's length (700 or 1,400
     tokens), and the long prompt still finishes with its solo tokens."""
     model, tokenizer = tiny.load("llama")
     running = Request(random_ids(4, seed=5), GenerationConfig(max_tokens=200))
     short = Request(random_ids(6, seed=6), GenerationConfig(max_tokens=4))
     steps = []
-    for length in (300, 900):
+    for length in (700, 1400):
         long = Request(random_ids(length, seed=7), GenerationConfig(max_tokens=3))
         gen = BatchGenerator(
             model, tokenizer, cost=StepCost.fixed(1.0, 0.02), prefill=PrefillPolicy(share)

@@ -8,14 +8,16 @@ decoding batch.
 While rows decode, they wait for each pass, so one long prompt must not stall them: like vLLM's
 chunked prefill, which bounds a step by a token budget with the decode rows served first, the
 passes are bounded, but by time (`PrefillPolicy`), since what a chunk costs beside a decode step
-depends on the backend (a 512-token pass ~50 decode steps on a CPU, a few on Metal). Each decode
-step earns the prefill `share` x its cost (`StepCost`, fitted from the engine's timings) as
-credit; a pass runs once the credit pays for twice a pass's fixed cost (so at least half of it
-feeds tokens) or for all the prompts still need, as wide as the credit pays, each prompt at most
-its `prefill_step_size`, and spends what it costs. Decoding rows thus slow by at most 1 + share
-on average, and every prompt progresses (each step adds credit). With no row decoding, each
-prompt gets its full `prefill_step_size` every pass. A chunk of any width leaves the same cache,
-so the tokens do not depend on the policy.
+depends on the backend and on the prompt's position (a 512-token pass ~50 decode steps on a
+CPU, a few on Metal; at position 3,000, 16 tokens ~6 steps on a CPU). Each decode step earns the
+prefill `share` x its time as credit; a pass runs once the credit pays for twice a pass's fixed
+cost (about a decode step's, so that most of it feeds tokens) or for a full chunk, as wide as the credit pays at the
+last pass's time per token, and its time comes off the credit (an overdraft delays the next).
+Decoding rows thus slow by at most 1 + share on average, and every prompt progresses (each step
+adds credit). A full chunk is each prompt's `prefill_step_size`, but no wider than what the
+prompt nearest its end still needs, within twice its cost, so that a short prompt does not wait
+for a long one's chunk; while nothing decodes every pass is full. A chunk of any width leaves the same cache, so the
+tokens do not depend on the policy.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Prefill:
         self.cache = make_batch_cache(model, kv)
         self.items: list[Pending] = []
         self.credit = 0.0  # seconds of prefill the decode steps have paid for
+        self.rate: float | None = None  # seconds per token fed, as the last pass took
+        self.step_s: float | None = None  # the last decode step's seconds
 
     def __len__(self) -> int:
         return len(self.items)
@@ -103,13 +107,32 @@ class Prefill:
         """Each prompt's next chunk width without a budget: its `prefill_step_size`."""
         return [min(item.config.prefill_step_size, item.todo) for item in self.items]
 
-    def earn(self, decode_tokens: int) -> None:
-        """Credit for a decode step that fed `decode_tokens` tokens (while prompts wait), up to
-        what one unbounded pass costs."""
-        if not self.todo:
-            return
-        full = self.cost(len(self.items) * max(self._wanted()))
-        self.credit = min(self.credit + self.policy.share * self.cost(decode_tokens), full)
+    def earn(self, seconds: float) -> None:
+        """Credit for a decode step that took `seconds` (while prompts wait), up to what the
+        next pass waits for."""
+        self.step_s = seconds
+        if self.todo:
+            self.credit = min(self.credit + self.policy.share * seconds, self._due())
+
+    def _width(self) -> int:
+        """The widest chunk of a pass: the prompt nearest its end does not wait for a chunk
+        of another that would cost more than twice its own (nor is padded to one)."""
+        wanted, rows = [w for w in self._wanted() if w], len(self.items)
+        bound = 2 * self.cost(rows * min(wanted))
+        return max(w for w in wanted if self.cost(rows * w) <= bound)
+
+    def _rate(self, width: int) -> float:
+        """Seconds per token fed: the last pass's (the cost per token grows with the
+        prompt's position, so the cost model's line does not tell), or the model's guess."""
+        n = len(self.items) * width
+        return self.rate if self.rate is not None else self.cost(n) / n
+
+    def _due(self) -> float:
+        """The credit a pass waits for: twice a pass's fixed cost (about a decode step's, so
+        that most of it feeds tokens), or a full chunk."""
+        width = self._width()
+        fixed = self.step_s if self.step_s is not None else self.cost(1)
+        return min(2 * fixed, self._rate(width) * len(self.items) * width)
 
     def plan(self, decoding: bool) -> list[int] | None:
         """The chunk widths of the next pass, or None for no pass this step."""
@@ -117,35 +140,34 @@ class Prefill:
         if not any(wanted):
             self.credit = 0.0
             return None
-        if not decoding:
-            return wanted
-        # the pass is padded to its widest chunk: rows x width tokens
-        width = min(self.cost.within(self.credit) / len(self.items), max(wanted))
-        if width < 1:
-            return None
-        widths = [min(w, int(width)) for w in wanted]
-        if widths != wanted and self.cost(len(widths) * max(widths)) < 2 * self.cost(0):
-            return None  # mostly fixed cost: wait for more credit
-        return widths
+        width = self._width()
+        if decoding:
+            if self.credit < self._due():
+                return None
+            rows = len(self.items)  # the pass is padded to its widest chunk: rows x width
+            width = max(1, min(width, int(self.credit / self._rate(width) / rows)))
+        return [min(w, width) for w in wanted]
 
-    def feed(self, widths: list[int]) -> None:
+    def feed(self, widths: list[int], paid: bool) -> None:
         """One forward pass of each row's next `widths[i]` prompt tokens, timed into `cost`;
-        its estimated cost comes off the credit."""
+        `paid`: its time comes off the credit (it may overdraw it)."""
         chunks = [
             item.prompt[item.fed : item.fed + w] for item, w in zip(self.items, widths, strict=True)
         ]
         longest = max(map(len, chunks))
         if not longest:
             return
-        # (with no row decoding, a pass is not paid for and may cost more than the credit)
-        self.credit = max(self.credit - self.cost(len(chunks) * longest), 0.0)
         inputs = [chunk + [0] * (longest - len(chunk)) for chunk in chunks]
         mark_padding(self.cache, list(map(len, chunks)))
         tic = time.perf_counter()
         with mx.stream(generation_stream()):
             self.model(mx.array(inputs, mx.uint32), cache=self.cache)
             mx.eval([c.state for c in self.cache])
-        self.cost.add(len(inputs) * longest, time.perf_counter() - tic)
+        n, seconds = len(inputs) * longest, time.perf_counter() - tic
+        self.cost.add(n, seconds)
+        charged = self.cost.charge(n, seconds)
+        self.rate = charged / n
+        self.credit = self.credit - charged if paid else 0.0
         for item, chunk in zip(self.items, chunks, strict=True):
             item.fed += len(chunk)
         set_lengths(self.cache, [item.fed for item in self.items])  # forget the padding
@@ -162,4 +184,6 @@ class Prefill:
         stay = [i for i, item in enumerate(self.items) if item not in items]
         keep_rows(self.cache, stay)
         self.items = [self.items[i] for i in stay]
+        if not self.items:  # new prompts start at other positions
+            self.rate = None
         return items

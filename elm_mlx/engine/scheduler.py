@@ -231,7 +231,7 @@ class BatchGenerator:
         seconds = step.done_at - max(step.started, self._idle_since)
         width = step.choice.shape[1]
         self.cost.add(len(step.rows) * width, seconds)
-        self.prefill.earn(len(step.rows) * width)  # the prompts waiting may take a share
+        self.prefill.earn(self.cost.charge(len(step.rows) * width, seconds))
         self._idle_since = max(self._idle_since, step.done_at)
         return self._emit(step.rows, runs, seconds)
 
@@ -286,12 +286,18 @@ class BatchGenerator:
                 p.cached, cache = self.prompt_cache.fetch(p.prompt, self.kv)
                 p.fed = p.cached
             self.prefill.add(p, cache)
-        widths = self.prefill.plan(decoding=bool(self.rows))
+        self._join()  # (prompts found whole in the prompt cache): they decode beside a pass
+        decoding = bool(self.rows)  # then the pass is paid from their credit
+        widths = self.prefill.plan(decoding)
         if widths is not None:
             if self.inflight is not None:  # so that the pass's time is its own
                 mx.eval(self.inflight.choice)
-            self.prefill.feed(widths)
+            self.prefill.feed(widths, paid=decoding)
             self._idle_since = time.perf_counter()
+        self._join()
+
+    def _join(self) -> None:
+        """The prompts prefilled start decoding."""
         for p in self.prefill.take_done(self.cache):
             self.rows.append(
                 Row.start(

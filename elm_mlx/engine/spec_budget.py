@@ -66,23 +66,17 @@ class StepCost:
             self._line = (max(t_mean - b * n_mean, 0.0), b)
         return self._line
 
+    def charge(self, n: int, seconds: float) -> float:
+        """What a pass of n tokens that took `seconds` counts as: its time, or under a fixed
+        model (tests, a forced policy) the model's, so that a policy follows the model."""
+        return self(n) if self._fixed is not None else seconds
+
     def __call__(self, n: int) -> float:
-        a, b = self._ab()
-        return a + b * n
-
-    def within(self, seconds: float) -> float:
-        """The most tokens a pass may feed within `seconds` (inf: any number; < 0: none)."""
-        a, b = self._ab()
-        if b <= 0:
-            return float("inf") if seconds >= a else -1.0
-        return (seconds - a) / b
-
-    def _ab(self) -> tuple[float, float]:
         line = self.line()
         if line is None:  # no fit yet: proportional to n, from whatever was timed
             per_token = sum(t / m for m, t in self.means.items()) / max(len(self.means), 1)
-            return 0.0, per_token or 1.0
-        return line
+            return n * (per_token or 1.0)
+        return line[0] + line[1] * n
 
 
 class RowLength(ProposalLength):

@@ -4,6 +4,7 @@ strings), cancellation, speculative decoding per row, and the speculation budget
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from dataclasses import replace
@@ -237,6 +238,32 @@ def test_full_chunks_when_no_row_decodes(tiny):
         gen.step()
         fed.append(gen.prefill.items[0].fed if gen.waiting else None)
     assert fed == [64, 128, 192, None]
+    events: dict[int, list] = {rid: []}
+    _step_all(gen, events)
+    assert [e.token for e in events[rid]] == [r.token for r in solo(model, tokenizer, long)]
+
+
+def test_bound_idle_passes_take_the_time_of_the_steps_between_paid_ones(tiny):
+    """A server's policy (`bound_idle`): with nothing decoding, a pass costs at most what the
+    decode steps between two paid passes earn (here 2 x 1.05 / 0.5 = 4.2: 64 tokens), narrower
+    than the 512-token chunk (within 10% while its estimate of the time per token converges),
+    and the tokens are still the solo run's."""
+    model, tokenizer = tiny.load("llama")
+    long = Request(random_ids(300, seed=2), GenerationConfig(max_tokens=3))
+    cost = StepCost.fixed(1.0, 0.05)
+    gen = BatchGenerator(model, tokenizer, cost=cost, prefill=PrefillPolicy(bound_idle=True))
+    rid = gen.add(long)
+    fed = [0]
+    while gen.waiting:
+        gen.step()
+        fed.append(gen.prefill.items[0].fed if gen.waiting else len(long.prompt) - 1)
+    widths = [b - a for a, b in itertools.pairwise(fed)]
+    # (the first pass is sized by a guess of the time per token, each later one by the last
+    # pass's, which converges on the width that fits)
+    assert all(w >= 1 and cost(w) <= 1.1 * 2 * cost(1) / 0.5 for w in widths[1:]), widths
+    assert cost(widths[-2]) <= 2 * cost(1) / 0.5
+    assert max(widths) < 512
+    assert len(widths) >= 299 // 64
     events: dict[int, list] = {rid: []}
     _step_all(gen, events)
     assert [e.token for e in events[rid]] == [r.token for r in solo(model, tokenizer, long)]

@@ -16,8 +16,8 @@ last pass's time per token, and its time comes off the credit (an overdraft dela
 Decoding rows thus slow by at most 1 + share on average, and every prompt progresses (each step
 adds credit). A full chunk is each prompt's `prefill_step_size`, but no wider than what the
 prompt nearest its end still needs, within twice its cost, so that a short prompt does not wait
-for a long one's chunk; while nothing decodes every pass is full. A chunk of any width leaves the same cache, so the
-tokens do not depend on the policy.
+for a long one's chunk; while nothing decodes every pass is full (but with `bound_idle`). A
+chunk of any width leaves the same cache, so the tokens do not depend on the policy.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class PrefillPolicy:
     """How much prefill may slow the rows that decode (see the module docstring)."""
 
     share: float = 0.5  # prefill seconds per second of decoding while rows decode
+    # requests may arrive during a pass (a server): a pass while nothing decodes takes at most
+    # the time of the decode steps between two paid passes (2 / share), so that a newcomer
+    # waits no longer than a decoding row does; without, such passes are full chunks
+    bound_idle: bool = False
 
     def validate(self) -> None:
         if not self.share > 0:
@@ -144,8 +148,13 @@ class Prefill:
         if decoding:
             if self.credit < self._due():
                 return None
-            rows = len(self.items)  # the pass is padded to its widest chunk: rows x width
-            width = max(1, min(width, int(self.credit / self._rate(width) / rows)))
+            seconds = self.credit
+        elif self.policy.bound_idle:
+            seconds = self._due() / self.policy.share
+        else:
+            return [min(w, width) for w in wanted]
+        rows = len(self.items)  # the pass is padded to its widest chunk: rows x width
+        width = max(1, min(width, int(seconds / self._rate(width) / rows)))
         return [min(w, width) for w in wanted]
 
     def feed(self, widths: list[int], paid: bool) -> None:

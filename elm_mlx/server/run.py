@@ -120,7 +120,7 @@ def build(
         options.max_batch,
         prompt_cache=cache,
         kv=defaults.kv_config(),
-        prefill=PrefillPolicy(options.prefill_share),
+        prefill=PrefillPolicy(options.prefill_share, bound_idle=True),
     )
     return Loaded(served, Worker(engine, options.max_queue, metrics), TokenText(tokenizer))
 

@@ -328,7 +328,7 @@ def main() -> None:
             time.sleep(1.0)  # let it start
             abused = load()
             stop.set()
-            process.join(120)
+            process.join(TIMEOUT)  # a long prompt in flight reports its first token
             if process.is_alive():
                 process.kill()
             health = httpx.get(f"{server.url.removesuffix('/v1')}/health", timeout=TIMEOUT)

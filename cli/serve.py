@@ -101,8 +101,9 @@ def command(
         typer.Option(
             help="While requests decode, the share of their time that prefilling new prompts may "
             "take (0.5: they slow by at most 1.5x, however long a newcomer's prompt; higher: "
-            "faster first tokens for long prompts). A pass feeds each prompt at most its "
-            "prefill step (512 tokens), all of it when nothing decodes."
+            "faster first tokens for long prompts). While nothing decodes, a prefill pass "
+            "takes about as long as the decode steps between two (2 / share); each at most "
+            "512 tokens of a prompt."
         ),
     ] = SERVE.prefill_share,
     allowed_hosts: Annotated[

@@ -16,7 +16,8 @@ last pass's time per token, and its time comes off the credit (an overdraft dela
 Decoding rows thus slow by at most 1 + share on average, and every prompt progresses (each step
 adds credit). A full chunk is each prompt's `prefill_step_size`, but no wider than what the
 prompt nearest its end still needs, within twice its cost, so that a short prompt does not wait
-for a long one's chunk; while nothing decodes every pass is full (but with `bound_idle`). A
+for a long one's chunk; while nothing decodes every pass is full (with `bound_idle`, it grows
+to that from the paid passes' time). A
 chunk of any width leaves the same cache, so the tokens do not depend on the policy.
 """
 
@@ -51,7 +52,8 @@ class PrefillPolicy:
     share: float = 0.5  # prefill seconds per second of decoding while rows decode
     # requests may arrive during a pass (a server): a pass while nothing decodes takes at most
     # the time of the decode steps between two paid passes (2 / share), so that a newcomer
-    # waits no longer than a decoding row does; without, such passes are full chunks
+    # waits about as long as a decoding row does, doubled with each such pass in a row (a
+    # prompt alone soon gets full chunks); without, such passes are full chunks
     bound_idle: bool = False
 
     def validate(self) -> None:
@@ -94,6 +96,7 @@ class Prefill:
         self.credit = 0.0  # seconds of prefill the decode steps have paid for
         self.rate: float | None = None  # seconds per token fed, as the last pass took
         self.step_s: float | None = None  # the last decode step's seconds
+        self.idle_passes = 0  # passes since the last decode step
 
     def __len__(self) -> int:
         return len(self.items)
@@ -114,7 +117,7 @@ class Prefill:
     def earn(self, seconds: float) -> None:
         """Credit for a decode step that took `seconds` (while prompts wait), up to what the
         next pass waits for."""
-        self.step_s = seconds
+        self.step_s, self.idle_passes = seconds, 0
         if self.todo:
             self.credit = min(self.credit + self.policy.share * seconds, self._due())
 
@@ -150,7 +153,7 @@ class Prefill:
                 return None
             seconds = self.credit
         elif self.policy.bound_idle:
-            seconds = self._due() / self.policy.share
+            seconds = self._due() / self.policy.share * 2.0**self.idle_passes
         else:
             return [min(w, width) for w in wanted]
         rows = len(self.items)  # the pass is padded to its widest chunk: rows x width
@@ -177,6 +180,7 @@ class Prefill:
         charged = self.cost.charge(n, seconds)
         self.rate = charged / n
         self.credit = self.credit - charged if paid else 0.0
+        self.idle_passes = 0 if paid else min(self.idle_passes + 1, 16)
         for item, chunk in zip(self.items, chunks, strict=True):
             item.fed += len(chunk)
         set_lengths(self.cache, [item.fed for item in self.items])  # forget the padding

@@ -35,8 +35,9 @@ API (one thread owns a `BatchGenerator` and makes every call; nothing here is th
   proposals so that requests that do not speculate keep their speed (`spec_budget`).
 - `prompt_cache`: finished requests leave their KV entries there; a request that starts the
   same way reuses them (`Usage.cached_tokens`).
-- `prefill=PrefillPolicy(share=0.5)`: while rows decode, prompt prefill takes at most `share`
-  of their time (`prompt_prefill`).
+- `prefill=PrefillPolicy(share=0.5, bound_idle=False)`: while rows decode, prompt prefill
+  takes at most `share` of their time; `bound_idle` (a server) bounds passes while nothing
+  decodes too, for requests that arrive meanwhile (`prompt_prefill`).
 
 Every forward pass runs on `reference.generation_stream()`; wrap a long-running loop in
 `reference.wired_limit(model)` as the front-ends do.

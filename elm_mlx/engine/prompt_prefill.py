@@ -8,17 +8,17 @@ decoding batch.
 While rows decode, they wait for each pass, so one long prompt must not stall them: like vLLM's
 chunked prefill, which bounds a step by a token budget with the decode rows served first, the
 passes are bounded, but by time (`PrefillPolicy`), since what a chunk costs beside a decode step
-depends on the backend and on the prompt's position (a 512-token pass ~50 decode steps on a
-CPU, a few on Metal; at position 3,000, 16 tokens ~6 steps on a CPU). Each decode step earns the
-prefill `share` x its time as credit; a pass runs once the credit pays for twice a pass's fixed
-cost (about a decode step's, so that most of it feeds tokens) or for a full chunk, as wide as the credit pays at the
-last pass's time per token, and its time comes off the credit (an overdraft delays the next).
-Decoding rows thus slow by at most 1 + share on average, and every prompt progresses (each step
-adds credit). A full chunk is each prompt's `prefill_step_size`, but no wider than what the
-prompt nearest its end still needs, within twice its cost, so that a short prompt does not wait
-for a long one's chunk; while nothing decodes every pass is full (with `bound_idle`, it grows
-to that from the paid passes' time). A
-chunk of any width leaves the same cache, so the tokens do not depend on the policy.
+depends on the backend and on the prompt's position (a 512-token pass ~50-100 decode steps on a
+CPU, a few on Metal; attention grows with the position). Each decode step earns the prefill
+`share` x its time as credit; a pass runs once the credit pays for twice a pass's fixed cost
+(about a decode step's, so that most of it feeds tokens) or for a full chunk, as wide as the
+credit pays at the last pass's time per token, and its time comes off the credit (an overdraft
+delays the next). Decoding rows thus slow by at most 1 + share on average, and every prompt
+progresses (each step adds credit). A full chunk is each prompt's `prefill_step_size`, but no
+wider than what the prompt nearest its end still needs, within twice its cost, so that a short
+prompt does not wait for a long one's chunk; while nothing decodes every pass is full (with
+`bound_idle`, passes grow to that from the paid passes' time). A chunk of any width leaves the
+same cache, so the tokens do not depend on the policy.
 """
 
 from __future__ import annotations

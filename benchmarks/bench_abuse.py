@@ -12,7 +12,11 @@ connections open), for as long as the normal load runs:
 - the costliest request allowed: prompt_lookup 64, 16 stop strings of 256 characters,
   512 tokens (it runs: one more row in the batch);
 - 300 slowloris connections (headers one byte a second, reopened when closed), 20 bodies
-  trickled in.
+  trickled in;
+- distinct long prompts: chat requests of ~3,000 tokens (within the context), each different
+  from its first word so that the prompt cache cannot help, streamed, 8 tokens each (they run:
+  their prefill shares the steps with the normal rows). Their own time to first token is
+  reported too (`long_ttft`).
 
     python benchmarks/bench_abuse.py [--model FOLDER] [--clients 2] [--requests 12]
                                      [--max-tokens 16] [--kinds "a|b"] [--json FILE]
@@ -35,6 +39,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -152,7 +157,61 @@ def trickled_bodies(server: Server, connections: int) -> Callable[[Any], None]:
     return run
 
 
-def abusers(server: Server, longest_token: int) -> dict[str, Callable[[Any], None]]:
+def first_token(line: str) -> bool:
+    """Whether a chat stream's line carries generated text or the end (not the role chunk)."""
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line.removeprefix("data: "))["choices"]
+    return bool(choices and (choices[0]["delta"].get("content") or choices[0]["finish_reason"]))
+
+
+def distinct_long_prompts(server: Server, report: Any, words: int = 3000) -> Callable[[Any], None]:
+    """An abuser that streams chat requests of ~`words` tokens, each different from its first
+    word on (no prompt-cache reuse), again and again; puts each one's time to first token on
+    `report`."""
+    vocabulary = [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "green",
+        "house",
+        "music",
+        "table",
+        "winter",
+        "paper",
+        "light",
+    ]
+
+    def run(stop: Any) -> None:
+        rng = random.Random(0)
+        transport = httpx.HTTPTransport(local_address=ABUSER)
+        with httpx.Client(timeout=TIMEOUT, transport=transport) as http:
+            for i in range(10**9):
+                if stop.is_set():
+                    break
+                text = " ".join(rng.choice(vocabulary) for _ in range(words))
+                body = {
+                    "messages": [{"role": "user", "content": f"{i} {text}"}],
+                    "max_tokens": 8,
+                    "stream": True,
+                }
+                tic = time.perf_counter()
+                url = f"{server.url}/chat/completions"
+                with (
+                    contextlib.suppress(httpx.HTTPError),
+                    http.stream("POST", url, json=body) as response,
+                ):
+                    waiting = True
+                    for line in response.iter_lines():  # to its end
+                        if waiting and first_token(line):
+                            report.put(time.perf_counter() - tic)
+                            waiting = False
+
+    return run
+
+
+def abusers(server: Server, longest_token: int, report: Any) -> dict[str, Callable[[Any], None]]:
     def chat(**fields) -> bytes:
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
         return json.dumps(body).encode()
@@ -189,6 +248,7 @@ def abusers(server: Server, longest_token: int) -> dict[str, Callable[[Any], Non
         "costliest allowed": repeat(server, "/chat/completions", costly),
         "300 slowloris": slowloris(server, 300),
         "20 trickled bodies": trickled_bodies(server, 20),
+        "distinct long prompts": distinct_long_prompts(server, report),
     }
 
 
@@ -253,26 +313,32 @@ def main() -> None:
     def load() -> dict:
         return normal_load(server, args.clients, args.requests, args.max_tokens)
 
+    fork = multiprocessing.get_context("fork")  # the abusers are closures
+    report = fork.Queue()  # what an abuser measures of its own requests
     try:
         normal_load(server, args.clients, 2, args.max_tokens)  # warm up
-        for kind, abuser in abusers(server, longest).items():
+        for kind, abuser in abusers(server, longest, report).items():
             if args.kinds and kind not in args.kinds.split("|"):
                 continue
             quiet = load()  # just before: the busy machine's load drifts
             # a process of its own: its client work must not take the normal clients' GIL
-            fork = multiprocessing.get_context("fork")  # the abusers are closures
             stop = fork.Event()
             process = fork.Process(target=abuser, args=(stop,), daemon=True)
             process.start()
             time.sleep(1.0)  # let it start
             abused = load()
             stop.set()
-            process.join(120)
+            process.join(TIMEOUT)  # a long prompt in flight reports its first token
             if process.is_alive():
                 process.kill()
             health = httpx.get(f"{server.url.removesuffix('/v1')}/health", timeout=TIMEOUT)
             assert health.status_code == 200, health.text
             row = {"kind": kind, "quiet": quiet, "abused": abused}
+            own = []
+            while not report.empty():
+                own.append(round(report.get(), 3))
+            if own:
+                row["long_ttft"] = own
             row["p50_ratio"] = round(abused["p50"] / quiet["p50"], 3)
             row["p99_ratio"] = round(abused["p99"] / quiet["p99"], 3)
             rows.append(row)
@@ -289,6 +355,8 @@ def main() -> None:
         q, a = row["quiet"], row["abused"]
         print(f"{row['kind']:<22} {q['p50']:7.2f} /{q['p99']:6.2f} {a['p50']:8.2f} /{a['p99']:6.2f} "
               f"{row['p50_ratio']:9.2f}x {row['p99_ratio']:9.2f}x {len(a['errors']):7d}")  # fmt: skip
+        if "long_ttft" in row:
+            print(f"{'':<22} its own time to first token (s): {row['long_ttft']}")
     record = {
         "bench": "abuse",
         "machine": platform.machine(),

@@ -96,6 +96,16 @@ def command(
             "get 429 (0: no limit)."
         ),
     ] = SERVE.client_rate,
+    prefill_share: Annotated[
+        float,
+        typer.Option(
+            help="While requests decode, the share of their time that prefilling new prompts may "
+            "take (0.5: they slow by at most 1.5x, however long a newcomer's prompt; higher: "
+            "faster first tokens for long prompts). While nothing decodes, a prefill pass "
+            "takes about as long as the decode steps between two (2 / share); each at most "
+            "512 tokens of a prompt."
+        ),
+    ] = SERVE.prefill_share,
     allowed_hosts: Annotated[
         list[str] | None,
         typer.Option(help="Host names accepted on a loopback bind besides localhost (repeat)."),
@@ -146,6 +156,7 @@ def command(
         max_connections=max_connections,
         max_body_bytes=max_body_bytes,
         client_rate=client_rate,
+        prefill_share=prefill_share,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
         pooling=pooling,

@@ -19,6 +19,7 @@ _EXPORTS = {
     "BatchGenerator": "engine.scheduler",
     "GenerationConfig": "engine.config",
     "GenerationResponse": "engine.generation",
+    "PrefillPolicy": "engine.prompt_prefill",
     "batch_generate": "engine.scheduler",
     "generate": "engine.generation",
     "stream_generate": "engine.generation",

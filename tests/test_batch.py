@@ -4,6 +4,7 @@ strings), cancellation, speculative decoding per row, and the speculation budget
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from dataclasses import replace
@@ -20,6 +21,7 @@ from elm_mlx import batch_generate, generate, stream_generate
 from elm_mlx.engine.batch_kv import add_rows, keep_rows, make_batch_cache, set_lengths
 from elm_mlx.engine.config import GenerationConfig
 from elm_mlx.engine.prompt_cache import PromptCache
+from elm_mlx.engine.prompt_prefill import PrefillPolicy
 from elm_mlx.engine.scheduler import BatchGenerator, Request
 from elm_mlx.engine.spec_budget import RowLength, StepCost, Want, speculation_width
 from elm_mlx.errors import GenerationError, OptionError
@@ -182,32 +184,132 @@ def test_cancel_frees_the_slot(tiny):
     assert not gen.cancel(ids[1])  # finished
 
 
-def test_long_prompt_prefills_in_chunks_while_others_stream(tiny):
-    """A 200-token prompt arriving while a request decodes is prefilled its prefill_step_size
-    (16) tokens per step: the running request gets a token at every step meanwhile, and both
-    equal their solo runs."""
+def _step_all(gen: BatchGenerator, events: dict[int, list]) -> None:
+    while gen.has_work:
+        for e in gen.step():
+            events[e.request_id].append(e)
+
+
+def test_long_prompt_prefills_within_its_share_while_others_stream(tiny):
+    """A 200-token prompt (prefill_step_size 64) arriving while a request decodes, with pass
+    costs from a fixed model (n tokens: 1 + 0.05 n; a 64-token chunk ~4 decode steps): the
+    running request gets a token at every step meanwhile, the prefill passes cost at most
+    `share` (0.5) of the decode steps so far (but for one pass's overdraft) and are narrower
+    than a full chunk, and both equal their solo runs."""
     model, tokenizer = tiny.load("llama")
-    short = Request(random_ids(5, seed=1), GenerationConfig(max_tokens=40))
-    long = Request(random_ids(200, seed=2), GenerationConfig(max_tokens=6, prefill_step_size=16))
-    gen = BatchGenerator(model, tokenizer, max_batch=4)
+    cost = StepCost.fixed(1.0, 0.05)
+    short = Request(random_ids(5, seed=1), GenerationConfig(max_tokens=80))
+    long = Request(random_ids(200, seed=2), GenerationConfig(max_tokens=6, prefill_step_size=64))
+    gen = BatchGenerator(model, tokenizer, max_batch=4, cost=cost)
     ids = [gen.add(short)]
     events: dict[int, list] = {ids[0]: []}
     for _ in range(3):
         events[ids[0]] += gen.step()
     ids.append(gen.add(long))
     events[ids[1]] = []
-    prefill_steps = 0
+    earned = spent = 0.0
+    widths, fed = [], 0
     while gen.waiting:
         new = gen.step()
-        prefill_steps += 1
         assert [e.request_id for e in new] == [ids[0]]  # one token each step
         events[ids[0]] += new
-    assert prefill_steps >= 200 // 16
-    while gen.has_work:
-        for e in gen.step():
-            events[e.request_id].append(e)
+        earned += PrefillPolicy().share * cost(1)  # one row decoded
+        now = gen.prefill.items[0].fed if gen.waiting else len(long.prompt) - 1
+        if now > fed:
+            widths.append(now - fed)
+            spent += cost(now - fed)
+            fed = now
+        assert spent <= earned + cost(max(widths, default=0))
+    assert fed == len(long.prompt) - 1 and max(widths) < 64
+    assert len(widths) >= 199 // 64 + 1
+    _step_all(gen, events)
     for rid, request in zip(ids, (short, long), strict=True):
         assert [e.token for e in events[rid]] == [r.token for r in solo(model, tokenizer, request)]
+
+
+def test_full_chunks_when_no_row_decodes(tiny):
+    """Prefill alone: each pass feeds the request's whole prefill_step_size."""
+    model, tokenizer = tiny.load("llama")
+    long = Request(random_ids(200, seed=2), GenerationConfig(max_tokens=3, prefill_step_size=64))
+    gen = BatchGenerator(model, tokenizer, cost=StepCost.fixed(1.0, 0.05))
+    rid = gen.add(long)
+    fed = []
+    while gen.waiting:
+        gen.step()
+        fed.append(gen.prefill.items[0].fed if gen.waiting else None)
+    assert fed == [64, 128, 192, None]
+    events: dict[int, list] = {rid: []}
+    _step_all(gen, events)
+    assert [e.token for e in events[rid]] == [r.token for r in solo(model, tokenizer, long)]
+
+
+def test_bound_idle_passes_start_from_the_time_between_paid_ones_and_double(tiny):
+    """A server's policy (`bound_idle`): with nothing decoding, the first pass costs about what
+    the decode steps between two paid passes earn (here 2 x 1.05 / 0.5 = 4.2: 64 tokens; it is
+    sized by a guess of the time per token, each later pass by the last pass's), and each pass
+    in a row may take twice as long as the one before, up to the 512-token chunk; the tokens are
+    still the solo run's."""
+    model, tokenizer = tiny.load("llama")
+    long = Request(random_ids(1200, seed=2), GenerationConfig(max_tokens=3))
+    cost = StepCost.fixed(1.0, 0.05)
+    gen = BatchGenerator(model, tokenizer, cost=cost, prefill=PrefillPolicy(bound_idle=True))
+    rid = gen.add(long)
+    fed = [0]
+    while gen.waiting:
+        gen.step()
+        fed.append(gen.prefill.items[0].fed if gen.waiting else len(long.prompt) - 1)
+    widths = [b - a for a, b in itertools.pairwise(fed)]
+    assert 1 <= widths[0] < 2 * 64 and widths[1] < 4 * 64
+    bound = 2 * cost(1) / 0.5
+    assert all(cost(w) <= bound * 2**i * 1.1 for i, w in enumerate(widths[1:], 1)), widths
+    assert 512 in widths
+    events: dict[int, list] = {rid: []}
+    _step_all(gen, events)
+    assert [e.token for e in events[rid]] == [r.token for r in solo(model, tokenizer, long)]
+
+
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_a_short_request_beside_a_long_prefill_finishes_in_steps_bounded_by_its_own(tiny, share):
+    """A row decodes, a long prompt prefills beside it, then a short request arrives: the
+    steps until the short one finishes do not depend on the long prompt's length (700 or 1,400
+    tokens), and the long prompt still finishes with its solo tokens."""
+    model, tokenizer = tiny.load("llama")
+    running = Request(random_ids(4, seed=5), GenerationConfig(max_tokens=200))
+    short = Request(random_ids(6, seed=6), GenerationConfig(max_tokens=4))
+    steps = []
+    for length in (700, 1400):
+        long = Request(random_ids(length, seed=7), GenerationConfig(max_tokens=3))
+        gen = BatchGenerator(
+            model, tokenizer, cost=StepCost.fixed(1.0, 0.02), prefill=PrefillPolicy(share)
+        )
+        ids = [gen.add(running)]
+        events: dict[int, list] = {ids[0]: []}
+        for _ in range(2):
+            events[ids[0]] += gen.step()
+        ids.append(gen.add(long))
+        for _ in range(3):
+            events[ids[0]] += gen.step()
+        assert gen.waiting == 1  # the long prompt is still prefilling
+        ids.append(gen.add(short))
+        events.update({ids[1]: [], ids[2]: []})
+        n = 0
+        while not (events[ids[2]] and events[ids[2]][-1].finish_reason):
+            for e in gen.step():
+                events[e.request_id].append(e)
+            n += 1
+        steps.append(n)
+        assert gen.waiting == 1  # the short one overtook the long one
+        gen.cancel(ids[0])
+        _step_all(gen, events)
+        for rid, request in zip(ids[1:], (long, short), strict=True):
+            want = [r.token for r in solo(model, tokenizer, request)]
+            assert [e.token for e in events[rid]] == want
+    assert steps[0] == steps[1] <= 12
+
+
+def test_prefill_share_must_be_positive():
+    with pytest.raises(OptionError, match="prefill_share"):
+        PrefillPolicy(share=0).validate()
 
 
 def test_batch_generate_equals_generate(tiny):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +20,7 @@ import httpx
 import pytest
 from serving import TIMEOUT, Server, write_endless_model, write_serving_model
 
-from elm_mlx import load
+from elm_mlx import generate, load
 from elm_mlx.engine.config import MAX_STOPS, GenerationConfig
 from elm_mlx.server.client_rate import MAX_CLIENTS, MAX_DELAY, ClientRate
 from elm_mlx.server.protocol import (
@@ -404,6 +406,53 @@ def test_a_prompt_over_the_context_is_refused_from_its_start(endless_dir):
     assert context < some <= len(encode_prompt(tokenizer, text))
     short = completion_job({"prompt": "hello there"}, served)  # a short one still runs
     assert short.prompt == encode_prompt(tokenizer, "hello there")
+
+
+def test_a_long_prompt_beside_a_stream_is_exact_under_a_small_prefill_share(endless_dir, tmp_path):
+    """`--prefill-share 0.1`: a prompt of over 1,000 tokens sent while another request
+    streams is prefilled in small chunks beside it and answered while that one still streams;
+    both answers are those `generate` gives alone. `--prefill-share 0` is refused before
+    anything loads."""
+    model, tokenizer = load(endless_dir)
+    long_text = " ".join(f"w{i % 97}" for i in range(600))
+    assert len(encode_prompt(tokenizer, long_text)) > 1000
+    s = Server(
+        endless_dir, tmp_path / "share.txt", "--prefill-share", "0.1", "--prompt-cache-bytes", "0"
+    )
+    streamed, events = "", 0
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            body = {"prompt": "hi", "max_tokens": 8000, "stream": True}
+            with httpx.stream("POST", f"{s.url}{TEXT}", json=body, timeout=TIMEOUT) as r:
+                lines = r.iter_lines()
+                long = None
+                for line in lines:  # the endless request runs past the long one's answer
+                    if not line.startswith("data: {"):
+                        continue
+                    streamed += json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                    events += 1
+                    if long is None:
+                        long = pool.submit(post, s, TEXT, {"prompt": long_text, "max_tokens": 5})
+                    elif long.done():
+                        break
+                assert events < 8000  # it did not finish first
+            answer = long.result(TIMEOUT)
+    finally:
+        s.stop(signal.SIGTERM)
+    assert answer.status_code == 200, answer.text
+    want = generate(model, tokenizer, long_text, GenerationConfig(max_tokens=5))
+    assert answer.json()["choices"][0]["text"] == want
+    # (a chunk may carry several tokens' text: compare what both have)
+    full = generate(model, tokenizer, "hi", GenerationConfig(max_tokens=events))
+    assert streamed and full[: len(streamed)] == streamed[: len(full)]
+    serve = [sys.executable, "-m", "elm_mlx.cli.main", "serve"]
+    bad = subprocess.run(
+        [*serve, "-m", str(tmp_path / "none"), "--prefill-share", "0"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert bad.returncode == 1 and "--prefill-share must be > 0" in bad.stderr, bad.stderr
 
 
 # ------------------------------------------------------------------------------ local guards

@@ -18,8 +18,9 @@ API (one thread owns a `BatchGenerator` and makes every call; nothing here is th
   `logprobs` most likely tokens; `keep_logprobs`: hand out each token's logprobs over the
   vocabulary (`Event.distribution`). `add` validates (`OptionError`, `GenerationError`).
 - `step()` admits queued requests while fewer than `max_batch` run, prefills their prompts
-  together (one pass, each request's `prefill_step_size` tokens, shared out while rows decode so
-  that running requests keep streaming), lets the prefilled ones join, advances every row by one
+  together (one pass, each request's `prefill_step_size` tokens; while rows decode, passes take
+  at most `prefill.share` of the decoding time, so that one long prompt cannot stall running
+  requests: `prompt_prefill`), lets the prefilled ones join, advances every row by one
   token (or a verified run of proposed tokens: see `rows`) and returns `Event`s, in order per
   request. A step without proposals is computed while the next call prepares the one after
   (constrained rows included: see `rows`), so its events come with the next call: call
@@ -34,6 +35,9 @@ API (one thread owns a `BatchGenerator` and makes every call; nothing here is th
   proposals so that requests that do not speculate keep their speed (`spec_budget`).
 - `prompt_cache`: finished requests leave their KV entries there; a request that starts the
   same way reuses them (`Usage.cached_tokens`).
+- `prefill=PrefillPolicy(share=0.5, bound_idle=False)`: while rows decode, prompt prefill
+  takes at most `share` of their time; `bound_idle` (a server) bounds passes while nothing
+  decodes too, for requests that arrive meanwhile (`prompt_prefill`).
 
 Every forward pass runs on `reference.generation_stream()`; wrap a long-running loop in
 `reference.wired_limit(model)` as the front-ends do.
@@ -55,7 +59,7 @@ from ..tokenizer import Tokenizer, encode_prompt
 from .batch_kv import KVConfig, keep_rows, make_batch_cache, row_cache
 from .config import GenerationConfig, check_prompt
 from .prompt_cache import PromptCache
-from .prompt_prefill import Pending, Prefill
+from .prompt_prefill import Pending, Prefill, PrefillPolicy
 from .reference import wired_limit
 from .rows import Launch, Row, Run, collect, decide, launch, plan, propose, rewind
 from .spec_budget import StepCost
@@ -107,6 +111,7 @@ class BatchGenerator:
         cost: StepCost | None = None,
         tolerance: float = 0.05,
         kv: KVConfig | None = None,
+        prefill: PrefillPolicy | None = None,
     ):
         if max_batch < 1:
             raise OptionError("max_batch", f"must be >= 1, got {max_batch}")
@@ -119,7 +124,7 @@ class BatchGenerator:
         self.cache = make_batch_cache(model, kv)  # quantized or windowed as `kv` says
         self.rows: list[Row] = []  # in the order of the cache's rows
         self.queue: deque[Pending] = deque()  # not yet admitted
-        self.prefill = Prefill(model, self.cost, kv)  # admitted, prefilling
+        self.prefill = Prefill(model, self.cost, kv, prefill)  # admitted, prefilling
         self.inflight: Launch | None = None  # the step being computed
         self._idle_since = 0.0  # when the work before the current launch was last seen done
         self._ids = count()
@@ -227,6 +232,7 @@ class BatchGenerator:
         seconds = step.done_at - max(step.started, self._idle_since)
         width = step.choice.shape[1]
         self.cost.add(len(step.rows) * width, seconds)
+        self.prefill.earn(self.cost.charge(len(step.rows) * width, seconds))
         self._idle_since = max(self._idle_since, step.done_at)
         return self._emit(step.rows, runs, seconds)
 
@@ -272,7 +278,8 @@ class BatchGenerator:
 
     def _prefill(self) -> None:
         """Admit queued requests while the batch has room, feed the prompts one pass (each its
-        `prefill_step_size`, shared out while rows decode), and let the ones done join."""
+        `prefill_step_size`, or what the decode steps' credit pays for while rows decode), and
+        let the ones done join."""
         while self.queue and len(self.rows) + len(self.prefill) < self.max_batch:
             p = self.queue.popleft()
             cache = None
@@ -280,13 +287,18 @@ class BatchGenerator:
                 p.cached, cache = self.prompt_cache.fetch(p.prompt, self.kv)
                 p.fed = p.cached
             self.prefill.add(p, cache)
-        if self.prefill.todo:
+        self._join()  # (prompts found whole in the prompt cache): they decode beside a pass
+        decoding = bool(self.rows)  # then the pass is paid from their credit
+        widths = self.prefill.plan(decoding)
+        if widths is not None:
             if self.inflight is not None:  # so that the pass's time is its own
                 mx.eval(self.inflight.choice)
-            # the rows decoding wait for this pass: share each request's chunk out
-            share = len(self.prefill) if self.rows else 1
-            self.prefill.feed(share)
+            self.prefill.feed(widths, paid=decoding)
             self._idle_since = time.perf_counter()
+        self._join()
+
+    def _join(self) -> None:
+        """The prompts prefilled start decoding."""
         for p in self.prefill.take_done(self.cache):
             self.rows.append(
                 Row.start(

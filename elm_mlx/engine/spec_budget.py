@@ -66,6 +66,11 @@ class StepCost:
             self._line = (max(t_mean - b * n_mean, 0.0), b)
         return self._line
 
+    def charge(self, n: int, seconds: float) -> float:
+        """What a pass of n tokens that took `seconds` counts as: its time, or under a fixed
+        model (tests, a forced policy) the model's, so that a policy follows the model."""
+        return self(n) if self._fixed is not None else seconds
+
     def __call__(self, n: int) -> float:
         line = self.line()
         if line is None:  # no fit yet: proportional to n, from whatever was timed

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.prompt_prefill import PrefillPolicy
 from ..errors import ServeError
 
 
@@ -32,6 +33,9 @@ class ServeOptions:
     # body counts once more per 16 KiB (0: no limit). Past it a request waits (1 s at most),
     # then gets 429 before its body is read (server/client_rate.py)
     client_rate: float = 100.0
+    # while requests decode, prompt prefill takes at most this share of their time (0.5: they
+    # slow by at most 1.5x however long a newcomer's prompt is; engine/prompt_prefill.py)
+    prefill_share: float = PrefillPolicy.share
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS (none: CORS off)
     ttl: float = 600.0  # seconds a model may stay idle before it is unloaded (0: kept)
@@ -62,6 +66,8 @@ class ServeOptions:
                 raise ServeError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
+        if not self.prefill_share > 0:
+            raise ServeError(f"--prefill-share must be > 0, got {self.prefill_share}")
         if self.pooling not in ("mean", "last"):
             raise ServeError(f"--pooling must be mean or last, got {self.pooling!r}")
         if not 0 <= self.port < 65536:

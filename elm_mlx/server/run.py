@@ -16,6 +16,7 @@ import uvicorn
 from ..engine.config import GenerationConfig
 from ..engine.prompt_cache import PromptCache
 from ..engine.prompt_file import DiskPromptCache
+from ..engine.prompt_prefill import PrefillPolicy
 from ..engine.scheduler import BatchGenerator
 from ..errors import ServeError
 from ..models import CausalLM, context_length, vocab_size
@@ -114,7 +115,12 @@ def build(
             f"prompt cache: {len(cache)} entries from {options.prompt_cache_dir}", file=sys.stderr
         )
     engine = BatchGenerator(
-        model, tokenizer, options.max_batch, prompt_cache=cache, kv=defaults.kv_config()
+        model,
+        tokenizer,
+        options.max_batch,
+        prompt_cache=cache,
+        kv=defaults.kv_config(),
+        prefill=PrefillPolicy(options.prefill_share, bound_idle=True),
     )
     return Loaded(served, Worker(engine, options.max_queue, metrics), TokenText(tokenizer))
 

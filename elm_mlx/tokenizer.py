@@ -82,14 +82,16 @@ class DecodeDetokenizer(_Pieces):
         probe = tokenizer.encode("a ,b", add_special_tokens=False)
         self._clean_spaces = " ," not in tokenizer.decode(probe)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-            # the same text as `tokenizer.decode`, without transformers' per-call overhead
+        # the backend gives `tokenizer.decode`'s text (transformers' clean-up of spaces comes
+        # after it), without transformers' per-call overhead
+        exact = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        if exact:
             self._decode = functools.partial(backend.decode, skip_special_tokens=False)
         else:
             self._decode = tokenizer.decode
         self._backend = backend
         self.streams = False
-        if stream and self._decode is not tokenizer.decode:
+        if stream and exact:
             ids = list(range(backend.get_vocab_size()))
             pieces = backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
             # byte-fallback tokens too: a run of them decodes all-or-nothing

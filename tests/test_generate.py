@@ -269,6 +269,16 @@ TEXTS = [
 ]
 
 
+def _streamed(detokenizer, tokens: list[int]) -> list[str]:
+    """The pieces a streaming detokenizer hands out for `tokens`, one per token and the last."""
+    pieces = []
+    for t in tokens:
+        detokenizer.add_token(t)
+        pieces.append(detokenizer.last_segment)
+    detokenizer.finalize()
+    return [*pieces, detokenizer.last_segment]
+
+
 @pytest.mark.parametrize("kind", ["loaded", "decode"])
 @pytest.mark.parametrize("family", ["llama", "olmo"])
 @pytest.mark.parametrize("text", TEXTS)
@@ -279,12 +289,7 @@ def test_detokenizer_streams_real_text_exactly(tiny, family, text, kind):
     tokens = tokenizer.encode(text, add_special_tokens=False)
     hf = tokenizer._tokenizer
     detokenizer = tokenizer.detokenizer if kind == "loaded" else DecodeDetokenizer(hf, False)
-    pieces = []
-    for t in tokens:
-        detokenizer.add_token(t)
-        pieces.append(detokenizer.last_segment)
-    detokenizer.finalize()
-    pieces.append(detokenizer.last_segment)
+    pieces = _streamed(detokenizer, tokens)
     assert "".join(pieces) == tokenizer.decode(tokens)
     assert sum(bool(p) for p in pieces) > len(tokens) // 3  # it streams, not all at the end
 
@@ -362,11 +367,4 @@ def test_real_tokenizer_streams_with_tokenizers_decoder_exactly():
     cases = [tokenizer.encode(prose, add_special_tokens=False)]
     cases += [rng.integers(0, tokenizer.vocab_size, 200).tolist() for _ in range(5)]
     for tokens in cases:
-        detokenizer = tokenizer.detokenizer
-        pieces = []
-        for t in tokens:
-            detokenizer.add_token(t)
-            pieces.append(detokenizer.last_segment)
-        detokenizer.finalize()
-        pieces.append(detokenizer.last_segment)
-        assert "".join(pieces) == tokenizer.decode(tokens)
+        assert "".join(_streamed(tokenizer.detokenizer, tokens)) == tokenizer.decode(tokens)

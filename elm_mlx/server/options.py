@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.prompt_prefill import PrefillPolicy
-from ..errors import ServeError
+from ..errors import OptionError, ServeError
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,10 @@ class ServeOptions:
                 raise ServeError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
-        if not self.prefill_share > 0:
-            raise ServeError(f"--prefill-share must be > 0, got {self.prefill_share}")
+        try:
+            PrefillPolicy(self.prefill_share).validate()
+        except OptionError as e:
+            raise ServeError(f"--prefill-share {e.problem}") from e
         if self.pooling not in ("mean", "last"):
             raise ServeError(f"--pooling must be mean or last, got {self.pooling!r}")
         if not 0 <= self.port < 65536:

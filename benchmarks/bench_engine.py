@@ -4,14 +4,18 @@ queued while Python handles the last token), on a random Llama sized so that one
 takes 3-5 ms on this CPU, which is OpenELM-270M's step on an M2: there Python's overhead per
 step is what matters.
 
-    python benchmarks/bench_engine.py                     # hidden 256, 6 layers, 256 tokens
-    python benchmarks/bench_engine.py --hidden 384 --layers 8 --repeats 5
+    python benchmarks/bench_engine.py --hidden 128 --layers 4 --repeats 5   # a ~5 ms step
+    python benchmarks/bench_engine.py --chunk 256                           # whole runs in turn
 
-Greedy, the same prompt, 256 new tokens, EOS ignored; runs alternate (reference, engine,
-engine with prompt lookup) so that all see the same machine load; per setting the median
-tokens/s of `--repeats` runs. The prompt-lookup row measures speculation's cost where it does
-not pay (a random model's text rarely repeats): the adaptive proposal length should keep it
-near the plain engine. Prints a table and a JSON line.
+Greedy, the same prompt, 256 new tokens, EOS ignored. The paths alternate: all of them run at
+once, each advanced `--chunk` tokens in turn (the order turning every chunk), and a path's
+tokens/s is its tokens over the time of its own chunks, so that all see the same machine load
+even when it drifts within a run (on a shared 2-core VM single runs swing +-15%, and whole runs
+in turn, `--chunk 256`, leave ratios about that noisy). A second reference path is the control:
+its ratio to the first shows what the method cannot resolve. Per path the median over
+`--repeats`. The prompt-lookup row measures speculation's cost where it does not pay (a random
+model's text rarely repeats): the adaptive proposal length should keep it near the plain
+engine. Prints a table and a JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import elm_mlx  # noqa: F401  (selects OpenBLAS before mlx loads)
@@ -57,23 +62,40 @@ def random_llama(hidden: int, layers: int, vocab: int) -> Model:
     return model
 
 
-def reference(model: Model, prompt: list[int], n: int) -> float:
-    """Tokens/s of the reference loop (after its first token)."""
-    steps = generate_step(mx.array(prompt, mx.uint32), model, max_tokens=n)
-    next(steps)
-    tic = time.perf_counter()
-    count = sum(1 for _ in steps)
-    return count / (time.perf_counter() - tic)
+def paths(model: Model, tokenizer, prompt: list[int], n: int) -> dict[str, Callable[[], Iterator]]:
+    """Each path as a function giving a fresh generator of n tokens after a first one."""
+
+    def reference() -> Iterator:
+        return generate_step(mx.array(prompt, mx.uint32), model, max_tokens=n + 1)
+
+    def engine(lookup: int | None) -> Iterator:
+        config = GenerationConfig(max_tokens=n + 1, prompt_lookup=lookup)
+        return stream_generate(model, tokenizer, prompt, config)
+
+    return {
+        "generate_step": reference,
+        "generate_step (control)": reference,
+        "engine": lambda: engine(None),
+        "engine + lookup": lambda: engine(10),
+    }
 
 
-def engine(model: Model, tokenizer, prompt: list[int], n: int, lookup: int | None) -> float:
-    """Tokens/s of `stream_generate` (after its first token), EOS ignored."""
-    config = GenerationConfig(max_tokens=n, prompt_lookup=lookup)
-    responses = stream_generate(model, tokenizer, prompt, config)
-    next(responses)
-    tic = time.perf_counter()
-    count = sum(1 for _ in responses)
-    return count / (time.perf_counter() - tic)
+def interleaved(makers: dict[str, Callable[[], Iterator]], n: int, chunk: int) -> dict[str, float]:
+    """Tokens/s of each path over n tokens, all advanced `chunk` tokens in turn (the order
+    turning every chunk), each timed over its own chunks."""
+    gens = {name: make() for name, make in makers.items()}
+    for gen in gens.values():
+        next(gen)  # the prompt's pass and the first token are not decode steps
+    seconds = dict.fromkeys(gens, 0.0)
+    names = list(gens)
+    for c in range(-(-n // chunk)):
+        take = min(chunk, n - c * chunk)
+        for name in names[c % len(names) :] + names[: c % len(names)]:
+            tic = time.perf_counter()
+            for _ in range(take):
+                next(gens[name])
+            seconds[name] += time.perf_counter() - tic
+    return {name: n / s for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -82,6 +104,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk", type=int, default=16, help="tokens a path runs per turn")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(smollm2.build_hf_folder(smollm2.default_cache_dir()))
@@ -89,34 +112,25 @@ def main() -> None:
     model = random_llama(args.hidden, args.layers, tokenizer.vocab_size)
     prompt = tokenizer.encode("Summarise the following text in one sentence: " * 4)
     n = args.max_tokens
-    reference(model, prompt, 16)  # warm-up
-    engine(model, tokenizer, prompt, 16, None)
-    runs: dict[str, list[float]] = {"generate_step": [], "engine": [], "engine + lookup": []}
-    paths = {
-        "generate_step": lambda: reference(model, prompt, n),
-        "engine": lambda: engine(model, tokenizer, prompt, n, None),
-        "engine + lookup": lambda: engine(model, tokenizer, prompt, n, 10),
-    }
-    for i in range(args.repeats):
-        # the order turns each repeat, so that a drift of the machine's speed does not favour
-        # whichever path runs first
-        names = list(paths)
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            runs[name].append(paths[name]())
+    makers = paths(model, tokenizer, prompt, n)
+    interleaved(makers, 32, args.chunk)  # warm-up
+    runs: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(args.repeats):
+        for name, tps in interleaved(makers, n, args.chunk).items():
+            runs[name].append(tps)
     median = {k: statistics.median(v) for k, v in runs.items()}
     base = median["generate_step"]
-    # per repeat, each path against the reference run beside it: less noisy than the medians'
-    # ratio when the machine's speed drifts between repeats
+    # per repeat, each path against the reference beside it
     paired = {
         k: statistics.median(a / b for a, b in zip(v, runs["generate_step"], strict=True))
         for k, v in runs.items()
     }
     print(f"random Llama hidden {args.hidden}, {args.layers} layers, vocab {tokenizer.vocab_size}")
-    print(f"step time of the reference: {1000 / base:.2f} ms; {n} tokens, median of "
-          f"{args.repeats} runs in turn")  # fmt: skip
-    print(f"{'path':<18}{'tok/s':>8}{'vs generate_step':>18}{'paired':>9}")
+    print(f"step time of the reference: {1000 / base:.2f} ms; {n} tokens in turns of "
+          f"{args.chunk}, median of {args.repeats} repeats")  # fmt: skip
+    print(f"{'path':<25}{'tok/s':>8}{'vs generate_step':>18}{'paired':>9}")
     for name, tps in median.items():
-        print(f"{name:<18}{tps:>8.1f}{tps / base:>17.3f}x{paired[name]:>8.3f}x")
+        print(f"{name:<25}{tps:>8.1f}{tps / base:>17.3f}x{paired[name]:>8.3f}x")
     print(
         json.dumps(
             {
@@ -126,6 +140,7 @@ def main() -> None:
                 "hidden": args.hidden,
                 "layers": args.layers,
                 "max_tokens": n,
+                "chunk": args.chunk,
                 "repeats": args.repeats,
                 "step_ms": 1000 / base,
                 "tok_s": median,

@@ -170,6 +170,8 @@ class BatchKVCache:
         S = the most slots a row holds after the write (what a row does not hold is masked by
         `make_mask`). A quantized cache returns them dequantized, lazily: `attend` may use the
         packed ones instead."""
+        if self.quant is None and self.max_size is None and self.store is not None:
+            return self._update_plain(keys, values)
         batch, heads, length, _ = keys.shape
         rotated = self._rotate(keys)  # (one array for the store and the recent copy)
         parts = self._encode(rotated, values)
@@ -195,6 +197,18 @@ class BatchKVCache:
             self._packed = [a[..., :end, :] for a in self.store], self.head, recent
         self._compact(slots)  # for the next call; the mask of this one is made
         return fetched
+
+    def _update_plain(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """`update_and_fetch` of a full-precision cache that drops nothing, once allocated:
+        the general path's steps that apply, for the decode step's Python cost (every layer,
+        every token)."""
+        length, lengths = keys.shape[2], self.lengths
+        end = max(lengths) + length
+        self._reserve(end)
+        self.store = self._write(self.store, [keys, values], lengths)
+        self.padding = None
+        self._set_lengths([n + length for n in lengths], self.offset + length)
+        return self.store[0][..., :end, :], self.store[1][..., :end, :]
 
     def _fetch(self, end: int) -> tuple[mx.array, mx.array]:
         keys, values = self._decode([a[..., :end, :] for a in self.store])

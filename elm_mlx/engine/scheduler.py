@@ -280,6 +280,8 @@ class BatchGenerator:
         """Admit queued requests while the batch has room, feed the prompts one pass (each its
         `prefill_step_size`, or what the decode steps' credit pays for while rows decode), and
         let the ones done join."""
+        if not self.queue and not self.prefill:  # (every decode step asks)
+            return
         while self.queue and len(self.rows) + len(self.prefill) < self.max_batch:
             p = self.queue.popleft()
             cache = None

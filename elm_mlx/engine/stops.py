@@ -22,6 +22,8 @@ class StopMatcher:
         """Add a piece; return (text safe to emit now, whether a stop string was hit). After a
         hit, the text before the earliest stop string has been emitted and nothing after it.
         A piece costs O(len(piece) + longest stop) work, however long the text is."""
+        if not self.stops:
+            return piece, False
         start = max(0, len(self.text) - self.longest + 1)  # a new hit ends in this piece
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]

@@ -27,6 +27,7 @@ One run; prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -88,15 +89,16 @@ def elm_cache(model, bits, size, group, recent):
     return cache, lambda: None
 
 
-def mlx_lm_cache(model, bits, size, group, recent):
+def mlx_lm_cache(model, bits, size, group, recent, start=0):
     from mlx_lm.generate import maybe_quantize_kv_cache
     from mlx_lm.models.cache import make_prompt_cache
 
     if (bits is not None and size is not None) or recent == 0:
         return None, None  # not supported by mlx-lm (it has no full-precision window)
     cache = make_prompt_cache(model, max_kv_size=size)
-    # as generate_step does after each chunk, from the first token (--quantized-kv-start 0)
-    return cache, lambda: maybe_quantize_kv_cache(cache, 0, group, bits)
+    # as generate_step does after each chunk: quantized once past `start` positions (its
+    # --quantized-kv-start; 0: from the first chunk)
+    return cache, lambda: maybe_quantize_kv_cache(cache, start, group, bits)
 
 
 def _nbytes(cache) -> int:
@@ -253,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         default=KVConfig.recent_tokens,
         help="elm: positions before each query read in full precision (the -plain settings: 0)",
     )
+    parser.add_argument(
+        "--mlx-lm-decode-only",
+        action="store_true",
+        help="mlx-lm: quantize the cache after the prompt (its --quantized-kv-start at the "
+        "prompt's length), so its quantized decoding is timed without its slow quantized "
+        "prompt (its prompt figures, memory and perplexity are then full-precision ones)",
+    )
     parser.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip perplexity")
     parser.add_argument(
         "--engines", nargs="+", default=["elm", "mlx-lm"], choices=["elm", "mlx-lm"]
@@ -283,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'KV MB':>7} {'decode t/s':>10} {'decode MB':>9} {'ppl':>8}")  # fmt: skip
     for n in args.lengths:
         ids = held_out_tokens(tokenizer, n)
+        theirs_cache = mlx_lm_cache
+        if args.mlx_lm_decode_only:
+            theirs_cache = functools.partial(mlx_lm_cache, start=n - 1)
         for name in args.settings:
-            for engine, m, make in (("elm", model, elm_cache), ("mlx-lm", theirs, mlx_lm_cache)):
+            for engine, m, make in (("elm", model, elm_cache), ("mlx-lm", theirs, theirs_cache)):
                 if engine not in args.engines:
                     continue
                 r = run(m, make, ids, SETTINGS[name], args)

@@ -81,6 +81,14 @@ def command(
             "average bits per weight (scales and biases included); calibrates."
         ),
     ] = DEFAULTS.bpw,
+    tune_seconds: Annotated[
+        float,
+        typer.Option(
+            help="With --quantize: then tune the scales and biases to the float model's "
+            "next-token distributions on calibration text for up to this many seconds, keeping "
+            "them only if they do better on windows held out; 0: no tuning. Calibrates."
+        ),
+    ] = DEFAULTS.tune_seconds,
 ) -> None:
     """Convert a Hugging Face checkpoint into an MLX model folder (fp16/bf16/fp32, or 4/8-bit).
 
@@ -100,6 +108,7 @@ def command(
         calibration_dataset=calibration_dataset,
         own_text=own_text,
         bpw=bpw,
+        tune_seconds=tune_seconds,
     )
     path = convert(src, out, options, report=lambda r: typer.echo(r.summary(), err=True))
     typer.echo(f"wrote {path}", err=True)

@@ -27,6 +27,14 @@ from ..quantize import (
     split,
 )
 from ..quantize.calibration_text import combine, written_by_model
+from ..quantize.distill import (
+    DistillConfig,
+    check_tuning_budget,
+    distill,
+    estimated_step_seconds,
+    spread,
+    teacher,
+)
 from ..quantize.mixed import describe_plan, quantizable
 from ..quantize.self_text import self_generated_windows
 from ..tokenizer import load_tokenizer
@@ -46,6 +54,7 @@ class QuantizationReport:
     seconds: float
     plan: str  # settings used: layers and share of the weights per setting
     stages: tuple[tuple[str, float], ...] = ()  # (stage, seconds) in the order they ran
+    tuning: str = ""  # what tuning the scales and biases to the float model did, if it ran
 
     def summary(self) -> str:
         change = 100 * (self.quantized_perplexity / self.float_perplexity - 1)
@@ -55,6 +64,7 @@ class QuantizationReport:
             f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
             f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated on "
             f"{self.calibrated_on} in {self.seconds:.0f}s ({stages}); {self.plan}"
+            + (f"; {self.tuning}" if self.tuning else "")
         )
 
 
@@ -97,11 +107,13 @@ def quantize_calibrated(
     bpw: float | None,
     dtype: mx.Dtype,
     progress: bool,
+    tune: DistillConfig | None = None,
 ) -> tuple[dict[str, Any], QuantizationReport]:
     """Quantize the loaded float `model` in place; return config.json's "quantization" and the
     report. Calibration windows are shared among the texts (text, name), each with its tail held
     out; with `own_text`, half of them are text the float model writes. The tokenizer is the one
-    the output folder ships (`tokenizer_dir`)."""
+    the output folder ships (`tokenizer_dir`). With `tune.seconds`, the scales and biases are
+    then tuned to the float model's outputs on some of the windows (`distill`)."""
     tic = time.perf_counter()
     clock = StageClock()
     config = CalibrationConfig()
@@ -129,6 +141,12 @@ def quantize_calibrated(
     clock.lap("calibration text")
     float_ppl = held_out_perplexity(model, data.held_out)
     clock.lap("float perplexity")
+    tune = tune or DistillConfig()
+    if tune.seconds:  # the float model's answers, before it is quantized; fails early
+        tune_windows = spread(data.windows, tune.windows)
+        target = teacher(model, tune_windows, tune.top_k)
+        check_tuning_budget(tune, estimated_step_seconds(target))
+        clock.lap("teacher")
     bars: dict[str, Any] = {}
 
     def show(stage: str, done: int, total: int) -> None:
@@ -139,21 +157,31 @@ def quantize_calibrated(
             bars[stage] = tqdm(
                 total=total,
                 desc=stage,
-                unit="layer" if stage == "sensitivity" else "block",
+                unit={"sensitivity": "layer", "tuning": "s"}.get(stage, "block"),
                 disable=None if progress else True,
                 leave=False,
             )
         bars[stage].update(done - bars[stage].n)
 
+    tuned = None
     try:
         plan = quantize_model(
             model, data.windows, setting, dtype, bpw, config.sensitivity_tokens, show
         )
+        if tune.seconds:
+            clock.lap("calibrating")  # the output layer, after the last block's progress
+            tuned = distill(
+                model,
+                tune_windows,
+                target,
+                tune,
+                lambda spent, budget: show("tuning", int(spent), int(budget)),
+            )
     finally:
         for bar in bars.values():
             bar.close()
     swaps = dequantized_view(model) if default_compute_dtype() is not None else []
-    clock.lap("calibrating")  # the output layer, after the last block's progress
+    clock.lap("tuning" if tuned is not None else "calibrating")
     quant_ppl = held_out_perplexity(model, data.held_out)
     clock.lap("quantized perplexity")
     if swaps:
@@ -171,6 +199,7 @@ def quantize_calibrated(
         seconds=time.perf_counter() - tic,
         plan=describe_plan(plan, sizes),
         stages=tuple(clock.stages.items()),
+        tuning=tuned.summary() if tuned is not None else "",
     )
     return quantization_config(plan, sizes), report
 

@@ -23,7 +23,14 @@ from ..model_folder import (
     write_config,
 )
 from ..models import family_of
-from ..quantize import CalibrationConfig, Setting, check_budget, read_dataset, read_text
+from ..quantize import (
+    CalibrationConfig,
+    DistillConfig,
+    Setting,
+    check_budget,
+    read_dataset,
+    read_text,
+)
 from .calibrated import QuantizationReport, load_float, model_tensors, quantize_calibrated
 from .hf_checkpoint import checkpoint_files, iter_tensors
 from .tokenizer_files import find_tokenizer
@@ -51,6 +58,7 @@ class ConvertOptions:
     calibration_dataset: str | None = None  # a hub dataset id (or "id:config"), when online
     own_text: bool | None = None  # half the windows the model's own; None: without given text
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
+    tune_seconds: float = DistillConfig.seconds  # then tune scales and biases (calibrates)
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -59,6 +67,10 @@ class ConvertOptions:
             raise OptionError("bits", f"must be one of {BITS}, not {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
+        if self.tune_seconds < 0:
+            raise OptionError("tune_seconds", f"must be >= 0, got {self.tune_seconds:g}")
+        if self.tune_seconds and not self.quantize:
+            raise OptionError("tune_seconds", "needs --quantize (it tunes the quantized model)")
         for name in ("calibrate", "calibration_files", "calibration_dataset", "own_text", "bpw"):
             if getattr(self, name) not in (None, False, ()) and not self.quantize:
                 flag = name.removesuffix("s")  # the flag, once per file
@@ -75,7 +87,7 @@ class ConvertOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.calibrate or self.bpw is not None or self.given_text
+        return self.calibrate or self.bpw is not None or self.given_text or self.tune_seconds > 0
 
     def calibration_texts(self) -> list[tuple[str, str]]:
         """(text, name) of each text to calibrate on: the files, the dataset, or the default."""
@@ -135,6 +147,7 @@ def convert(
                 options.bpw,
                 dtype,
                 progress,
+                DistillConfig(seconds=options.tune_seconds),
             )
             writer = ShardWriter(tmp, options.max_shard_bytes)
             for name, tensor in model_tensors(model, dtype):

@@ -12,6 +12,7 @@ from .calibration_text import (
     read_text,
     split,
 )
+from .distill import DistillConfig
 from .grid import Setting
 from .mixed import CANDIDATES, bits_per_weight, quantization_config
 from .recipe import check_budget, quantize_model
@@ -20,6 +21,7 @@ __all__ = [
     "CANDIDATES",
     "CalibrationConfig",
     "CalibrationData",
+    "DistillConfig",
     "Setting",
     "bits_per_weight",
     "check_budget",

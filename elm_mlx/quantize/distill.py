@@ -1,0 +1,232 @@
+"""Tuning a quantized model's scales and biases end to end, with the float model as teacher.
+
+After GPTQ has chosen every layer's codes, the per-group scales and biases are trained by Adam
+to bring the quantized model's next-token distribution closer to the float model's on the
+calibration text (the objective of mlx-lm's DWQ, "distilled weight quantization"; the
+learnable quantization parameters of OmniQuant, Shao et al. 2024, trained here on the model's
+output rather than block by block). The codes stay as they are, so the folder keeps MLX's layout
+(mlx-lm loads it). It runs within a time budget, and keeps the parameters that did best on
+windows it does not train on; they start from GPTQ's, so tuning never makes those worse.
+
+The teacher's distributions are kept sparse, so the float model need not stay beside the
+quantized one: per token, the `top_k` most likely tokens and their log-probabilities. The loss
+is the KL divergence between the two distributions coarsened to those tokens plus one bucket
+for all the others: exact for the coarsened distributions and a lower bound of the full KL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map, tree_unflatten
+
+from ..errors import OptionError
+
+BATCH = 2  # windows per training step
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How the scales and biases are tuned (`elm convert --tune-seconds`)."""
+
+    seconds: float = 0.0  # time budget for the training steps (0: no tuning)
+    windows: int = 12  # calibration windows it trains on and scores (spread over all of them)
+    top_k: int = 64  # teacher tokens kept per position
+    learning_rate: float = 1e-3  # relative to each group's step
+    held_out_windows: int = 2  # of the calibration windows, those scored to keep the best
+    score_every: int = 4  # steps between scorings
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The float model's sparse next-token distributions on the calibration windows."""
+
+    ids: mx.array  # (N, L, K) int32: the K most likely tokens at each position
+    logprobs: mx.array  # (N, L, K) float32: their log-probabilities
+    seconds_per_window: float  # the float model's forward pass, timed here
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    steps: int
+    seconds: float
+    held_out_before: float  # coarsened KL on the held-out windows, GPTQ's parameters
+    held_out_after: float  # ... the parameters kept
+
+    def summary(self) -> str:
+        kept = "kept" if self.held_out_after < self.held_out_before else "not kept (no better)"
+        return (
+            f"scales and biases tuned to the float model for {self.seconds:.0f}s ({self.steps} "
+            f"steps), {kept}: KL on held-out calibration windows {self.held_out_before:.4f} -> "
+            f"{self.held_out_after:.4f}"
+        )
+
+
+def spread(windows: mx.array, n: int) -> mx.array:
+    """n of the windows (N, L), evenly spread over them (the text's parts and sources)."""
+    index = [round(i * windows.shape[0] / n) for i in range(min(n, windows.shape[0]))]
+    return windows[mx.array(index)]
+
+
+def teacher(model: nn.Module, windows: mx.array, top_k: int) -> Teacher:
+    """The float `model`'s top-k log-probabilities on each window (N, L)."""
+    ids, logprobs = [], []
+    tic = time.perf_counter()
+    for i in range(windows.shape[0]):
+        logits = model(windows[i : i + 1]).astype(mx.float32)  # (1, L, V)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        top = mx.argpartition(-lp, kth=top_k - 1, axis=-1)[..., :top_k]  # (1, L, K)
+        ids.append(top.astype(mx.int32))
+        logprobs.append(mx.take_along_axis(lp, top, axis=-1))
+        mx.eval(ids[-1], logprobs[-1])
+    seconds = (time.perf_counter() - tic) / windows.shape[0]
+    return Teacher(mx.concatenate(ids), mx.concatenate(logprobs), seconds)
+
+
+def coarse_kl(logits: mx.array, ids: mx.array, target: mx.array) -> mx.array:
+    """Mean KL(teacher || model) over positions, both coarsened to the teacher's top tokens
+    plus the rest: logits (..., V), ids and target log-probabilities (..., K)."""
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    mine = mx.take_along_axis(logprobs, ids, axis=-1)  # (..., K)
+    p = mx.exp(target)
+    p_rest = mx.maximum(1.0 - p.sum(-1), 1e-9)
+    q_rest = mx.maximum(1.0 - mx.exp(mine).sum(-1), 1e-9)
+    kl = (p * (target - mine)).sum(-1) + p_rest * (mx.log(p_rest) - mx.log(q_rest))
+    return kl.mean()
+
+
+class _Dequantizing(nn.Module):
+    """A quantized Linear or Embedding computed through its dequantized weight, in float32, so
+    that it trains fast on the CPU backend (and exactly on any). What trains is relative to
+    each group's step (as AutoRound tunes its clipping factors): scales s0 * exp(log_scale)
+    and biases b0 + s0 * shift, so one learning rate suits layers of any magnitude."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        self.weight = q.weight
+        self.scales0 = q.scales.astype(mx.float32)
+        self.biases0 = q.biases.astype(mx.float32)
+        rows = (self.scales0.shape[0], 1)  # one factor and shift per output row: few enough
+        self.log_scale = mx.zeros(rows)  # to learn from a few thousand tokens
+        self.shift = mx.zeros(rows)
+        if "bias" in q:
+            self.bias = q.bias
+        self.group_size, self.bits = q.group_size, q.bits
+        self.lookup = isinstance(q, nn.QuantizedEmbedding)
+
+    def scales_and_biases(self) -> tuple[mx.array, mx.array]:
+        return self.scales0 * mx.exp(self.log_scale), self.biases0 + self.scales0 * self.shift
+
+    def dequantized(self) -> mx.array:
+        scales, biases = self.scales_and_biases()
+        return mx.dequantize(self.weight, scales, biases, self.group_size, self.bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.lookup:
+            return self.dequantized()[x]
+        return self.as_linear(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = x @ self.dequantized().T
+        return y + self.bias if "bias" in self else y
+
+
+def _swap_in(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Replace every affine-quantized layer by its `_Dequantizing` twin; return the originals."""
+    originals = [
+        (p, m)
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    ]
+    model.update_modules(tree_unflatten([(p, _Dequantizing(m)) for p, m in originals]))
+    return originals
+
+
+def check_tuning_budget(config: DistillConfig, step_seconds: float) -> None:
+    """The budget must pay for at least two steps and the held-out scoring."""
+    if config.seconds and config.seconds < 3 * step_seconds:
+        raise OptionError(
+            "tune_seconds",
+            f"{config.seconds:g}s is too short for tuning: one step takes about "
+            f"{step_seconds:.0f}s on this machine; give at least {3 * step_seconds:.0f} "
+            "(or 0 for no tuning)",
+        )
+
+
+def _copy(tree: dict) -> dict:
+    return tree_map(lambda a: mx.array(a), tree)
+
+
+def estimated_step_seconds(target: Teacher) -> float:
+    """A training step (forward and backward of BATCH windows) from the teacher's pass."""
+    return 3.5 * BATCH * target.seconds_per_window
+
+
+def distill(
+    model: nn.Module,
+    windows: mx.array,
+    target: Teacher,
+    config: DistillConfig,
+    progress: Callable[[float, float], None] | None = None,
+) -> DistillResult:
+    """Tune the quantized `model`'s scales and biases in place toward `target` on `windows`
+    (N, L) for `config.seconds`; the last `held_out_windows` are scored, not trained on."""
+    held = config.held_out_windows
+    if windows.shape[0] <= held:
+        raise OptionError("tune_seconds", f"tuning needs more than {held} calibration windows")
+    originals = _swap_in(model)
+    model.freeze()
+    for _, m in model.named_modules():
+        if isinstance(m, _Dequantizing):
+            m.unfreeze(keys=["log_scale", "shift"], recurse=False)
+
+    def loss(w: mx.array, ids: mx.array, lp: mx.array) -> mx.array:
+        return coarse_kl(model(w), ids, lp)
+
+    def held_out() -> float:
+        n = windows.shape[0]
+        total = sum(
+            loss(windows[i : i + 1], target.ids[i : i + 1], target.logprobs[i : i + 1]).item()
+            for i in range(n - held, n)
+        )
+        return total / held
+
+    tic = time.perf_counter()
+    before = best = held_out()
+    kept = _copy(model.trainable_parameters())  # the best so far: GPTQ's to begin with
+    grad_fn = nn.value_and_grad(model, loss)
+    optimizer = optim.Adam(learning_rate=config.learning_rate)
+    train = windows.shape[0] - held
+    order = mx.random.permutation(train).tolist()
+    steps, step_s, score_s = 0, 0.0, 0.0
+    # go on while a step and a scoring still fit in the budget (two steps at least)
+    while steps < 2 or time.perf_counter() - tic + step_s + score_s < config.seconds:
+        t0 = time.perf_counter()
+        index = mx.array([order[(steps * BATCH + j) % train] for j in range(BATCH)])
+        _, grads = grad_fn(windows[index], target.ids[index], target.logprobs[index])
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        steps += 1
+        step_s = time.perf_counter() - t0
+        if steps % config.score_every == 0:
+            t0 = time.perf_counter()
+            if (now := held_out()) < best:
+                best, kept = now, _copy(model.trainable_parameters())
+            score_s = time.perf_counter() - t0
+        if progress is not None:
+            progress(time.perf_counter() - tic, config.seconds)
+    if steps % config.score_every and (now := held_out()) < best:
+        best, kept = now, _copy(model.trainable_parameters())
+    model.update(kept)
+    tuned = dict(model.named_modules())
+    for path, q in originals:  # back to the quantized layers, with the scales and biases kept
+        scales, biases = tuned[path].scales_and_biases()
+        q.scales, q.biases = scales.astype(q.scales.dtype), biases.astype(q.biases.dtype)
+    model.update_modules(tree_unflatten(originals))
+    mx.eval(model.parameters())
+    return DistillResult(steps, time.perf_counter() - tic, before, best)

@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, Family, KVCache, attention, causal_mask
+from .base import BaseModelArgs, Family, KVCache, attention, causal_mask, swiglu
 from .rope import check_scaling, make_rope, rope_config
 
 
@@ -85,7 +85,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, Family, KVCache, TokenizerSource, attention, causal_mask
+from .base import (
+    BaseModelArgs,
+    Family,
+    KVCache,
+    TokenizerSource,
+    attention,
+    causal_mask,
+    swiglu,
+)
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -113,7 +121,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.proj_1(x), 2, axis=-1)  # the FIRST half is the gate
-        return self.proj_2(nn.silu(gate) * up)
+        return self.proj_2(swiglu(gate, up))
 
 
 class TransformerLayer(nn.Module):

@@ -31,7 +31,6 @@ from ..quantize.distill import (
     DistillConfig,
     check_tuning_budget,
     distill,
-    estimated_step_seconds,
     spread,
     teacher,
 )
@@ -145,7 +144,7 @@ def quantize_calibrated(
     if tune.seconds:  # the float model's answers, before it is quantized; fails early
         tune_windows = spread(data.windows, tune.windows)
         target = teacher(model, tune_windows, tune.top_k)
-        check_tuning_budget(tune, estimated_step_seconds(target))
+        check_tuning_budget(tune, target)
         clock.lap("teacher")
     bars: dict[str, Any] = {}
 

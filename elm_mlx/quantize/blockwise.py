@@ -128,12 +128,19 @@ def calibrate(
     model.update_modules(tree_unflatten(updates))
 
 
-def dequantized_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Swap every quantized layer for its float stand-in; returns the swaps to undo it."""
+def swap_quantized(
+    model: nn.Module, stand_in: Callable[[nn.Module], nn.Module]
+) -> list[tuple[str, nn.Module]]:
+    """Swap every quantized layer for `stand_in(layer)`; returns the swaps to undo it."""
     swaps = [
         (p, m)
         for p, m in model.named_modules()
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     ]
-    model.update_modules(tree_unflatten([(p, float_stand_in(m)) for p, m in swaps]))
+    model.update_modules(tree_unflatten([(p, stand_in(m)) for p, m in swaps]))
     return swaps
+
+
+def dequantized_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Swap every quantized layer for its float stand-in; returns the swaps to undo it."""
+    return swap_quantized(model, float_stand_in)

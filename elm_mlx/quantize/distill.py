@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from ..errors import OptionError
+from .blockwise import swap_quantized
 
 BATCH = 2  # windows per training step
 
@@ -122,33 +123,23 @@ class _Dequantizing(nn.Module):
     def scales_and_biases(self) -> tuple[mx.array, mx.array]:
         return self.scales0 * mx.exp(self.log_scale), self.biases0 + self.scales0 * self.shift
 
-    def dequantized(self) -> mx.array:
-        scales, biases = self.scales_and_biases()
-        return mx.dequantize(self.weight, scales, biases, self.group_size, self.bits)
-
     def __call__(self, x: mx.array) -> mx.array:
-        if self.lookup:
-            return self.dequantized()[x]
+        if self.lookup:  # only the rows looked up, as nn.QuantizedEmbedding
+            scales, biases = self.scales_and_biases()
+            return mx.dequantize(self.weight[x], scales[x], biases[x], self.group_size, self.bits)
         return self.as_linear(x)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        y = x @ self.dequantized().T
+        scales, biases = self.scales_and_biases()
+        w = mx.dequantize(self.weight, scales, biases, self.group_size, self.bits)
+        y = x @ w.T
         return y + self.bias if "bias" in self else y
 
 
-def _swap_in(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Replace every affine-quantized layer by its `_Dequantizing` twin; return the originals."""
-    originals = [
-        (p, m)
-        for p, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    ]
-    model.update_modules(tree_unflatten([(p, _Dequantizing(m)) for p, m in originals]))
-    return originals
-
-
-def check_tuning_budget(config: DistillConfig, step_seconds: float) -> None:
-    """The budget must pay for at least two steps and the held-out scoring."""
+def check_tuning_budget(config: DistillConfig, target: Teacher) -> None:
+    """The budget must pay for at least two steps and the held-out scoring; a step (forward
+    and backward of BATCH windows) estimated from the teacher's forward pass."""
+    step_seconds = 3.5 * BATCH * target.seconds_per_window
     if config.seconds and config.seconds < 3 * step_seconds:
         raise OptionError(
             "tune_seconds",
@@ -156,15 +147,6 @@ def check_tuning_budget(config: DistillConfig, step_seconds: float) -> None:
             f"{step_seconds:.0f}s on this machine; give at least {3 * step_seconds:.0f} "
             "(or 0 for no tuning)",
         )
-
-
-def _copy(tree: dict) -> dict:
-    return tree_map(lambda a: mx.array(a), tree)
-
-
-def estimated_step_seconds(target: Teacher) -> float:
-    """A training step (forward and backward of BATCH windows) from the teacher's pass."""
-    return 3.5 * BATCH * target.seconds_per_window
 
 
 def distill(
@@ -179,7 +161,7 @@ def distill(
     held = config.held_out_windows
     if windows.shape[0] <= held:
         raise OptionError("tune_seconds", f"tuning needs more than {held} calibration windows")
-    originals = _swap_in(model)
+    originals = swap_quantized(model, _Dequantizing)
     model.freeze()
     for _, m in model.named_modules():
         if isinstance(m, _Dequantizing):
@@ -198,7 +180,8 @@ def distill(
 
     tic = time.perf_counter()
     before = best = held_out()
-    kept = _copy(model.trainable_parameters())  # the best so far: GPTQ's to begin with
+    # the best so far, GPTQ's to begin with (updates replace parameters, never change them)
+    kept = model.trainable_parameters()
     grad_fn = nn.value_and_grad(model, loss)
     optimizer = optim.Adam(learning_rate=config.learning_rate)
     train = windows.shape[0] - held
@@ -216,12 +199,12 @@ def distill(
         if steps % config.score_every == 0:
             t0 = time.perf_counter()
             if (now := held_out()) < best:
-                best, kept = now, _copy(model.trainable_parameters())
+                best, kept = now, model.trainable_parameters()
             score_s = time.perf_counter() - t0
         if progress is not None:
             progress(time.perf_counter() - tic, config.seconds)
     if steps % config.score_every and (now := held_out()) < best:
-        best, kept = now, _copy(model.trainable_parameters())
+        best, kept = now, model.trainable_parameters()
     model.update(kept)
     tuned = dict(model.named_modules())
     for path, q in originals:  # back to the quantized layers, with the scales and biases kept

@@ -1,13 +1,17 @@
 """`elm serve` with several models: each loads on its first request while the others answer,
 an idle one is unloaded after --ttl (its memory given back: the process's resident set falls)
 and reloaded on its next request, --max-loaded unloads the least recently used. A real server
-process; the oracles are the models run in this process."""
+process; the oracles are the models run in this process. It exits cleanly on SIGTERM even
+when its threads end late (tests/thread_exit_delay)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +37,15 @@ WIDE = {
 }  # fmt: skip  (about 60M float32 parameters: 240 MB, well above the noise of RSS)
 WIDE_BYTES = 200 * 2**20
 QUESTION = [{"role": "user", "content": "hello there"}]
+# the server's threads end late, after the interpreter began to shut down (sitecustomize.py)
+LATE_THREAD_EXIT = {
+    "PYTHONPATH": os.pathsep.join(
+        p
+        for p in (str(Path(__file__).parent / "thread_exit_delay"), os.environ.get("PYTHONPATH"))
+        if p
+    ),
+    "ELM_TEST_THREAD_EXIT_DELAY": "0.05",
+}
 
 
 def write_wide_model(small: Path, folder: Path) -> Path:
@@ -92,7 +105,8 @@ def wait_for(server: Server, want: dict[str, bool], tries: int = 240) -> dict[st
 def test_two_models_idle_unload_and_reload(folders, tmp_path):
     small, wide = folders
     expected = {"small": oracle(small, 6), "wide": oracle(wide, 6)}
-    server = Server(small, tmp_path / "serve.txt", "--model", str(wide), "--ttl", "2")
+    late = LATE_THREAD_EXIT if sys.platform == "linux" else None
+    server = Server(small, tmp_path / "serve.txt", "--model", str(wide), "--ttl", "2", env=late)
     try:
         assert loaded(server) == {"small": True, "wide": False}
         before = rss(server)
@@ -113,6 +127,9 @@ def test_two_models_idle_unload_and_reload(folders, tmp_path):
         assert r.status_code == 404 and "'small', 'wide'" in r.json()["error"]["message"]
     finally:
         code, _ = server.stop(signal.SIGTERM)
+    # the loading thread and the workers release MLX's state for them as they end: with it
+    # left for their late destructors the process aborts ("terminate called without an
+    # active exception", -6) or crashes
     assert code == 0, server.log.read_text()
 
 
@@ -133,3 +150,36 @@ def test_max_loaded_unloads_the_least_recently_used(folders, tmp_path):
     finally:
         code, _ = server.stop(signal.SIGTERM)
     assert code == 0, server.log.read_text()
+
+
+RELEASED = """
+import threading
+import time
+
+import elm_mlx  # noqa: F401
+import mlx.core as mx
+from elm_mlx.engine.reference import release_thread
+
+ready = threading.Event()
+
+
+def work():
+    mx.eval(mx.random.uniform(shape=(4,)))  # this thread's random key
+    release_thread()
+    ready.set()
+    while True:  # still running as the interpreter shuts down: ended then
+        time.sleep(0)
+
+
+threading.Thread(target=work, daemon=True).start()
+ready.wait()
+"""
+
+
+def test_a_released_thread_can_end_as_the_interpreter_shuts_down():
+    """After `release_thread` a thread that used MLX leaves its C++ destructors nothing that
+    needs the GIL: without it this process aborts every time (MLX 0.32)."""
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASED], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr

@@ -27,6 +27,19 @@ def generation_stream() -> mx.Stream:
     return new(mx.default_device())
 
 
+def release_thread() -> None:
+    """Let MLX drop what it keeps for the calling thread (its streams, compiled graphs and
+    random key) now, while the thread holds the GIL. Call it last in a thread of your own that
+    ran MLX: MLX does not work on that thread after. Otherwise C++ destructors free these as the
+    thread ends, after `join()` has returned, and the random key's takes the GIL: should the
+    interpreter be shutting down by then, Python ends the thread inside that destructor and the
+    process aborts ("terminate called without an active exception"). MLX asks for it (mlx#3355)."""
+    # MLX >= 0.31.2 (which made the random key per thread); the key goes with it from 0.32.1
+    clear = getattr(mx, "clear_streams", None)
+    if clear is not None:
+        clear()
+
+
 @contextlib.contextmanager
 def wired_limit(model: CausalLM) -> Iterator[None]:
     """On Metal, wire memory up to the recommended working set while generating, so that a

@@ -13,17 +13,20 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
+from ..engine.reference import release_thread
 from .metrics import Metrics
 from .protocol import DEFAULT_MODEL, APIError, Served
 from .responses import TokenText
 from .worker import Worker, out_of_memory
 
 log = logging.getLogger("elm_mlx.server")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Loaded:
 @dataclass(eq=False)
 class Slot:
     model_id: str
-    load: Callable[[], Loaded]  # runs in a thread; the worker is not started yet
+    load: Callable[[], Loaded]  # runs in a thread of its own; the worker is not started yet
     loaded: Loaded | None = None
     loading: asyncio.Future | None = None
     unloading: asyncio.Future | None = None  # set while its memory is being given back
@@ -124,7 +127,7 @@ class Pool:
                 await slot.unloading
             await self._make_room()
             log.info("loading %s", slot.model_id)
-            loaded = await asyncio.to_thread(slot.load)
+            loaded = await in_own_thread(slot.load)
         except APIError:
             raise
         except Exception as e:
@@ -223,3 +226,21 @@ class Pool:
             }
             for s in self.slots
         ]
+
+
+async def in_own_thread(fn: Callable[[], T]) -> T:
+    """`fn()` on a new thread, which releases MLX's state for itself when done
+    (`release_thread`); not on a pool's thread, which would run more work after that and end
+    only as the interpreter shuts down. It is joined before the process exits, as a pool's."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="elm-serve-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, _released, fn)
+    finally:
+        executor.shutdown(wait=False)
+
+
+def _released(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    finally:
+        release_thread()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.reference import wired_limit
+from ..engine.reference import release_thread, wired_limit
 from ..engine.scheduler import BatchGenerator, Event, Request
 from ..errors import ElmError, OptionError
 from .metrics import Metrics
@@ -143,8 +143,11 @@ class Worker:
     # ------------------------------------------------------------------ worker thread
 
     def _run(self) -> None:
-        with wired_limit(self.engine.model):
-            self._loop()
+        try:
+            with wired_limit(self.engine.model):
+                self._loop()
+        finally:
+            release_thread()  # before `on_drained`, after which the process may exit
         if self._on_drained is not None:
             self._on_drained()
 

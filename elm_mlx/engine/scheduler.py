@@ -183,7 +183,8 @@ class BatchGenerator:
         # those tokens are collected (their matchers advanced), while it runs
         launched = self._launch([[] for _ in self.rows])
         events = self._collect()
-        decide(launched)
+        if launched.choice is None:  # deferred for a constrained row's mask
+            decide(launched)
         self.inflight = launched
         return events
 

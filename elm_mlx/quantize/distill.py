@@ -41,6 +41,8 @@ class DistillConfig:
     learning_rate: float = 1e-3  # relative to each group's step
     held_out_windows: int = 2  # of the calibration windows, those scored to keep the best
     score_every: int = 4  # steps between scorings
+    max_steps: int | None = None  # also stop after this many steps (a run that does not
+    # depend on the machine's speed: tests, comparisons)
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,8 @@ def distill(
     steps, step_s, score_s = 0, 0.0, 0.0
     # go on while a step and a scoring still fit in the budget (two steps at least)
     while steps < 2 or time.perf_counter() - tic + step_s + score_s < config.seconds:
+        if config.max_steps is not None and steps >= config.max_steps:
+            break
         t0 = time.perf_counter()
         index = mx.array([order[(steps * BATCH + j) % train] for j in range(BATCH)])
         _, grads = grad_fn(windows[index], target.ids[index], target.logprobs[index])

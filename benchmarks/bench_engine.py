@@ -5,6 +5,8 @@ takes 3-5 ms on this CPU, which is OpenELM-270M's step on an M2: there Python's 
 step is what matters.
 
     python benchmarks/bench_engine.py --hidden 128 --layers 4 --repeats 5   # a ~5 ms step
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_engine.py --hidden 64 --layers 8 --repeats 7
+    # (the host on a core of its own, as beside a GPU; the step spread over 8 layers)
     python benchmarks/bench_engine.py --chunk 256                           # whole runs in turn
 
 Greedy, the same prompt, 256 new tokens, EOS ignored. The paths alternate: all of them run at

@@ -203,20 +203,12 @@ class BatchKVCache:
         the general path's steps that apply, for the decode step's Python cost (every layer,
         every token)."""
         length, lengths = keys.shape[2], self.lengths
-        start = max(lengths)
-        end = start + length
-        if end > self.store[0].shape[2]:
-            self._reserve(end)
-        store = self.store
-        if min(lengths) == start:  # aligned rows (always one row): `_write`'s slice, inlined
-            store[0][..., start:end, :] = keys
-            store[1][..., start:end, :] = values
-        else:
-            self.store = store = self._write(store, [keys, values], lengths)
+        end = max(lengths) + length
+        self._reserve(end)
+        self.store = self._write(self.store, [keys, values], lengths)
         self.padding = None
-        self.lengths = [n + length for n in lengths]
-        self.offset = self.offset + length
-        return store[0][..., :end, :], store[1][..., :end, :]
+        self._set_lengths([n + length for n in lengths], self.offset + length)
+        return self.store[0][..., :end, :], self.store[1][..., :end, :]
 
     def _fetch(self, end: int) -> tuple[mx.array, mx.array]:
         keys, values = self._decode([a[..., :end, :] for a in self.store])

@@ -183,8 +183,7 @@ class BatchGenerator:
         # those tokens are collected (their matchers advanced), while it runs
         launched = self._launch([[] for _ in self.rows])
         events = self._collect()
-        if launched.choice is None:  # deferred for a constrained row's mask
-            decide(launched)
+        decide(launched)
         self.inflight = launched
         return events
 

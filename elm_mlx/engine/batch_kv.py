@@ -268,10 +268,6 @@ class BatchKVCache:
         sees the slots holding positions <= p (with a `window`, only the last `window` of them),
         of a windowed cache only the sinks and the last `max_size - sinks`. Aligned rows that
         dropped nothing get the kernel's own causal mask where the windows allow."""
-        if self.max_size is None:  # nothing dropped: slots are positions
-            start = max(self.lengths)
-            aligned = min(self.lengths) == start
-            return window_mask(length, window, start, None if aligned else self.offset)
         slots = self.slots()
         start = max(slots)
         if not any(self.dropped) and (

@@ -15,6 +15,8 @@ memory; the folder is then scored on held-out text that no method calibrated on:
                                    embedding here, at 8 bits), fed elm's calibration windows
     elm calibrated 4/64            `elm convert -q --calibrate --own-text`
     elm mixed B                    `elm convert -q --bpw B --own-text`
+    elm mixed B file only          `elm convert -q --bpw B`: the calibration file alone, the
+                                   same windows mlx-lm's GPTQ gets
 
 Calibration text: the standard library's pydoc topics (every Python has it); its first 85% of
 characters is the calibration file both engines use (elm adds as many windows of text the
@@ -147,6 +149,13 @@ def methods(bpws: list[float]) -> dict[str, dict]:
     }
     for b in bpws:
         out[f"elm mixed {b:g}"] = {"engine": "elm", "quantize": True, "bpw": b}
+        # the calibration text alone, as mlx-lm's GPTQ gets it (no windows of the model's own)
+        out[f"elm mixed {b:g} file only"] = {
+            "engine": "elm",
+            "quantize": True,
+            "bpw": b,
+            "own": False,
+        }
     return out
 
 
@@ -159,7 +168,8 @@ def build_elm(src: Path, out: Path, spec: dict, calibration: Path) -> None:
         calibrate=spec.get("calibrate", False),
         bpw=spec.get("bpw"),
         calibration_files=(str(calibration),) if spec.get("quantize") else (),
-        own_text=True if spec.get("quantize") else None,  # as without a file, held out apart
+        # as without a file (held out apart), unless the method says the file alone
+        own_text=spec.get("own", True) if spec.get("quantize") else None,
     )
     convert(src, out, options, progress=False, report=lambda r: print(r.summary(), file=sys.stderr))
 

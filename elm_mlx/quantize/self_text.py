@@ -84,7 +84,7 @@ def self_generated_windows(
             break
         starts = rng.integers(0, vocab, size=max(need, batch)).tolist()  # one batch
         rows = sample_sequences(model, starts, length, seed=seed + attempt)
-        kept = deduplicate(np.concatenate([np.stack(kept), rows]) if kept else rows)[:want]
+        kept = deduplicate(np.vstack([*kept, rows]))[:want]  # kept rows are 1-D, rows 2-D
     per = window // length
     n = len(kept) // per
     if n == 0:

@@ -165,7 +165,14 @@ def quantize_calibrated(
     tuned = None
     try:
         plan = quantize_model(
-            model, data.windows, setting, dtype, bpw, config.sensitivity_tokens, show
+            model,
+            data.windows,
+            setting,
+            dtype,
+            bpw,
+            config.sensitivity_tokens,
+            show,
+            config.asymmetric,
         )
         if tune.seconds:
             clock.lap("calibrating")  # the output layer, after the last block's progress

@@ -85,3 +85,26 @@ def _gptq_rows(
             err[:, i] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
     return codes
+
+
+def asymmetric_target(
+    w: np.ndarray, h: np.ndarray, cross: np.ndarray, alpha: float = 1.0, damp: float = DAMP
+) -> np.ndarray:
+    """The weight (out, n) whose GPTQ objective on H is the asymmetric one of GPTAQ (Li et al.
+    2025, "GPTQv2: Efficient Finetuning-Free Quantization for Asymmetric Calibration",
+    arXiv:2504.02692, since renamed GPTAQ): the error against the float model's own output
+    X_f W^T, not against W applied to the quantized model's inputs X_q.
+
+    With H = X_q^T X_q / N and C = `cross` = (X_f - X_q)^T X_q / N, both (n, n),
+    ||X_q W_q^T - X_f W^T||^2 = ||X_q (W_q - W*)^T||^2 + const for W* = W + W C H^-1, so GPTQ
+    run on W* with the same H minimises it. H is damped as GPTQ damps it; `alpha` scales the
+    correction (0: GPTQ's own target W; 1: the least-squares W*)."""
+    h = h.astype(np.float64)  # a copy
+    n = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0  # as `gptq` does: such inputs have no cross term either (column 0)
+    h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
+    w64 = w.astype(np.float64)
+    # (W C H^-1)^T = H^-1 (W C)^T: a solve, H symmetric positive definite
+    correction = np.linalg.solve(h, (w64 @ cross.astype(np.float64)).T).T  # (out, n)
+    return (w64 + alpha * correction).astype(np.float32)

@@ -37,11 +37,13 @@ def quantize_model(
     bpw: float | None = None,
     sensitivity_tokens: int = 256,
     progress: Progress | None = None,
+    asymmetric: float = 0.0,
 ) -> dict[str, Setting]:
     """Quantize `model` in place, calibrated on the token windows (N, L); return the plan
     (module path -> setting). Without `bpw` every layer gets `setting`; with it, layers get
     the candidate settings that lose least within the budget, each layer's loss measured on the
-    first `sensitivity_tokens` of the windows with `setting` as the probe."""
+    first `sensitivity_tokens` of the windows with `setting` as the probe. `asymmetric`: the
+    share of each layer's target taken from the float model's outputs (`blockwise.calibrate`)."""
     if bpw is None:
         plan = uniform_plan(model, setting)
     else:
@@ -59,5 +61,5 @@ def quantize_model(
         if progress is not None:
             progress("calibrating", done, total)
 
-    calibrate(model, windows, plan, dtype, calibrating)
+    calibrate(model, windows, plan, dtype, calibrating, asymmetric)
     return plan

@@ -15,8 +15,9 @@ memory; the folder is then scored on held-out text that no method calibrated on:
                                    embedding here, at 8 bits), fed elm's calibration windows
     elm calibrated 4/64            `elm convert -q --calibrate --own-text`
     elm mixed B                    `elm convert -q --bpw B --own-text`
-    elm mixed B file only          `elm convert -q --bpw B`: the calibration file alone, the
-                                   same windows mlx-lm's GPTQ gets
+    elm calibrated 4/64 file only  `elm convert -q --calibrate` and `--bpw B` on the calibration
+    elm mixed B file only          file alone, the same windows mlx-lm's GPTQ gets
+    ... file only asym A           the same with `--asymmetric A` (GPTAQ), A in 0.25, 0.5
 
 Calibration text: the standard library's pydoc topics (every Python has it); its first 85% of
 characters is the calibration file both engines use (elm adds as many windows of text the
@@ -58,6 +59,7 @@ CALIBRATION_SHARE = 0.85  # of the text's characters; the rest is held out
 
 
 PROSE = ROOT / "tests" / "data" / "alice-ch1-3.txt"
+ASYMMETRIC_SHARES = (0.25, 0.5)  # `--asymmetric` values the "asym" methods try
 
 
 def texts() -> tuple[str, dict[str, str]]:
@@ -149,13 +151,15 @@ def methods(bpws: list[float]) -> dict[str, dict]:
     }
     for b in bpws:
         out[f"elm mixed {b:g}"] = {"engine": "elm", "quantize": True, "bpw": b}
-        # the calibration text alone, as mlx-lm's GPTQ gets it (no windows of the model's own)
-        out[f"elm mixed {b:g} file only"] = {
-            "engine": "elm",
-            "quantize": True,
-            "bpw": b,
-            "own": False,
-        }
+    # the calibration text alone, as mlx-lm's GPTQ gets it (no windows of the model's own), and
+    # the same with each layer fitted that share of the way to the float model's outputs
+    file_only = {"elm calibrated 4/64": {"calibrate": True}}
+    file_only |= {f"elm mixed {b:g}": {"bpw": b} for b in bpws}
+    for label, spec in file_only.items():
+        spec = {"engine": "elm", "quantize": True, "own": False, **spec}
+        out[f"{label} file only"] = spec
+        for a in ASYMMETRIC_SHARES:
+            out[f"{label} file only asym {a:g}"] = {**spec, "asymmetric": a}
     return out
 
 
@@ -170,6 +174,7 @@ def build_elm(src: Path, out: Path, spec: dict, calibration: Path) -> None:
         calibration_files=(str(calibration),) if spec.get("quantize") else (),
         # as without a file (held out apart), unless the method says the file alone
         own_text=spec.get("own", True) if spec.get("quantize") else None,
+        asymmetric=spec.get("asymmetric", 0.0),
     )
     convert(src, out, options, progress=False, report=lambda r: print(r.summary(), file=sys.stderr))
 

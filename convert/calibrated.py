@@ -54,6 +54,7 @@ class QuantizationReport:
     plan: str  # settings used: layers and share of the weights per setting
     stages: tuple[tuple[str, float], ...] = ()  # (stage, seconds) in the order they ran
     tuning: str = ""  # what tuning the scales and biases to the float model did, if it ran
+    fit: str = "GPTQ"  # how each layer was fitted
 
     def summary(self) -> str:
         change = 100 * (self.quantized_perplexity / self.float_perplexity - 1)
@@ -61,7 +62,7 @@ class QuantizationReport:
         return (
             f"perplexity on {self.held_out_tokens} held-out tokens of {self.calibration_source}: "
             f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
-            f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated on "
+            f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated ({self.fit}) on "
             f"{self.calibrated_on} in {self.seconds:.0f}s ({stages}); {self.plan}"
             + (f"; {self.tuning}" if self.tuning else "")
         )
@@ -107,6 +108,7 @@ def quantize_calibrated(
     dtype: mx.Dtype,
     progress: bool,
     tune: DistillConfig | None = None,
+    config: CalibrationConfig | None = None,
 ) -> tuple[dict[str, Any], QuantizationReport]:
     """Quantize the loaded float `model` in place; return config.json's "quantization" and the
     report. Calibration windows are shared among the texts (text, name), each with its tail held
@@ -115,7 +117,7 @@ def quantize_calibrated(
     then tuned to the float model's outputs on some of the windows (`distill`)."""
     tic = time.perf_counter()
     clock = StageClock()
-    config = CalibrationConfig()
+    config = config or CalibrationConfig()
     parts = []
     if own_text:
         own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
@@ -206,6 +208,9 @@ def quantize_calibrated(
         plan=describe_plan(plan, sizes),
         stages=tuple(clock.stages.items()),
         tuning=tuned.summary() if tuned is not None else "",
+        fit=f"GPTAQ, {config.asymmetric:g} of the way to the float outputs"
+        if config.asymmetric
+        else "GPTQ",
     )
     return quantization_config(plan, sizes), report
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class ConvertOptions:
     own_text: bool | None = None  # half the windows the model's own; None: without given text
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
     tune_seconds: float = DistillConfig.seconds  # then tune scales and biases (calibrates)
+    asymmetric: float = CalibrationConfig.asymmetric  # GPTAQ's share of the float target
 
     def validate(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -69,10 +70,13 @@ class ConvertOptions:
             raise OptionError("group_size", f"must be one of {GROUP_SIZES}, not {self.group_size}")
         if self.tune_seconds < 0:
             raise OptionError("tune_seconds", f"must be >= 0, got {self.tune_seconds:g}")
+        if not 0 <= self.asymmetric <= 1:
+            raise OptionError("asymmetric", f"must be between 0 and 1, got {self.asymmetric:g}")
         if self.tune_seconds and not self.quantize:
             raise OptionError("tune_seconds", "needs --quantize (it tunes the quantized model)")
-        for name in ("calibrate", "calibration_files", "calibration_dataset", "own_text", "bpw"):
-            if getattr(self, name) not in (None, False, ()) and not self.quantize:
+        choices = ("calibrate", "calibration_files", "calibration_dataset", "own_text", "bpw")
+        for name in (*choices, "asymmetric"):
+            if getattr(self, name) not in (None, False, (), 0) and not self.quantize:
                 flag = name.removesuffix("s")  # the flag, once per file
                 raise OptionError(flag, "needs --quantize (it chooses how to quantize)")
 
@@ -87,7 +91,13 @@ class ConvertOptions:
 
     @property
     def calibrated(self) -> bool:
-        return self.calibrate or self.bpw is not None or self.given_text or self.tune_seconds > 0
+        return (
+            self.calibrate
+            or self.bpw is not None
+            or self.given_text
+            or self.tune_seconds > 0
+            or self.asymmetric > 0
+        )
 
     def calibration_texts(self) -> list[tuple[str, str]]:
         """(text, name) of each text to calibrate on: the files, the dataset, or the default."""
@@ -148,6 +158,7 @@ def convert(
                 dtype,
                 progress,
                 DistillConfig(seconds=options.tune_seconds),
+                replace(CalibrationConfig(), asymmetric=options.asymmetric),
             )
             writer = ShardWriter(tmp, options.max_shard_bytes)
             for name, tensor in model_tensors(model, dtype):

@@ -127,7 +127,7 @@ def test_asymmetric_target_is_the_least_squares_fit_to_the_float_outputs():
     assert error(asymmetric_target(w, h, cross)) < 0.9 * error(w)
 
 
-@pytest.mark.parametrize("family", ["llama", "olmo"])
+@pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
 def test_asymmetric_calibration_follows_the_float_model_more_closely(tiny, family):
     """Fitted (half way, block by block) to the float model's outputs rather than to its
     weights on the quantized model's inputs, the 4-bit model's logits move less from the float
@@ -289,6 +289,8 @@ def _leftovers(out: Path) -> list[str]:
         (["--bpw", "4.5"], "--bpw needs --quantize"),
         (["-q", "--bpw", "2"], "--bpw must be between"),
         (["-q", "--bpw", "17"], "--bpw must be between"),
+        (["--asymmetric", "0.5"], "--asymmetric needs --quantize"),
+        (["-q", "--asymmetric", "1.5"], "--asymmetric must be between 0 and 1"),
         (["-q", "--calibrate", "--calibration-file", "MISSING"], "does not exist"),
         (["-q", "--calibrate", "--calibration-file", "EMPTY"], "is empty"),
         (["-q", "--calibrate", "--calibration-file", "SHORT"], "one window"),
@@ -319,6 +321,30 @@ def test_calibrate_through_the_cli_reports_held_out_perplexity(tiny, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     assert "4-bit g64" in result.stderr and "layers (100%)" in result.stderr  # the plan
     assert "float model wrote" not in result.stderr  # a file alone, unless --own-text
+
+
+def test_asymmetric_calibration_through_the_cli(tiny, tmp_path):
+    """--asymmetric reaches the quantizer (the codes differ from GPTQ's on the same text), the
+    report says so, and the folder loads in mlx-lm with the same tensors."""
+    text = tmp_path / "text.txt"
+    text.write_text(default_text()[:60_000])
+    args = [str(tiny.hf("llama")), "-q", "--calibration-file", str(text), "--dtype", "float32"]
+    outs = [tmp_path / "gptq", tmp_path / "gptaq"]
+    result = runner.invoke(app, ["convert", *args, "-o", str(outs[0])])
+    assert result.exit_code == 0, result.stderr
+    assert "calibrated (GPTQ) on" in result.stderr
+    result = runner.invoke(app, ["convert", *args, "-o", str(outs[1]), "--asymmetric", "0.5"])
+    assert result.exit_code == 0, result.stderr
+    assert "calibrated (GPTAQ, 0.5 of the way to the float outputs) on" in result.stderr
+    gptq, gptaq = tensors_of(outs[0]), tensors_of(outs[1])
+    assert sorted(gptq) == sorted(gptaq)
+    codes = [k for k in gptq if k.endswith("mlp.down_proj.weight")]
+    assert codes and any(not np.array_equal(gptq[k], gptaq[k]) for k in codes)
+    theirs, _ = mlx_lm.load(str(outs[1]))
+    ids = list(range(3, 40))
+    np.testing.assert_allclose(
+        logits_of(theirs, ids), logits_of(load_model(outs[1]).model, ids), atol=1e-4, rtol=0
+    )
 
 
 def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny, tmp_path):

@@ -39,9 +39,9 @@ class CalibrationConfig:
     dataset_characters: int = 400_000  # read from a hub dataset (about the default text's size)
     # share of each layer's target taken from the float model's own outputs instead of its
     # weights applied to the quantized model's inputs (GPTAQ; `blockwise.calibrate`); 0 is
-    # GPTQ. Off: on the noisy SmolLM2 (32 windows, half its own text) 0.25 cut held-out KL by
-    # a fifth on the documentation but by 2.5% on prose (0.5 and 1 did worse on prose), for
-    # about a third more calibration time (issue 17)
+    # GPTQ. Off by default (`elm convert --asymmetric A`): on SmolLM2 0.25 cut held-out KL by
+    # 10-20% on the calibration text's domain but not on prose (0.5 and 1 did worse there), for
+    # a third more calibration time, and on the random OpenELM it changed nothing (issue 17)
     asymmetric: float = 0.0
 
 

@@ -26,14 +26,8 @@ from ..quantize import (
     quantize_model,
     split,
 )
-from ..quantize.calibration_text import combine, written_by_model
-from ..quantize.distill import (
-    DistillConfig,
-    check_tuning_budget,
-    distill,
-    spread,
-    teacher,
-)
+from ..quantize.calibration_text import combine, spread, written_by_model
+from ..quantize.distill import DistillConfig, check_tuning_budget, distill, teacher
 from ..quantize.mixed import describe_plan, quantizable
 from ..quantize.self_text import self_generated_windows
 from ..tokenizer import load_tokenizer
@@ -166,16 +160,7 @@ def quantize_calibrated(
 
     tuned = None
     try:
-        plan = quantize_model(
-            model,
-            data.windows,
-            setting,
-            dtype,
-            bpw,
-            config.sensitivity_tokens,
-            show,
-            config.asymmetric,
-        )
+        plan = quantize_model(model, data.windows, setting, dtype, bpw, show, config)
         if tune.seconds:
             clock.lap("calibrating")  # the output layer, after the last block's progress
             tuned = distill(

@@ -23,7 +23,7 @@ from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import build_model, load, load_model
 from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
 from elm_mlx.quantize import CalibrationConfig, default_text, split
-from elm_mlx.quantize.calibration_text import combine, written_by_model
+from elm_mlx.quantize.calibration_text import combine, spread, written_by_model
 from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
 from elm_mlx.quantize.gptq import asymmetric_target
 from elm_mlx.quantize.grid import Setting, fit_grid
@@ -85,6 +85,16 @@ def test_calibration_windows_never_overlap_the_held_out_tail():
     assert windows[0, 0] == 0 and windows[-1, -1] == 8999  # spread over the whole head
 
 
+def test_the_sensitivity_sample_spans_the_sources():
+    """The windows the plan is measured on come from every part of the calibration windows
+    (own text first, then each file's), not only the first window."""
+    own, text = mx.zeros((16, 8), mx.int32), mx.ones((16, 8), mx.int32)
+    picked = spread(mx.concatenate([own, text]), CalibrationConfig().sensitivity_windows)
+    assert picked.shape == (CalibrationConfig().sensitivity_windows, 8)
+    assert set(np.array(picked[:, 0]).tolist()) == {0, 1}
+    assert spread(own[:2], 4).shape == (2, 8)  # fewer windows than asked: each once
+
+
 def test_grid_search_hits_a_source_grid_exactly():
     """Weights stored as 4-bit min-max groups of 32 (GGUF Q4_1, like SmolLM2's blocks) come back
     exactly at group 32, where mx.quantize's zero-aligned grid does not; at group 64 the
@@ -141,7 +151,8 @@ def test_asymmetric_calibration_follows_the_float_model_more_closely(tiny, famil
 
     def errors(asymmetric: float) -> list[float]:
         model, _ = load(path)  # a fresh copy: `tiny.load` shares one
-        quantize_model(model, calibration, Setting(4, 32), mx.float32, asymmetric=asymmetric)
+        config = CalibrationConfig(asymmetric=asymmetric)
+        quantize_model(model, calibration, Setting(4, 32), mx.float32, config=config)
         return [
             (mx.linalg.norm(model(x) - r) / mx.linalg.norm(r)).item()
             for x, r in zip((calibration, held), reference, strict=True)

@@ -36,6 +36,10 @@ class CalibrationConfig:
     own_windows: int = 16  # of them, text the float model writes (when it writes any)
     held_out: int = 4096  # tokens at the end of the text kept for perplexity
     sensitivity_tokens: int = 256  # of the calibration tokens, those the sensitivity pass uses
+    # ... the first tokens of this many windows spread over them, so every source counts (on
+    # the noisy SmolLM2 at 4.5 bits, 4 windows of 64 gave a plan with 3% less KL on prose and
+    # 5% less on pydoc than the first 256 tokens of one window, the model's own babble)
+    sensitivity_windows: int = 4
     dataset_characters: int = 400_000  # read from a hub dataset (about the default text's size)
     # share of each layer's target taken from the float model's own outputs instead of its
     # weights applied to the quantized model's inputs (GPTAQ; `blockwise.calibrate`); 0 is
@@ -43,6 +47,12 @@ class CalibrationConfig:
     # 10-20% on the calibration text's domain but not on prose (0.5 and 1 did worse there), for
     # a third more calibration time, and on the random OpenELM it changed nothing (issue 17)
     asymmetric: float = 0.0
+
+
+def spread(windows: mx.array, n: int) -> mx.array:
+    """n of the windows (N, L), evenly spread over them (the text's parts and sources)."""
+    index = [round(i * windows.shape[0] / n) for i in range(min(n, windows.shape[0]))]
+    return windows[mx.array(index)]
 
 
 @dataclass(frozen=True)

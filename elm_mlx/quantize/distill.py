@@ -70,12 +70,6 @@ class DistillResult:
         )
 
 
-def spread(windows: mx.array, n: int) -> mx.array:
-    """n of the windows (N, L), evenly spread over them (the text's parts and sources)."""
-    index = [round(i * windows.shape[0] / n) for i in range(min(n, windows.shape[0]))]
-    return windows[mx.array(index)]
-
-
 def teacher(model: nn.Module, windows: mx.array, top_k: int) -> Teacher:
     """The float `model`'s top-k log-probabilities on each window (N, L)."""
     ids, logprobs = [], []

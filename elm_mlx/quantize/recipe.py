@@ -11,6 +11,7 @@ import mlx.core as mx
 from ..errors import OptionError
 from ..models import CausalLM
 from .blockwise import calibrate
+from .calibration_text import CalibrationConfig, spread
 from .grid import Setting
 from .mixed import CANDIDATES, MAX_BPW, budget_plan, cheapest_bpw, uniform_plan
 from .sensitivity import measure
@@ -35,15 +36,16 @@ def quantize_model(
     setting: Setting,
     dtype: mx.Dtype,
     bpw: float | None = None,
-    sensitivity_tokens: int = 256,
     progress: Progress | None = None,
-    asymmetric: float = 0.0,
+    config: CalibrationConfig | None = None,
 ) -> dict[str, Setting]:
     """Quantize `model` in place, calibrated on the token windows (N, L); return the plan
     (module path -> setting). Without `bpw` every layer gets `setting`; with it, layers get
-    the candidate settings that lose least within the budget, each layer's loss measured on the
-    first `sensitivity_tokens` of the windows with `setting` as the probe. `asymmetric`: the
-    share of each layer's target taken from the float model's outputs (`blockwise.calibrate`)."""
+    the candidate settings that lose least within the budget, each layer's loss measured with
+    `setting` as the probe on `config.sensitivity_tokens` tokens, the first of
+    `config.sensitivity_windows` windows spread over the text's parts and sources. Each layer
+    is fitted as `config.asymmetric` says (`blockwise.calibrate`)."""
+    config = config or CalibrationConfig()
     if bpw is None:
         plan = uniform_plan(model, setting)
     else:
@@ -53,7 +55,8 @@ def quantize_model(
             if progress is not None:
                 progress("sensitivity", done, total)
 
-        tokens = windows.reshape(1, -1)[:, :sensitivity_tokens]  # (1, tokens)
+        n = config.sensitivity_windows
+        tokens = spread(windows, n)[:, : config.sensitivity_tokens // n]  # (n, tokens / n)
         candidates = sorted({*CANDIDATES, setting})
         plan = budget_plan(measure(model, tokens, candidates, setting, dtype, stage), bpw)
 
@@ -61,5 +64,5 @@ def quantize_model(
         if progress is not None:
             progress("calibrating", done, total)
 
-    calibrate(model, windows, plan, dtype, calibrating, asymmetric)
+    calibrate(model, windows, plan, dtype, calibrating, config.asymmetric)
     return plan

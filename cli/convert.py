@@ -94,7 +94,7 @@ def command(
         typer.Option(
             help="With --quantize: fit each layer this share of the way (0 to 1) to the float "
             "model's outputs, not to its own weights on the quantized model's inputs (GPTAQ): "
-            "less loss on the calibration text's domain, for a third more time. For text of "
+            "less loss on the calibration text's domain, for 1.3-2x the time. For text of "
             "your own domain (--calibration-file); 0: GPTQ. Calibrates."
         ),
     ] = DEFAULTS.asymmetric,

@@ -56,8 +56,8 @@ class QuantizationReport:
         return (
             f"perplexity on {self.held_out_tokens} held-out tokens of {self.calibration_source}: "
             f"float {self.float_perplexity:.3f}, quantized {self.quantized_perplexity:.3f} "
-            f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; calibrated ({self.fit}) on "
-            f"{self.calibrated_on} in {self.seconds:.0f}s ({stages}); {self.plan}"
+            f"({change:+.1f}%); {self.bits_per_weight:.3f} bits per weight; "
+            f"calibrated ({self.fit}) on {self.calibrated_on} in {self.seconds:.0f}s ({stages}); {self.plan}"
             + (f"; {self.tuning}" if self.tuning else "")
         )
 

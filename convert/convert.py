@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,8 @@ class ConvertOptions:
         if self.tune_seconds and not self.quantize:
             raise OptionError("tune_seconds", "needs --quantize (it tunes the quantized model)")
         choices = ("calibrate", "calibration_files", "calibration_dataset", "own_text", "bpw")
-        for name in (*choices, "asymmetric"):
-            if getattr(self, name) not in (None, False, (), 0) and not self.quantize:
+        for name in (*choices, "asymmetric"):  # (0.0 == False: an unset share passes)
+            if getattr(self, name) not in (None, False, ()) and not self.quantize:
                 flag = name.removesuffix("s")  # the flag, once per file
                 raise OptionError(flag, "needs --quantize (it chooses how to quantize)")
 
@@ -158,7 +158,7 @@ def convert(
                 dtype,
                 progress,
                 DistillConfig(seconds=options.tune_seconds),
-                replace(CalibrationConfig(), asymmetric=options.asymmetric),
+                CalibrationConfig(asymmetric=options.asymmetric),
             )
             writer = ShardWriter(tmp, options.max_shard_bytes)
             for name, tensor in model_tensors(model, dtype):

@@ -101,6 +101,14 @@ def run_block(block: nn.Module, h: mx.array) -> mx.array:
     return mx.concatenate(outs)
 
 
+def towards_float(
+    weight: mx.array, moment: np.ndarray, cross: np.ndarray, share: float
+) -> mx.array:
+    """The layer's weight (out, n) moved `share` of the way to its asymmetric target."""
+    w32 = np.array(weight.astype(mx.float32))
+    return mx.array(asymmetric_target(w32, moment, cross, share))
+
+
 def input_stages(block: nn.Module, wrapped: list[InputMoments], h: mx.array) -> list[list[int]]:
     """Indices into `wrapped` in the order the block calls them, grouped by shared input
     (Llama's q, k and v; gate and up): each group's inputs depend only on groups before it."""
@@ -172,8 +180,7 @@ def quantize_block(
                 w.active = False
                 moment, weight = w.second_moment(), w.linear.weight
                 if pair:
-                    w32 = np.array(weight.astype(mx.float32))
-                    weight = mx.array(asymmetric_target(w32, moment, w.cross_moment(), asymmetric))
+                    weight = towards_float(weight, moment, w.cross_moment(), asymmetric)
                 w.moment = w.cross = mx.zeros((0,))  # free them before the next GPTQ state
                 q = quantize_weight(weight, plan[f"{prefix}.{path}"], dtype, moment)
                 quantized.append((path, quantized_module(w.linear, q)))
@@ -224,8 +231,7 @@ def calibrate(
             # being the input embedding too, which the correction would move as well
             final_float = norm(h_float).reshape(-1, h.shape[-1]).astype(mx.float32)
             cross = np.array((final_float - final).T @ final, dtype=np.float64) / final.shape[0]
-            w32 = np.array(weight.astype(mx.float32))
-            weight = mx.array(asymmetric_target(w32, moment, cross, asymmetric))
+            weight = towards_float(weight, moment, cross, asymmetric)
             del final_float
         q = quantize_weight(weight, plan[paths[id(head)]], dtype, moment)
         updates.append((paths[id(head)], quantized_module(head, q)))

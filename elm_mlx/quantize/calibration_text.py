@@ -45,7 +45,7 @@ class CalibrationConfig:
     # weights applied to the quantized model's inputs (GPTAQ; `blockwise.calibrate`); 0 is
     # GPTQ. Off by default (`elm convert --asymmetric A`): on SmolLM2 0.25 cut held-out KL by
     # 10-20% on the calibration text's domain but not on prose (0.5 and 1 did worse there), for
-    # a third more calibration time, and on the random OpenELM it changed nothing (issue 17)
+    # 1.3-2x the calibration time, and on the random OpenELM it changed nothing (issue 17)
     asymmetric: float = 0.0
 
 

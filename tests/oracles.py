@@ -77,12 +77,12 @@ def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
 def dequantize_np(
     wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int
 ) -> np.ndarray:
-    """mlx-lm's affine layout decoded with numpy alone: `bits`-bit codes packed little-end
-    first into uint32 words, value = code * scale + bias per group of `group_size` inputs."""
-    per_word = 32 // bits
-    shifts = np.arange(per_word, dtype=np.uint32) * bits
-    codes = (wq.astype(np.uint32)[..., None] >> shifts) & ((1 << bits) - 1)
-    codes = codes.reshape(*wq.shape[:-1], -1).astype(np.float32)
+    """mlx-lm's affine layout decoded with numpy alone: `bits`-bit codes in one little-endian
+    bit stream through the uint32 words (a 3-, 5- or 6-bit code may straddle two words),
+    value = code * scale + bias per group of `group_size` inputs."""
+    stream = np.unpackbits(wq.astype("<u4").view(np.uint8), axis=-1, bitorder="little")
+    stream = stream.reshape(*wq.shape[:-1], -1, bits).astype(np.uint32)
+    codes = (stream << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.float32)
     s = np.repeat(scales.astype(np.float32), group_size, axis=-1)
     b = np.repeat(biases.astype(np.float32), group_size, axis=-1)
     return codes * s + b

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
+from folders import tensors_of
 from mlx.utils import tree_flatten
 from oracles import dequantize_np, logits_of, read_hf_tensors, torch_logits
 from safetensors import safe_open
@@ -31,13 +32,6 @@ WIDE = {
     "olmo": {"hidden_size": 128, "intermediate_size": 256},
     "openelm": {"config": openelm_config(model_dim=128, head_dim=32)},
 }
-
-
-def _tensors(folder: Path) -> dict[str, mx.array]:
-    out: dict[str, mx.array] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= mx.load(str(f))
-    return out
 
 
 # ---------------------------------------------------------------------------- layout
@@ -62,7 +56,7 @@ def test_output_layout(tiny, family):
     if family == "olmo":
         assert (out / "tokenizer.json").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors = _tensors(out)
+    tensors = tensors_of(out)
     assert list(index["weight_map"]) == sorted(tensors)
     assert set(index["weight_map"].values()) == {"model.safetensors"}
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
@@ -108,7 +102,7 @@ def test_half_precision_of_a_bf16_checkpoint_is_exact(tiny, dtype):
     hf = {"dtype": "bfloat16"}
     src = tiny.hf("llama", **hf)
     out = tiny.converted("llama", hf, dtype=dtype)
-    assert {v.dtype for v in _tensors(out).values()} == {getattr(mx, dtype)}
+    assert {v.dtype for v in tensors_of(out).values()} == {getattr(mx, dtype)}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
     ids = random_ids(12)
     kept = load_model(out, compute_dtype=None).model
@@ -119,7 +113,7 @@ def test_half_precision_of_a_bf16_checkpoint_is_exact(tiny, dtype):
 
 def test_default_dtype(tiny):
     out = tiny.converted("llama", dtype=None)
-    assert {v.dtype for v in _tensors(out).values()} == {mx.float16}
+    assert {v.dtype for v in tensors_of(out).values()} == {mx.float16}
     configs = json.loads(OPENELM_CONFIGS.read_text())
     openelm = get_family("openelm")
     for size, dtype in (("3B", "bfloat16"), ("1_1B", "float16")):
@@ -142,7 +136,7 @@ def test_quantized_weights_within_one_step(tiny, family, bits, group):
     quant = {"group_size": group, "bits": bits, "mode": "affine"}
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"] == quant
-    tensors = {k: np.array(v) for k, v in _tensors(out).items()}
+    tensors = {k: np.array(v) for k, v in tensors_of(out).items()}
     n_quantized = 0
     for name, w in source.items():
         module = name.removesuffix(".weight")
@@ -169,7 +163,7 @@ def test_quantized_model_computes_the_dequantized_model(tiny, family, bits):
     """Our quantized layers compute exactly what float layers holding the decoded weights do."""
     hf = WIDE[family]
     qdir = tiny.converted(family, hf, quantize=True, bits=bits, group_size=64)
-    tensors = {k: np.array(v) for k, v in _tensors(qdir).items()}
+    tensors = {k: np.array(v) for k, v in tensors_of(qdir).items()}
     float_model = load_model(tiny.converted(family, hf)).model
     deq = []
     for name in tensors:
@@ -239,7 +233,7 @@ def test_layer_the_group_does_not_divide_stays_float(tiny):
     """OpenLLaMA-3B's case: intermediate 8640 is not a multiple of 128 (here 192)."""
     hf = {"hidden_size": 128, "intermediate_size": 192}
     out = tiny.converted("llama", hf, quantize=True, bits=4, group_size=128)
-    tensors = _tensors(out)
+    tensors = tensors_of(out)
     assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == mx.float32
     assert "model.layers.0.mlp.down_proj.scales" not in tensors
     assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == mx.uint32
@@ -273,8 +267,8 @@ def test_we_load_a_folder_mlx_lm_converted(tiny, tmp_path, family, bits):
     options = {"quantize": True, "bits": bits, "group_size": 64} if bits else {}
     if family == "openelm":
         options["tokenizer"] = str(src)
-    ours = _tensors(convert_tiny(src, tmp_path / "ours", **options))
-    mlx_community = _tensors(out)
+    ours = tensors_of(convert_tiny(src, tmp_path / "ours", **options))
+    mlx_community = tensors_of(out)
     assert set(ours) == set(mlx_community)
     for name, value in ours.items():
         np.testing.assert_array_equal(np.array(value), np.array(mlx_community[name]), name)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from elm_mlx.cli.main import app
+from folders import leftovers
 from safetensors.numpy import load_file, save_file
 from tiny_checkpoints import convert_tiny
 from typer.testing import CliRunner
@@ -83,10 +84,6 @@ BAD_SOURCES = {
 }
 
 
-def _leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
 @pytest.fixture
 def llama_src(tiny, tmp_path):
     """A fresh, writable copy of the tiny fp32 Llama checkpoint (intermediate 128)."""
@@ -104,13 +101,13 @@ def test_bad_source(llama_src, tmp_path, case):
     assert str(llama_src) in message
     for part in expected:
         assert part in message
-    assert not out.exists() and _leftovers(out) == []
+    assert not out.exists() and leftovers(out) == []
     # The CLI: one line on stderr, exit code 1, no traceback, nothing written.
     result = runner.invoke(app, ["convert", str(llama_src), "-o", str(out)])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: {message}"
     assert result.stdout == ""
-    assert not out.exists() and _leftovers(out) == []
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_unwritable_output(llama_src, tmp_path):
@@ -135,7 +132,7 @@ def test_output_exists(llama_src, tmp_path):
         convert_tiny(llama_src, out)
     assert str(out) in str(info.value) and "--force" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert _leftovers(out) == []
+    assert leftovers(out) == []
     result = runner.invoke(app, ["convert", str(llama_src), "-o", str(out)])
     assert result.exit_code == 1 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
@@ -157,7 +154,7 @@ def test_bad_convert_options(llama_src, tmp_path, args, expected):
     out = tmp_path / "out"
     result = runner.invoke(app, ["convert", str(llama_src), "-o", str(out), *args])
     assert result.exit_code == 1 and expected in result.stderr
-    assert not out.exists() and _leftovers(out) == []
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_generate_without_prompt(tiny):
@@ -196,4 +193,4 @@ def test_real_process_exit_code(llama_src, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {llama_src / 'config.json'} is missing")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    assert not out.exists() and _leftovers(out) == []
+    assert not out.exists() and leftovers(out) == []

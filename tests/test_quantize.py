@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,22 +11,20 @@ import mlx_lm
 import numpy as np
 import pytest
 from elm_mlx.cli.main import app
+from folders import leftovers, tensors_of
 from mlx.utils import tree_flatten
-from oracles import logits_of
+from oracles import dequantize_np, logits_of
 from typer.testing import CliRunner
 
 from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import build_model, load, load_model
 from elm_mlx.lora import LoRAConfig, apply_lora, save_adapters
 from elm_mlx.quantize import CalibrationConfig, default_text, split
-from elm_mlx.quantize.calibration_text import combine, spread, written_by_model
-from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
 from elm_mlx.quantize.gptq import asymmetric_target
 from elm_mlx.quantize.grid import Setting, fit_grid
 from elm_mlx.quantize.layers import quantize_weight
 from elm_mlx.quantize.mixed import allocate, lower_hull
 from elm_mlx.quantize.recipe import quantize_model
-from elm_mlx.quantize.self_text import deduplicate, self_generated_windows
 from elm_mlx.quantize.sensitivity import measure, rounded
 from elm_mlx.train.dataset import load_splits
 from elm_mlx.train.fuse import fuse
@@ -38,24 +32,6 @@ from elm_mlx.train.trainer import TrainConfig, Trainer
 
 runner = CliRunner()
 BUDGET = 5.0  # bits per weight; float32 folders store 32-bit scales: 4-bit g64 costs 5.0
-
-
-def tensors_of(folder: Path) -> dict[str, mx.array]:
-    out: dict[str, mx.array] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= mx.load(str(f))
-    return out
-
-
-def dequantize_any(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
-    """MLX's affine layout for any width, with numpy alone: the codes are one little-endian bit
-    stream through the uint32 words (a 3-, 5- or 6-bit code may straddle two words)."""
-    stream = np.unpackbits(wq.astype("<u4").view(np.uint8), axis=-1, bitorder="little")
-    stream = stream.reshape(wq.shape[0], -1, bits).astype(np.uint32)
-    codes = (stream << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.float32)
-    group = codes.shape[-1] // scales.shape[-1]
-    s = np.repeat(scales.astype(np.float32), group, axis=-1)
-    return codes * s + np.repeat(biases.astype(np.float32), group, axis=-1)
 
 
 def held_out(tokenizer, n: int = 512) -> list[int]:
@@ -69,30 +45,7 @@ def relative_error(folder: Path, reference: np.ndarray, ids: list[int]) -> float
     return float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))
 
 
-# ---------------------------------------------------------------------------- the text
-
-
-def test_calibration_windows_never_overlap_the_held_out_tail():
-    ids = list(range(10_000))
-    config = CalibrationConfig(window=512, windows=8, held_out=1000)
-    data = split(ids, config, "text")
-    assert data.held_out == ids[-1000:]
-    windows = np.array(data.windows)
-    assert windows.shape == (8, 512)
-    assert windows.max() < 9000  # every calibration token precedes the held-out tail
-    for row in windows:  # each window is a contiguous run of the text
-        assert list(row) == list(range(row[0], row[0] + 512))
-    assert windows[0, 0] == 0 and windows[-1, -1] == 8999  # spread over the whole head
-
-
-def test_the_sensitivity_sample_spans_the_sources():
-    """The windows the plan is measured on come from every part of the calibration windows
-    (own text first, then each file's), not only the first window."""
-    own, text = mx.zeros((16, 8), mx.int32), mx.ones((16, 8), mx.int32)
-    picked = spread(mx.concatenate([own, text]), CalibrationConfig().sensitivity_windows)
-    assert picked.shape == (CalibrationConfig().sensitivity_windows, 8)
-    assert set(np.array(picked[:, 0]).tolist()) == {0, 1}
-    assert spread(own[:2], 4).shape == (2, 8)  # fewer windows than asked: each once
+# ---------------------------------------------------------------------------- grids and GPTQ
 
 
 def test_grid_search_hits_a_source_grid_exactly():
@@ -231,8 +184,8 @@ def test_mixed_precision_meets_the_budget(tiny, family):
         module = name[: -len(".weight")]
         if name.endswith(".weight") and f"{module}.scales" in tensors:
             scales, biases = (np.array(tensors[f"{module}.{k}"]) for k in ("scales", "biases"))
-            bits = quant.get(module, quant)["bits"]
-            floats[name] = mx.array(dequantize_any(np.array(t), scales, biases, bits))
+            bits, group = (quant.get(module, quant)[k] for k in ("bits", "group_size"))
+            floats[name] = mx.array(dequantize_np(np.array(t), scales, biases, bits, group))
         elif not name.endswith((".scales", ".biases")):
             floats[name] = t
     reference.load_weights(list(floats.items()))
@@ -289,10 +242,6 @@ def test_qlora_and_fuse_on_a_mixed_base(tiny, family, tmp_path):
 # ---------------------------------------------------------------------------- bad input
 
 
-def _leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -317,7 +266,7 @@ def test_bad_calibration_options(tiny, tmp_path, extra, message):
     result = runner.invoke(app, ["convert", str(tiny.hf("llama")), "-o", str(out), *extra])
     assert result.exit_code == 1
     assert message in result.stderr and "error: --" in result.stderr
-    assert not out.exists() and _leftovers(out) == []
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_calibrate_through_the_cli_reports_held_out_perplexity(tiny, tmp_path):
@@ -365,7 +314,7 @@ def test_a_tokenizer_beyond_the_vocabulary_is_refused(tiny, tmp_path):
     result = runner.invoke(app, ["convert", str(src), "-o", str(out), "-q", "--calibrate"])
     assert result.exit_code == 1
     assert "the model has 256 embeddings" in result.stderr and "--tokenizer" in result.stderr
-    assert not out.exists() and _leftovers(out) == []
+    assert not out.exists() and leftovers(out) == []
 
 
 class InputEnergy(nn.Module):
@@ -413,227 +362,3 @@ def test_measured_cost_is_the_kl_of_rounding_that_layer_alone(tiny, family):
         assert 0 < costs[finer] < costs[probe] / 50  # 8 bits: 16x finer steps, ~256x less error
     embeddings = [p for p in measured if isinstance(layers[p], nn.Embedding)]
     assert len(embeddings) == 1 and measured[embeddings[0]].options[0][1] > 0
-
-
-# ---------------------------------------------------------------------------- the model's own text
-
-
-def test_own_text_drops_loops_and_duplicates():
-    rng = np.random.default_rng(0)
-    fresh = rng.integers(0, 1000, size=(2, 64))
-    loop = np.tile(np.arange(5), 13)[:64]
-    rows = np.stack([fresh[0], loop, fresh[0], fresh[1]])
-    kept = deduplicate(rows)
-    assert [list(k) for k in kept] == [list(fresh[0]), list(fresh[1])]
-
-
-def test_own_text_samples_again_when_the_model_loops(tiny):
-    """A model that all but always takes its top choice falls into the same loops from most
-    starts: the first batch loses rows to deduplication and the later tries must add to it."""
-    model, _ = load(tiny.converted("llama"))  # a fresh copy: tiny.load's is shared
-    model.model.norm.weight = model.model.norm.weight * 1000  # logits x1000: near-greedy
-    own = self_generated_windows(model, 400, count=4, window=64, seed=0)
-    assert 0 < len(own) <= 4 and own.shape[1] == 64
-    rows = own.reshape(-1, 16)  # the packed sequences
-    assert len(deduplicate(rows)) == len(rows)  # none of them mostly seen already
-
-
-def test_default_calibration_mixes_the_models_own_text_with_the_stdlib(tiny):
-    model, _ = tiny.load("llama")
-    own = self_generated_windows(model, 400, count=2, window=64, seed=1)
-    assert own.shape == (2, 64) and own.max() < 400
-    np.testing.assert_array_equal(own, self_generated_windows(model, 400, 2, 64, seed=1))
-    text = list(range(1000, 3000))
-    data = combine([written_by_model(own), split(text, CalibrationConfig(64, 2), "the text")])
-    rows = np.array(data.windows)
-    assert rows.shape == (4, 64)
-    assert [i for i, r in enumerate(rows) if r.max() < 400] == [0, 2]  # alternating
-    assert data.held_out == text[-len(data.held_out) :] and rows.max() < text[-len(data.held_out)]
-    assert data.calibrated_on == "128 tokens the float model wrote and 128 tokens of the text"
-
-
-@pytest.mark.parametrize("own", ["default", "--own-text"])
-def test_the_report_says_what_calibration_read(tiny, tmp_path, own):
-    """By default half the windows are the model's own text; with a file, only with --own-text."""
-    out = tmp_path / "out"
-    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
-    source = "the Python documentation topics"
-    if own == "--own-text":
-        source = tmp_path / "text.txt"
-        source.write_text(default_text()[:60_000])
-        args += ["--calibration-file", str(source), "--own-text"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    assert "tokens the float model wrote and" in result.stderr
-    assert f"tokens of {source}" in result.stderr
-    stages = re.search(r"in \d+s \((.*?)\);", result.stderr).group(1)  # seconds per stage
-    names = [part.rsplit(" ", 1)[0] for part in stages.split(", ")]
-    assert names == [
-        "own text", "calibration text", "float perplexity", "calibrating", "quantized perplexity"
-    ]  # fmt: skip
-
-
-def test_calibration_files_repeat_and_share_the_windows(tiny, tmp_path):
-    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
-    first.write_text(default_text()[:80_000])
-    second.write_text(default_text()[-80_000:])
-    out = tmp_path / "out"
-    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--calibrate"]
-    result = runner.invoke(
-        app, [*args, "--calibration-file", str(first), "--calibration-file", str(second)]
-    )
-    assert result.exit_code == 0, result.stderr
-    assert f"held-out tokens of {first} and {second}" in result.stderr
-    windows = CalibrationConfig().windows // 2 * CalibrationConfig().window  # tokens each
-    assert f"{windows} tokens of {first} and {windows} tokens of {second}" in result.stderr
-    assert "float model wrote" not in result.stderr
-
-
-def test_a_dataset_folder_calibrates_through_datasets(tiny, tmp_path):
-    """--calibration-dataset reads a dataset's train split with `datasets` (a local folder
-    here; a hub id the same way when online) and calibrates on it alone."""
-    folder = tmp_path / "prose"
-    folder.mkdir()
-    paragraphs = default_text()[:60_000].split("\n\n")
-    with open(folder / "train.jsonl", "w") as f:
-        for i, text in enumerate(paragraphs):
-            f.write(json.dumps({"id": i, "text": text}) + "\n")
-    out = tmp_path / "out"
-    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q"]
-    result = runner.invoke(app, [*args, "--calibration-dataset", str(folder)])
-    assert result.exit_code == 0, result.stderr
-    assert f"held-out tokens of the dataset {folder}" in result.stderr  # it implies calibration
-    assert "float model wrote" not in result.stderr
-    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
-
-
-def test_a_hub_dataset_offline_is_a_clear_error(tiny, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = [str(tiny.hf("llama")), "-o", str(out), "-q", "--calibration-dataset", "wikitext"]
-    result = subprocess.run(
-        [sys.executable, "-m", "elm_mlx.cli.main", "convert", *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr
-    assert "--calibration-dataset" in result.stderr and "--calibration-file" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not out.exists() and _leftovers(out) == []
-
-
-# ---------------------------------------------------------------------------- tuning to the float model
-
-
-def test_coarse_kl_is_the_kl_of_the_coarsened_distributions():
-    """Oracle: the KL of the two distributions over the teacher's top tokens plus one bucket for
-    the rest, computed by hand; all tokens kept, it is the exact KL; fewer, a lower bound."""
-    rng = np.random.default_rng(0)
-    teacher_logits = rng.normal(size=(3, 50)) * 2
-    student_logits = teacher_logits + rng.normal(size=(3, 50))
-
-    def log_softmax(x):
-        return (
-            x
-            - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
-            - x.max(-1, keepdims=True)
-        )
-
-    p, q = np.exp(log_softmax(teacher_logits)), np.exp(log_softmax(student_logits))
-    full = (p * (np.log(p) - np.log(q))).sum(-1).mean()
-    for k in (50, 8):
-        top = np.argsort(-p, axis=-1)[:, :k]
-        pk, qk = np.take_along_axis(p, top, -1), np.take_along_axis(q, top, -1)
-        pc = np.concatenate([pk, 1 - pk.sum(-1, keepdims=True)], -1).clip(1e-9)
-        qc = np.concatenate([qk, 1 - qk.sum(-1, keepdims=True)], -1).clip(1e-9)
-        coarse = (pc * (np.log(pc) - np.log(qc))).sum(-1).mean()
-        got = coarse_kl(
-            mx.array(student_logits, mx.float32),
-            mx.array(top, mx.int32),
-            mx.array(np.log(pk), mx.float32),
-        ).item()
-        assert got == pytest.approx(coarse, rel=1e-4, abs=1e-6)
-        if k == 50:
-            assert got == pytest.approx(full, rel=1e-4)
-        else:
-            assert got < full
-
-
-def _tiny_tuning_case(tiny):
-    float_model, tokenizer = tiny.load("llama")
-    ids = encode_text(tokenizer, default_text()[:80_000])
-    windows = mx.array(ids[: 16 * 64]).reshape(16, 64)
-    model, _ = load(tiny.converted("llama", quantize=True, bits=4, group_size=32))
-    return model, windows, teacher(float_model, windows, 16)
-
-
-def test_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):
-    """Every quantized layer's scales 10% too large (a systematic error, which tuning to the
-    float model on some windows must undo on others): the KL on the held-out windows falls by
-    more than half; the codes, the dtypes and everything but scales and biases stay."""
-    model, windows, target = _tiny_tuning_case(tiny)
-    for _, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear):
-            m.scales = m.scales * 1.1
-    before = dict(tree_flatten(model.parameters()))
-    # a fixed number of steps, whatever the machine's load (the budget is far above it)
-    config = DistillConfig(seconds=600.0, learning_rate=1e-2, max_steps=128)
-    result = distill(model, windows, target, config)
-    assert result.steps == 128
-    assert result.held_out_after < 0.5 * result.held_out_before, result
-    after = dict(tree_flatten(model.parameters()))
-    assert after.keys() == before.keys()
-    changed = 0
-    for name, value in after.items():
-        assert value.dtype == before[name].dtype and value.shape == before[name].shape, name
-        if name.endswith((".scales", ".biases")):
-            changed += not mx.array_equal(value, before[name]).item()
-        else:  # the codes, norms and everything else
-            assert mx.array_equal(value, before[name]).item(), name
-    assert changed > 0
-    assert all(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in
-               model.named_modules() if hasattr(m, "scales"))  # fmt: skip
-
-
-def test_tuning_that_does_not_help_keeps_the_parameters_it_started_from(tiny):
-    """A learning rate far too high makes every step worse on the held-out windows: the scales
-    and biases are then exactly GPTQ's (here rounding's) again."""
-    model, windows, target = _tiny_tuning_case(tiny)
-    before = dict(tree_flatten(model.parameters()))
-    result = distill(model, windows, target, DistillConfig(seconds=1.0, learning_rate=1.0))
-    assert result.held_out_after == result.held_out_before
-    for name, value in tree_flatten(model.parameters()):
-        assert mx.array_equal(value, before[name]).item(), name
-
-
-def test_tuned_folder_loads_in_mlx_lm_and_reports_the_tuning(tiny, tmp_path):
-    out = tmp_path / "out"
-    # a budget well above the few steps the check asks for, even on a loaded machine
-    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--tune-seconds", "12"]
-    args += ["--dtype", "float32"]  # (as the tiny conversions: mlx-lm computes in it too)
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.stderr
-    assert "scales and biases tuned to the float model for" in result.stderr
-    assert re.search(r"teacher \d+s", result.stderr) and re.search(r"tuning \d+s", result.stderr)
-    untuned = tiny.converted("llama", quantize=True, calibrate=True)
-    assert sorted(tensors_of(out)) == sorted(tensors_of(untuned))
-    theirs, _ = mlx_lm.load(str(out))
-    ids = list(range(3, 40))
-    np.testing.assert_allclose(
-        logits_of(theirs, ids), logits_of(load_model(out).model, ids), atol=1e-4, rtol=0
-    )
-
-
-@pytest.mark.parametrize(
-    "extra,message",
-    [
-        (["--tune-seconds", "5"], "--tune-seconds needs --quantize"),
-        (["-q", "--tune-seconds", "-1"], "--tune-seconds must be >= 0"),
-        (["-q", "--tune-seconds", "0.001"], "too short for tuning"),
-    ],
-)
-def test_bad_tuning_budgets(tiny, tmp_path, extra, message):
-    out = tmp_path / "out"
-    result = runner.invoke(app, ["convert", str(tiny.hf("llama")), "-o", str(out), *extra])
-    assert result.exit_code == 1
-    assert message in result.stderr and "error: --" in result.stderr
-    assert not out.exists() and _leftovers(out) == []

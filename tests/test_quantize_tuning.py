@@ -1,0 +1,139 @@
+"""Tuning a quantized model's scales and biases to the float model (`elm convert
+--tune-seconds`)."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from elm_mlx.cli.main import app
+from folders import leftovers, tensors_of
+from mlx.utils import tree_flatten
+from oracles import logits_of
+from typer.testing import CliRunner
+
+from elm_mlx.eval.perplexity import encode_text
+from elm_mlx.loader import load, load_model
+from elm_mlx.quantize import default_text
+from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
+
+runner = CliRunner()
+
+
+def test_coarse_kl_is_the_kl_of_the_coarsened_distributions():
+    """Oracle: the KL of the two distributions over the teacher's top tokens plus one bucket for
+    the rest, computed by hand; all tokens kept, it is the exact KL; fewer, a lower bound."""
+    rng = np.random.default_rng(0)
+    teacher_logits = rng.normal(size=(3, 50)) * 2
+    student_logits = teacher_logits + rng.normal(size=(3, 50))
+
+    def log_softmax(x):
+        return (
+            x
+            - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - x.max(-1, keepdims=True)
+        )
+
+    p, q = np.exp(log_softmax(teacher_logits)), np.exp(log_softmax(student_logits))
+    full = (p * (np.log(p) - np.log(q))).sum(-1).mean()
+    for k in (50, 8):
+        top = np.argsort(-p, axis=-1)[:, :k]
+        pk, qk = np.take_along_axis(p, top, -1), np.take_along_axis(q, top, -1)
+        pc = np.concatenate([pk, 1 - pk.sum(-1, keepdims=True)], -1).clip(1e-9)
+        qc = np.concatenate([qk, 1 - qk.sum(-1, keepdims=True)], -1).clip(1e-9)
+        coarse = (pc * (np.log(pc) - np.log(qc))).sum(-1).mean()
+        got = coarse_kl(
+            mx.array(student_logits, mx.float32),
+            mx.array(top, mx.int32),
+            mx.array(np.log(pk), mx.float32),
+        ).item()
+        assert got == pytest.approx(coarse, rel=1e-4, abs=1e-6)
+        if k == 50:
+            assert got == pytest.approx(full, rel=1e-4)
+        else:
+            assert got < full
+
+
+def _tiny_tuning_case(tiny):
+    float_model, tokenizer = tiny.load("llama")
+    ids = encode_text(tokenizer, default_text()[:80_000])
+    windows = mx.array(ids[: 16 * 64]).reshape(16, 64)
+    model, _ = load(tiny.converted("llama", quantize=True, bits=4, group_size=32))
+    return model, windows, teacher(float_model, windows, 16)
+
+
+def test_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):
+    """Every quantized layer's scales 10% too large (a systematic error, which tuning to the
+    float model on some windows must undo on others): the KL on the held-out windows falls by
+    more than half; the codes, the dtypes and everything but scales and biases stay."""
+    model, windows, target = _tiny_tuning_case(tiny)
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            m.scales = m.scales * 1.1
+    before = dict(tree_flatten(model.parameters()))
+    # a fixed number of steps, whatever the machine's load (the budget is far above it)
+    config = DistillConfig(seconds=600.0, learning_rate=1e-2, max_steps=128)
+    result = distill(model, windows, target, config)
+    assert result.steps == 128
+    assert result.held_out_after < 0.5 * result.held_out_before, result
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    changed = 0
+    for name, value in after.items():
+        assert value.dtype == before[name].dtype and value.shape == before[name].shape, name
+        if name.endswith((".scales", ".biases")):
+            changed += not mx.array_equal(value, before[name]).item()
+        else:  # the codes, norms and everything else
+            assert mx.array_equal(value, before[name]).item(), name
+    assert changed > 0
+    assert all(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in
+               model.named_modules() if hasattr(m, "scales"))  # fmt: skip
+
+
+def test_tuning_that_does_not_help_keeps_the_parameters_it_started_from(tiny):
+    """A learning rate far too high makes every step worse on the held-out windows: the scales
+    and biases are then exactly GPTQ's (here rounding's) again."""
+    model, windows, target = _tiny_tuning_case(tiny)
+    before = dict(tree_flatten(model.parameters()))
+    result = distill(model, windows, target, DistillConfig(seconds=1.0, learning_rate=1.0))
+    assert result.held_out_after == result.held_out_before
+    for name, value in tree_flatten(model.parameters()):
+        assert mx.array_equal(value, before[name]).item(), name
+
+
+def test_tuned_folder_loads_in_mlx_lm_and_reports_the_tuning(tiny, tmp_path):
+    out = tmp_path / "out"
+    # a budget well above the few steps the check asks for, even on a loaded machine
+    args = ["convert", str(tiny.hf("llama")), "-o", str(out), "-q", "--tune-seconds", "12"]
+    args += ["--dtype", "float32"]  # (as the tiny conversions: mlx-lm computes in it too)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "scales and biases tuned to the float model for" in result.stderr
+    assert re.search(r"teacher \d+s", result.stderr) and re.search(r"tuning \d+s", result.stderr)
+    untuned = tiny.converted("llama", quantize=True, calibrate=True)
+    assert sorted(tensors_of(out)) == sorted(tensors_of(untuned))
+    theirs, _ = mlx_lm.load(str(out))
+    ids = list(range(3, 40))
+    np.testing.assert_allclose(
+        logits_of(theirs, ids), logits_of(load_model(out).model, ids), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--tune-seconds", "5"], "--tune-seconds needs --quantize"),
+        (["-q", "--tune-seconds", "-1"], "--tune-seconds must be >= 0"),
+        (["-q", "--tune-seconds", "0.001"], "too short for tuning"),
+    ],
+)
+def test_bad_tuning_budgets(tiny, tmp_path, extra, message):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(tiny.hf("llama")), "-o", str(out), *extra])
+    assert result.exit_code == 1
+    assert message in result.stderr and "error: --" in result.stderr
+    assert not out.exists() and leftovers(out) == []

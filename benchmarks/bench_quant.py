@@ -139,7 +139,7 @@ SOURCES = {
 # ---------------------------------------------------------------------------- methods
 
 
-def methods(bpws: list[float]) -> dict[str, dict]:
+def methods(bpws: list[float], tunes: list[float]) -> dict[str, dict]:
     out = {
         "float16": {"engine": "elm"},
         "rtn 8/64": {"engine": "mlx_lm", "bits": 8, "group_size": 64},
@@ -151,6 +151,8 @@ def methods(bpws: list[float]) -> dict[str, dict]:
     }
     for b in bpws:
         out[f"elm mixed {b:g}"] = {"engine": "elm", "quantize": True, "bpw": b}
+    for t in tunes:  # then tuned to the float model for t seconds (blocks, then end to end)
+        out[f"elm calibrated 4/64 tuned {t:g}s"] = {"engine": "elm", "quantize": True, "tune": t}
     # the calibration text alone, as mlx-lm's GPTQ gets it (no windows of the model's own), and
     # the same with each layer fitted that share of the way to the float model's outputs
     file_only = {"elm calibrated 4/64": {"calibrate": True}}
@@ -175,6 +177,7 @@ def build_elm(src: Path, out: Path, spec: dict, calibration: Path) -> None:
         # as without a file (held out apart), unless the method says the file alone
         own_text=spec.get("own", True) if spec.get("quantize") else None,
         asymmetric=spec.get("asymmetric", 0.0),
+        tune_seconds=spec.get("tune", 0.0),
     )
     convert(src, out, options, progress=False, report=lambda r: print(r.summary(), file=sys.stderr))
 
@@ -293,7 +296,13 @@ def score(folder: Path, held: dict[str, list[int]], window: int, reference: dict
 
 
 def bench_model(
-    name: str, work: Path, bpws: list[float], tokens: int, window: int, only: list[str] | None
+    name: str,
+    work: Path,
+    bpws: list[float],
+    tunes: list[float],
+    tokens: int,
+    window: int,
+    only: list[str] | None,
 ) -> list:
     from elm_mlx.tokenizer import load_tokenizer
 
@@ -304,7 +313,7 @@ def bench_model(
     rows = []
     reference = None
     float_dir = work / f"{name}-float16"
-    for label, spec in methods(bpws).items():
+    for label, spec in methods(bpws, tunes).items():
         if only and label != "float16" and label not in only:
             continue
         slug = label.replace(" ", "-").replace("/", "g")
@@ -354,6 +363,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(SOURCES), choices=SOURCES)
     parser.add_argument("--bpw", nargs="+", type=float, default=[4.5, 4.25])
+    parser.add_argument(
+        "--tune", nargs="*", type=float, default=[], help="--tune-seconds budgets to add as rows"
+    )
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", help="only these rows (labels as printed)")
@@ -366,7 +378,7 @@ def main() -> None:
     for name in args.models:
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
-        rows += bench_model(name, work, args.bpw, args.tokens, args.window, args.methods)
+        rows += bench_model(name, work, args.bpw, args.tune, args.tokens, args.window, args.methods)
     print()
     for row in rows:
         print(format_row(row))

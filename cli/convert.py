@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..convert import ConvertOptions, convert
+from ..quantize import DistillConfig
 
 DEFAULTS = ConvertOptions()
 
@@ -84,9 +85,11 @@ def command(
     tune_seconds: Annotated[
         float,
         typer.Option(
-            help="With --quantize: then tune the scales and biases to the float model's "
-            "next-token distributions on calibration text for up to this many seconds, keeping "
-            "them only if they do better on windows held out; 0: no tuning. Calibrates."
+            help="With --quantize: then tune the scales and biases to the float model for up "
+            f"to this many seconds: {DistillConfig.block_share:.0%} of them block by block as "
+            "calibration goes (each block's outputs to the float block's), the rest end to end "
+            "(next-token distributions); kept only where they do better on windows held out; "
+            "0: no tuning. Calibrates."
         ),
     ] = DEFAULTS.tune_seconds,
     asymmetric: Annotated[

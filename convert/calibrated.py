@@ -26,8 +26,15 @@ from ..quantize import (
     quantize_model,
     split,
 )
+from ..quantize.block_tuning import BlockTuning, summary
 from ..quantize.calibration_text import combine, spread, written_by_model
-from ..quantize.distill import DistillConfig, check_tuning_budget, distill, teacher
+from ..quantize.distill import (
+    DistillConfig,
+    check_tuning_budget,
+    distill,
+    end_to_end,
+    teacher,
+)
 from ..quantize.mixed import describe_plan, quantizable
 from ..quantize.self_text import self_generated_windows
 from ..tokenizer import load_tokenizer
@@ -108,7 +115,9 @@ def quantize_calibrated(
     report. Calibration windows are shared among the texts (text, name), each with its tail held
     out; with `own_text`, half of them are text the float model writes. The tokenizer is the one
     the output folder ships (`tokenizer_dir`). With `tune.seconds`, the scales and biases are
-    then tuned to the float model's outputs on some of the windows (`distill`)."""
+    tuned to the float model: each block's to the float block's outputs as calibration goes
+    (`block_tuning`, `tune.block_share` of the budget), then the whole model's to its
+    next-token distributions on some of the windows (`distill`)."""
     tic = time.perf_counter()
     clock = StageClock()
     config = config or CalibrationConfig()
@@ -142,6 +151,9 @@ def quantize_calibrated(
         target = teacher(model, tune_windows, tune.top_k)
         check_tuning_budget(tune, target)
         clock.lap("teacher")
+    # the budget: a share block by block as the blocks are calibrated, the rest end to end
+    blocks = BlockTuning(seconds=tune.seconds * tune.block_share / len(model.layers))
+    tune = end_to_end(tune)
     bars: dict[str, Any] = {}
 
     def show(stage: str, done: int, total: int) -> None:
@@ -160,7 +172,9 @@ def quantize_calibrated(
 
     tuned = None
     try:
-        plan = quantize_model(model, data.windows, setting, dtype, bpw, show, config)
+        plan, tuned_blocks = quantize_model(
+            model, data.windows, setting, dtype, bpw, show, config, blocks
+        )
         if tune.seconds:
             clock.lap("calibrating")  # the output layer, after the last block's progress
             tuned = distill(
@@ -192,7 +206,10 @@ def quantize_calibrated(
         seconds=time.perf_counter() - tic,
         plan=describe_plan(plan, sizes),
         stages=tuple(clock.stages.items()),
-        tuning=tuned.summary() if tuned is not None else "",
+        tuning="; ".join(
+            ([summary(tuned_blocks)] if tuned_blocks else [])
+            + ([tuned.summary()] if tuned is not None else [])
+        ),
         fit=f"GPTAQ, {config.asymmetric:g} of the way to the float outputs"
         if config.asymmetric
         else "GPTQ",

@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import load, load_model
 from elm_mlx.quantize import default_text
+from elm_mlx.quantize.block_tuning import BlockTuning, block_error, tune_block
+from elm_mlx.quantize.calibration_text import spread_index
 from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
 
 runner = CliRunner()
@@ -112,7 +114,8 @@ def test_tuned_folder_loads_in_mlx_lm_and_reports_the_tuning(tiny, tmp_path):
     args += ["--dtype", "float32"]  # (as the tiny conversions: mlx-lm computes in it too)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
-    assert "scales and biases tuned to the float model for" in result.stderr
+    assert "blocks' scales and biases tuned to the float blocks' outputs for" in result.stderr
+    assert "scales and biases tuned to the float model for" in result.stderr  # then end to end
     assert re.search(r"teacher \d+s", result.stderr) and re.search(r"tuning \d+s", result.stderr)
     untuned = tiny.converted("llama", quantize=True, calibrate=True)
     assert sorted(tensors_of(out)) == sorted(tensors_of(untuned))
@@ -137,3 +140,52 @@ def test_bad_tuning_budgets(tiny, tmp_path, extra, message):
     assert result.exit_code == 1
     assert message in result.stderr and "error: --" in result.stderr
     assert not out.exists() and leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------- block by block
+
+
+def _tiny_block_case(tiny, factor: float):
+    """A block of the tiny Llama rounded to 4-bit g32 (its scales times `factor`), its float
+    block's outputs as the target, on 16 windows of 64 tokens."""
+    float_model, tokenizer = tiny.load("llama")
+    ids = encode_text(tokenizer, default_text()[:80_000])
+    h = float_model.model.embed_tokens(mx.array(ids[: 16 * 64]).reshape(16, 64))  # (N, L, D)
+    target = float_model.model.layers[0](h, "causal", None)
+    model, _ = load(tiny.converted("llama", quantize=True, bits=4, group_size=32))
+    block = model.model.layers[0]
+    for _, m in block.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            m.scales = m.scales * factor
+    return block, h, target
+
+
+def test_block_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):
+    """The block's scales 10% too large: tuning to the float block's outputs on some windows
+    more than halves its error on the held-out ones; only scales and biases change."""
+    block, h, target = _tiny_block_case(tiny, 1.1)
+    before = dict(tree_flatten(block.parameters()))
+    config = BlockTuning(seconds=600.0, learning_rate=1e-2, max_steps=60)
+    result = tune_block(block, h, target, config)
+    assert result.steps == 60
+    assert result.after < 0.5 * result.before, result
+    # the result is what the block now does on the held-out windows
+    held = spread_index(h.shape[0], config.held_out_windows)
+    assert block_error(block, h, target, held) == pytest.approx(result.after, rel=1e-3)
+    for name, value in tree_flatten(block.parameters()):
+        assert value.dtype == before[name].dtype and value.shape == before[name].shape, name
+        same = mx.array_equal(value, before[name]).item()
+        assert same != name.endswith((".scales", ".biases")), name
+    assert all(isinstance(m, nn.QuantizedLinear) for _, m in block.named_modules()
+               if hasattr(m, "scales"))  # fmt: skip
+
+
+def test_block_tuning_that_does_not_help_keeps_the_parameters_it_started_from(tiny):
+    block, h, target = _tiny_block_case(tiny, 1.0)
+    before = dict(tree_flatten(block.parameters()))
+    result = tune_block(
+        block, h, target, BlockTuning(seconds=600.0, learning_rate=1.0, max_steps=7)
+    )
+    assert result.after == result.before
+    for name, value in tree_flatten(block.parameters()):
+        assert mx.array_equal(value, before[name]).item(), name

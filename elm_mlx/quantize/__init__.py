@@ -3,7 +3,6 @@
 Imports only the model families and errors: the converter drives it on a float model.
 """
 
-from .blockwise import dequantized_view
 from .calibration_text import (
     CalibrationConfig,
     CalibrationData,
@@ -14,6 +13,7 @@ from .calibration_text import (
 )
 from .distill import DistillConfig
 from .grid import Setting
+from .layers import dequantized_view
 from .mixed import CANDIDATES, bits_per_weight, quantization_config
 from .recipe import check_budget, quantize_model
 

@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..models import CausalLM, family_of
+from .block_tuning import BlockTuned, BlockTuning, tune_block
 from .gptq import asymmetric_target
 from .grid import Setting
 from .layers import float_stand_in, quantize_weight, quantized_module
@@ -205,20 +206,31 @@ def calibrate(
     dtype: mx.Dtype,
     progress: Progress | None = None,
     asymmetric: float = 0.0,
-) -> None:
+    tune: BlockTuning | None = None,
+) -> list[BlockTuned]:
     """Quantize, in place, every layer `plan` names (module path -> setting), calibrated on
     the token windows (N, L); scales and biases are stored in `dtype`. With `asymmetric` > 0
     the float model's activations are carried alongside, and each block layer is fitted (that
     share of the way) to the float model's outputs rather than to its own weights applied to
-    the quantized model's inputs (GPTAQ, `gptq.asymmetric_target`)."""
+    the quantized model's inputs (GPTAQ, `gptq.asymmetric_target`). With `tune.seconds`, each
+    block's scales and biases are then tuned to the float block's outputs on the same inputs
+    (`block_tuning`); returns what that did per block."""
     paths = module_paths(model)
     embedding, head, norm = output_layers(model)
     h = embedding(windows).astype(mx.float32)  # (N, L, D)
     mx.eval(h)
     h_float = h if asymmetric > 0 else None  # (N, L, D) the float model's, block by block
     blocks = model.layers
+    tuned: list[BlockTuned] = []
     for i, block in enumerate(blocks):
+        h_in = h
+        target = run_block(block, h) if tune is not None and tune.seconds else None  # (N, L, D)
         h, h_float = quantize_block(block, paths[id(block)], h, plan, dtype, h_float, asymmetric)
+        if target is not None:
+            tuned.append(tune_block(block, h_in, target, tune))
+            h = run_block(block, h_in)  # the next block's inputs, through the tuned block
+            del target
+        del h_in
         if progress is not None:
             progress(i + 1, len(blocks))
     final = norm(h).reshape(-1, h.shape[-1]).astype(mx.float32)  # (tokens, D)
@@ -242,21 +254,4 @@ def calibrate(
         q = quantize_weight(embedding.weight, plan[paths[id(embedding)]], dtype, h_emb)
         updates.append((paths[id(embedding)], quantized_module(embedding, q)))
     model.update_modules(tree_unflatten(updates))
-
-
-def swap_quantized(
-    model: nn.Module, stand_in: Callable[[nn.Module], nn.Module]
-) -> list[tuple[str, nn.Module]]:
-    """Swap every quantized layer for `stand_in(layer)`; returns the swaps to undo it."""
-    swaps = [
-        (p, m)
-        for p, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    ]
-    model.update_modules(tree_unflatten([(p, stand_in(m)) for p, m in swaps]))
-    return swaps
-
-
-def dequantized_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Swap every quantized layer for its float stand-in; returns the swaps to undo it."""
-    return swap_quantized(model, float_stand_in)
+    return tuned

@@ -49,10 +49,14 @@ class CalibrationConfig:
     asymmetric: float = 0.0
 
 
+def spread_index(count: int, n: int) -> list[int]:
+    """n of the indices 0..count-1 (each at most once), evenly spread over them."""
+    return [round(i * count / n) for i in range(min(n, count))]
+
+
 def spread(windows: mx.array, n: int) -> mx.array:
     """n of the windows (N, L), evenly spread over them (the text's parts and sources)."""
-    index = [round(i * windows.shape[0] / n) for i in range(min(n, windows.shape[0]))]
-    return windows[mx.array(index)]
+    return windows[mx.array(spread_index(windows.shape[0], n))]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """Quantizing one layer: from a float weight and its calibration statistics to MLX's quantized
-module, and the float stand-ins used to run quantized layers fast on the CPU backend."""
+module; the float stand-ins used to run quantized layers fast on the CPU backend, and those
+whose scales and biases train (the tuning stages, `block_tuning` and `distill`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_unflatten
 
 from ..dequantize import float_layer
 from .gptq import gptq
@@ -79,3 +82,79 @@ def float_stand_in(module: nn.Module) -> nn.Module:
     weight): MLX's CPU backend runs quantized matmuls ~10x slower than float ones. In float32,
     as the loader computes on the CPU backend (scales upcast before use)."""
     return float_layer(module, mx.float32)
+
+
+def swap_quantized(
+    model: nn.Module, stand_in: Callable[[nn.Module], nn.Module]
+) -> list[tuple[str, nn.Module]]:
+    """Swap every quantized layer for `stand_in(layer)`; returns the swaps to undo it."""
+    swaps = [
+        (p, m)
+        for p, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    ]
+    model.update_modules(tree_unflatten([(p, stand_in(m)) for p, m in swaps]))
+    return swaps
+
+
+def dequantized_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Swap every quantized layer for its float stand-in; returns the swaps to undo it."""
+    return swap_quantized(model, float_stand_in)
+
+
+class Tunable(nn.Module):
+    """A quantized Linear or Embedding computed through its dequantized weight, in float32, so
+    that it trains fast on the CPU backend (and exactly on any). What trains is relative to
+    each group's step (as AutoRound tunes its clipping factors): scales s0 * exp(log_scale)
+    and biases b0 + s0 * shift, so one learning rate suits layers of any magnitude; one factor
+    and shift per output row (`per_group` False: few parameters, for few tokens) or per group."""
+
+    def __init__(self, q: nn.Module, per_group: bool = False):
+        super().__init__()
+        self.weight = q.weight
+        self.scales0 = q.scales.astype(mx.float32)
+        self.biases0 = q.biases.astype(mx.float32)
+        shape = self.scales0.shape if per_group else (self.scales0.shape[0], 1)
+        self.log_scale = mx.zeros(shape)
+        self.shift = mx.zeros(shape)
+        if "bias" in q:
+            self.bias = q.bias
+        self.group_size, self.bits = q.group_size, q.bits
+        self.lookup = isinstance(q, nn.QuantizedEmbedding)
+
+    def scales_and_biases(self) -> tuple[mx.array, mx.array]:
+        return self.scales0 * mx.exp(self.log_scale), self.biases0 + self.scales0 * self.shift
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.lookup:  # only the rows looked up, as nn.QuantizedEmbedding
+            scales, biases = self.scales_and_biases()
+            return mx.dequantize(self.weight[x], scales[x], biases[x], self.group_size, self.bits)
+        return self.as_linear(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        scales, biases = self.scales_and_biases()
+        w = mx.dequantize(self.weight, scales, biases, self.group_size, self.bits)
+        y = x @ w.T
+        return y + self.bias if "bias" in self else y
+
+
+def tunable_view(model: nn.Module, per_group: bool = False) -> list[tuple[str, nn.Module]]:
+    """Swap `model`'s quantized layers for `Tunable` ones and freeze all but their factors and
+    shifts; returns the quantized layers, for `keep_tuned`."""
+    originals = swap_quantized(model, lambda q: Tunable(q, per_group))
+    model.freeze()
+    for _, m in model.named_modules():
+        if isinstance(m, Tunable):
+            m.unfreeze(keys=["log_scale", "shift"], recurse=False)
+    return originals
+
+
+def keep_tuned(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
+    """Put the quantized layers back, with the scales and biases the tunable ones hold now
+    (rounded to the stored dtype: the codes, shapes and dtypes stay)."""
+    tuned = dict(model.named_modules())
+    for path, q in originals:
+        scales, biases = tuned[path].scales_and_biases()
+        q.scales, q.biases = scales.astype(q.scales.dtype), biases.astype(q.biases.dtype)
+    model.update_modules(tree_unflatten(originals))
+    mx.eval(model.parameters())

@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from ..errors import OptionError
 from ..models import CausalLM
+from .block_tuning import BlockTuned, BlockTuning
 from .blockwise import calibrate
 from .calibration_text import CalibrationConfig, spread
 from .grid import Setting
@@ -38,13 +39,15 @@ def quantize_model(
     bpw: float | None = None,
     progress: Progress | None = None,
     config: CalibrationConfig | None = None,
-) -> dict[str, Setting]:
+    tune: BlockTuning | None = None,
+) -> tuple[dict[str, Setting], list[BlockTuned]]:
     """Quantize `model` in place, calibrated on the token windows (N, L); return the plan
-    (module path -> setting). Without `bpw` every layer gets `setting`; with it, layers get
-    the candidate settings that lose least within the budget, each layer's loss measured with
-    `setting` as the probe on `config.sensitivity_tokens` tokens, the first of
-    `config.sensitivity_windows` windows spread over the text's parts and sources. Each layer
-    is fitted as `config.asymmetric` says (`blockwise.calibrate`)."""
+    (module path -> setting) and, with `tune`, what tuning each block did. Without `bpw` every
+    layer gets `setting`; with it, layers get the candidate settings that lose least within the
+    budget, each layer's loss measured with `setting` as the probe on
+    `config.sensitivity_tokens` tokens, the first of `config.sensitivity_windows` windows
+    spread over the text's parts and sources. Each layer is fitted as `config.asymmetric` says,
+    and each block tuned as `tune` says (`blockwise.calibrate`)."""
     config = config or CalibrationConfig()
     if bpw is None:
         plan = uniform_plan(model, setting)
@@ -64,5 +67,5 @@ def quantize_model(
         if progress is not None:
             progress("calibrating", done, total)
 
-    calibrate(model, windows, plan, dtype, calibrating, config.asymmetric)
-    return plan
+    tuned = calibrate(model, windows, plan, dtype, calibrating, config.asymmetric, tune)
+    return plan, tuned

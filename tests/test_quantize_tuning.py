@@ -22,6 +22,8 @@ from elm_mlx.quantize import default_text
 from elm_mlx.quantize.block_tuning import BlockTuning, block_error, tune_block
 from elm_mlx.quantize.calibration_text import spread_index
 from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
+from elm_mlx.quantize.grid import Setting
+from elm_mlx.quantize.recipe import quantize_model
 
 runner = CliRunner()
 
@@ -189,3 +191,18 @@ def test_block_tuning_that_does_not_help_keeps_the_parameters_it_started_from(ti
     assert result.after == result.before
     for name, value in tree_flatten(block.parameters()):
         assert mx.array_equal(value, before[name]).item(), name
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
+def test_each_family_calibrates_with_its_blocks_tuned(tiny, family):
+    """Through calibration: one result per block, none worse on its held-out windows than
+    GPTQ's parameters, and every layer of the plan quantized in MLX's layout afterwards."""
+    model, tokenizer = load(tiny.converted(family))  # a fresh copy: `tiny.load` shares one
+    ids = encode_text(tokenizer, default_text()[:80_000])
+    windows = mx.array(ids[: 8 * 64]).reshape(8, 64)
+    tune = BlockTuning(seconds=600.0, max_steps=7)
+    plan, tuned = quantize_model(model, windows, Setting(4, 32), mx.float32, tune=tune)
+    assert len(tuned) == len(model.layers)
+    assert all(t.steps == 7 and t.after <= t.before for t in tuned), tuned
+    layers = dict(model.named_modules())
+    assert all(isinstance(layers[p], (nn.QuantizedLinear, nn.QuantizedEmbedding)) for p in plan)

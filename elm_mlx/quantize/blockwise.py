@@ -17,6 +17,10 @@ the float model's output X_f W^T instead (`gptq.asymmetric_target`), which needs
 moment (X_f - X_q)^T X_q of the same tokens: per BATCH windows, a float pass records each
 layer's inputs and the quantized pass pairs them. Memory: the float model's activations too,
 and one BATCH of recorded inputs per layer.
+
+With a tuning budget (`block_tuning`), each block's scales and biases are then trained to the
+float block's outputs on the same inputs, before the next block's inputs are computed; memory:
+those outputs too.
 """
 
 from __future__ import annotations

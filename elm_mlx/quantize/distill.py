@@ -1,10 +1,11 @@
-"""Tuning a quantized model's scales and biases end to end, with the float model as teacher.
+"""Tuning a quantized model's scales and biases end to end, with the float model as teacher
+(the second stage of `elm convert --tune-seconds`, after `block_tuning`'s block by block).
 
 After GPTQ has chosen every layer's codes, the per-group scales and biases are trained by Adam
 to bring the quantized model's next-token distribution closer to the float model's on the
 calibration text (the objective of mlx-lm's DWQ, "distilled weight quantization"; the
-learnable quantization parameters of OmniQuant, Shao et al. 2024, trained here on the model's
-output rather than block by block). The codes stay as they are, so the folder keeps MLX's layout
+learnable quantization parameters of OmniQuant, Shao et al. 2024, which trains them block by
+block as `block_tuning` does, here trained on the model's output). The codes stay as they are, so the folder keeps MLX's layout
 (mlx-lm loads it). It runs within a time budget, and keeps the parameters that did best on
 windows it does not train on; they start from GPTQ's, so tuning never makes those worse.
 

@@ -36,7 +36,7 @@ from ..models import CausalLM, family_of
 from .block_tuning import BlockTuned, BlockTuning, tune_block
 from .gptq import asymmetric_target
 from .grid import Setting
-from .layers import float_stand_in, quantize_weight, quantized_module
+from .layers import dequantized_view, float_stand_in, quantize_weight, quantized_module
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks in all)
 BATCH = 4  # calibration windows per forward pass
@@ -232,7 +232,9 @@ def calibrate(
         h, h_float = quantize_block(block, paths[id(block)], h, plan, dtype, h_float, asymmetric)
         if target is not None:
             tuned.append(tune_block(block, h_in, target, tune))
+            swaps = dequantized_view(block)  # quantized matmuls are slow on the CPU backend
             h = run_block(block, h_in)  # the next block's inputs, through the tuned block
+            block.update_modules(tree_unflatten(swaps))
             del target
         del h_in
         if progress is not None:

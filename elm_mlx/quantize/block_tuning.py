@@ -36,8 +36,10 @@ class BlockTuning:
     """How each block's scales and biases are tuned (the seconds come from `--tune-seconds`)."""
 
     seconds: float = 0.0  # per block (0: no tuning)
-    # relative to each group's step; on SmolLM2 Adam at 1e-4 and above made the held-out
-    # block error worse within a few steps (BENCHMARKS.md, issue 17, eighth round)
+    # relative to each group's step. Adam moves all ~100k factors of a block by about this
+    # each step: 3e-5 cut the noisy SmolLM2's held-out block errors by 17% on average in 28
+    # steps; on a random OpenELM block 1e-4 and above made it worse, 3e-3 diverged
+    # (BENCHMARKS.md, issue 17, eighth round)
     learning_rate: float = 3e-5
     batch: int = 4  # calibration windows per step
     held_out_windows: int = 4  # windows scored, not trained on (spread over all of them)
@@ -69,7 +71,7 @@ def tune_block(block: nn.Module, h: mx.array, target: mx.array, config: BlockTun
     come closer to `target` (N, L, D), the float block's outputs on h, for `config.seconds`."""
     n = h.shape[0]
     held = spread_index(n, min(config.held_out_windows, n // 2))
-    train = [i for i in range(n) if i not in set(held)]
+    train = sorted(set(range(n)) - set(held))
     if not held or not train:
         return BlockTuned(0, 0.0, 0.0, 0.0)  # too few windows to both train and check
     originals = tunable_view(block, per_group=True)

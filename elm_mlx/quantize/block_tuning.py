@@ -20,15 +20,13 @@ backward pass, not the model's: on this project's CPU the same seconds buy ~30x 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 
 from .calibration_text import spread_index
-from .layers import keep_tuned, tunable_view
+from .layers import tune_scales
 
 
 @dataclass(frozen=True)
@@ -74,39 +72,21 @@ def tune_block(block: nn.Module, h: mx.array, target: mx.array, config: BlockTun
     train = sorted(set(range(n)) - set(held))
     if not held or not train:
         return BlockTuned(0, 0.0, 0.0, 0.0)  # too few windows to both train and check
-    originals = tunable_view(block, per_group=True)
 
     def loss(x: mx.array, y: mx.array) -> mx.array:
         return mx.mean((block(x, "causal", None) - y) ** 2)
 
-    tic = time.perf_counter()
-    before = best = block_error(block, h, target, held)
-    kept = block.trainable_parameters()  # GPTQ's (updates replace parameters, never change them)
-    grad_fn = nn.value_and_grad(block, loss)
-    optimizer = optim.Adam(learning_rate=config.learning_rate)
-    steps, step_s, score_s = 0, 0.0, 0.0
-    while time.perf_counter() - tic + step_s + score_s < config.seconds:
-        if config.max_steps is not None and steps >= config.max_steps:
-            break
-        t0 = time.perf_counter()
+    def batch(step: int) -> tuple[mx.array, mx.array]:
         index = mx.array(
-            [train[(steps * config.batch + j) % len(train)] for j in range(config.batch)]
+            [train[(step * config.batch + j) % len(train)] for j in range(config.batch)]
         )
-        _, grads = grad_fn(h[index], target[index])
-        optimizer.update(block, grads)
-        mx.eval(block.trainable_parameters(), optimizer.state)
-        steps += 1
-        step_s = time.perf_counter() - t0
-        if steps % config.score_every == 0:
-            t0 = time.perf_counter()
-            if (now := block_error(block, h, target, held)) < best:
-                best, kept = now, block.trainable_parameters()
-            score_s = time.perf_counter() - t0
-    if steps % config.score_every and (now := block_error(block, h, target, held)) < best:
-        best, kept = now, block.trainable_parameters()
-    block.update(kept)
-    keep_tuned(block, originals)
-    return BlockTuned(steps, time.perf_counter() - tic, before, best)
+        return h[index], target[index]
+
+    steps, seconds, before, best = tune_scales(
+        block, True, loss, batch, lambda: block_error(block, h, target, held), config.seconds,
+        config.learning_rate, config.score_every, config.max_steps,
+    )  # fmt: skip
+    return BlockTuned(steps, seconds, before, best)
 
 
 def summary(tuned: list[BlockTuned]) -> str:

@@ -23,10 +23,9 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 
 from ..errors import OptionError
-from .layers import keep_tuned, tunable_view
+from .layers import tune_scales
 
 BATCH = 2  # windows per training step
 
@@ -134,7 +133,6 @@ def distill(
     held = config.held_out_windows
     if windows.shape[0] <= held:
         raise OptionError("tune_seconds", f"tuning needs more than {held} calibration windows")
-    originals = tunable_view(model)  # per row: few parameters, for a few thousand tokens
 
     def loss(w: mx.array, ids: mx.array, lp: mx.array) -> mx.array:
         return coarse_kl(model(w), ids, lp)
@@ -147,35 +145,16 @@ def distill(
         )
         return total / held
 
-    tic = time.perf_counter()
-    before = best = held_out()
-    # the best so far, GPTQ's to begin with (updates replace parameters, never change them)
-    kept = model.trainable_parameters()
-    grad_fn = nn.value_and_grad(model, loss)
-    optimizer = optim.Adam(learning_rate=config.learning_rate)
     train = windows.shape[0] - held
     order = mx.random.permutation(train).tolist()
-    steps, step_s, score_s = 0, 0.0, 0.0
-    # go on while a step and a scoring still fit in the budget (two steps at least)
-    while steps < 2 or time.perf_counter() - tic + step_s + score_s < config.seconds:
-        if config.max_steps is not None and steps >= config.max_steps:
-            break
-        t0 = time.perf_counter()
-        index = mx.array([order[(steps * BATCH + j) % train] for j in range(BATCH)])
-        _, grads = grad_fn(windows[index], target.ids[index], target.logprobs[index])
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
-        steps += 1
-        step_s = time.perf_counter() - t0
-        if steps % config.score_every == 0:
-            t0 = time.perf_counter()
-            if (now := held_out()) < best:
-                best, kept = now, model.trainable_parameters()
-            score_s = time.perf_counter() - t0
-        if progress is not None:
-            progress(time.perf_counter() - tic, config.seconds)
-    if steps % config.score_every and (now := held_out()) < best:
-        best, kept = now, model.trainable_parameters()
-    model.update(kept)
-    keep_tuned(model, originals)
-    return DistillResult(steps, time.perf_counter() - tic, before, best)
+
+    def batch(step: int) -> tuple[mx.array, mx.array, mx.array]:
+        index = mx.array([order[(step * BATCH + j) % train] for j in range(BATCH)])
+        return windows[index], target.ids[index], target.logprobs[index]
+
+    # per row: few parameters, for a few thousand tokens; two steps at least
+    steps, seconds, before, best = tune_scales(
+        model, False, loss, batch, held_out, config.seconds, config.learning_rate,
+        config.score_every, config.max_steps, min_steps=2, progress=progress,
+    )  # fmt: skip
+    return DistillResult(steps, seconds, before, best)

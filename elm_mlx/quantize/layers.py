@@ -4,11 +4,13 @@ whose scales and biases train (the tuning stages, `block_tuning` and `distill`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_unflatten
 
@@ -158,3 +160,51 @@ def keep_tuned(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None
         q.scales, q.biases = scales.astype(q.scales.dtype), biases.astype(q.biases.dtype)
     model.update_modules(tree_unflatten(originals))
     mx.eval(model.parameters())
+
+
+def tune_scales(
+    module: nn.Module,
+    per_group: bool,
+    loss: Callable[..., mx.array],
+    batch: Callable[[int], tuple[mx.array, ...]],
+    score: Callable[[], float],
+    seconds: float,
+    learning_rate: float,
+    score_every: int,
+    max_steps: int | None = None,
+    min_steps: int = 0,
+    progress: Callable[[float, float], None] | None = None,
+) -> tuple[int, float, float, float]:
+    """Train the factors and shifts of `module`'s quantized layers (`Tunable`) by Adam on
+    `loss(*batch(step))` while a step and a scoring still fit in `seconds` (at least
+    `min_steps`, at most `max_steps`), scoring every `score_every` steps with `score` (lower is
+    better) and keeping the best parameters, the starting ones unless beaten; the quantized
+    layers get them. Returns (steps, seconds, score before, score kept)."""
+    originals = tunable_view(module, per_group)
+    tic = time.perf_counter()
+    before = best = score()
+    kept = module.trainable_parameters()  # updates replace parameters, never change them
+    grad_fn = nn.value_and_grad(module, loss)
+    optimizer = optim.Adam(learning_rate=learning_rate)
+    steps, step_s, score_s = 0, 0.0, 0.0
+    while steps < min_steps or time.perf_counter() - tic + step_s + score_s < seconds:
+        if max_steps is not None and steps >= max_steps:
+            break
+        t0 = time.perf_counter()
+        _, grads = grad_fn(*batch(steps))
+        optimizer.update(module, grads)
+        mx.eval(module.trainable_parameters(), optimizer.state)
+        steps += 1
+        step_s = time.perf_counter() - t0
+        if steps % score_every == 0:
+            t0 = time.perf_counter()
+            if (now := score()) < best:
+                best, kept = now, module.trainable_parameters()
+            score_s = time.perf_counter() - t0
+        if progress is not None:
+            progress(time.perf_counter() - tic, seconds)
+    if steps % score_every and (now := score()) < best:
+        best, kept = now, module.trainable_parameters()
+    module.update(kept)
+    keep_tuned(module, originals)
+    return steps, time.perf_counter() - tic, before, best

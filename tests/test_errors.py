@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -193,4 +195,22 @@ def test_real_process_exit_code(llama_src, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {llama_src / 'config.json'} is missing")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_ctrl_c_while_calibrating_leaves_nothing(llama_src, tmp_path):
+    """Ctrl-C in the middle of a calibrated, tuned conversion (a real `elm` process, SIGINT once
+    its staging folder holds the tokenizer): exit status 130, no traceback, and neither the
+    output folder nor the staging folder left."""
+    out = tmp_path / "out"
+    args = [str(llama_src), "-o", str(out), "-q", "--calibrate", "--tune-seconds", "60"]
+    proc = subprocess.Popen(["elm", "convert", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(any((tmp_path / s).glob("*token*")) for s in leftovers(out)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
     assert not out.exists() and leftovers(out) == []

@@ -83,9 +83,16 @@ def tune_block(block: nn.Module, h: mx.array, target: mx.array, config: BlockTun
         return h[index], target[index]
 
     steps, seconds, before, best = tune_scales(
-        block, True, loss, batch, lambda: block_error(block, h, target, held), config.seconds,
-        config.learning_rate, config.score_every, config.max_steps,
-    )  # fmt: skip
+        block,
+        per_group=True,
+        loss=loss,
+        batch=batch,
+        score=lambda: block_error(block, h, target, held),
+        seconds=config.seconds,
+        learning_rate=config.learning_rate,
+        score_every=config.score_every,
+        max_steps=config.max_steps,
+    )
     return BlockTuned(steps, seconds, before, best)
 
 

@@ -154,7 +154,16 @@ def distill(
 
     # per row: few parameters, for a few thousand tokens; two steps at least
     steps, seconds, before, best = tune_scales(
-        model, False, loss, batch, held_out, config.seconds, config.learning_rate,
-        config.score_every, config.max_steps, min_steps=2, progress=progress,
-    )  # fmt: skip
+        model,
+        per_group=False,
+        loss=loss,
+        batch=batch,
+        score=held_out,
+        seconds=config.seconds,
+        learning_rate=config.learning_rate,
+        score_every=config.score_every,
+        max_steps=config.max_steps,
+        min_steps=2,
+        progress=progress,
+    )
     return DistillResult(steps, seconds, before, best)

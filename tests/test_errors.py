@@ -205,12 +205,16 @@ def test_ctrl_c_while_calibrating_leaves_nothing(llama_src, tmp_path):
     out = tmp_path / "out"
     args = [str(llama_src), "-o", str(out), "-q", "--calibrate", "--tune-seconds", "60"]
     proc = subprocess.Popen(["elm", "convert", *args], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not any(any((tmp_path / s).glob("*token*")) for s in leftovers(out)):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(any((tmp_path / s).glob("*token*")) for s in leftovers(out)):
+            assert proc.poll() is None, proc.stderr.read()  # exited: say why
+            assert time.monotonic() < deadline, "never started calibrating"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a failed check leaves no conversion running (no-op once it has exited)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert not out.exists() and leftovers(out) == []

@@ -85,11 +85,12 @@ def command(
     tune_seconds: Annotated[
         float,
         typer.Option(
-            help="With --quantize: then tune the scales and biases to the float model for up "
-            f"to this many seconds: {DistillConfig.block_share:.0%} of them block by block as "
-            "calibration goes (each block's outputs to the float block's), the rest end to end "
-            "(next-token distributions); kept only where they do better on windows held out; "
-            "0: no tuning. Calibrates."
+            help="With --quantize: then tune the quantized model to the float model for up to "
+            f"this many seconds: {DistillConfig.block_share:.0%} of them block by block as "
+            "calibration goes (each block's norms' gains to the float model's activations, "
+            "then its scales and biases to the float block's outputs), the rest end to end "
+            "(scales and biases to the next-token distributions); kept only where they do "
+            "better on windows held out; 0: no tuning. Calibrates."
         ),
     ] = DEFAULTS.tune_seconds,
     asymmetric: Annotated[

@@ -58,7 +58,7 @@ class ConvertOptions:
     calibration_dataset: str | None = None  # a hub dataset id (or "id:config"), when online
     own_text: bool | None = None  # half the windows the model's own; None: without given text
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
-    tune_seconds: float = DistillConfig.seconds  # then tune scales and biases (calibrates)
+    tune_seconds: float = DistillConfig.seconds  # then tune to the float model (calibrates)
     asymmetric: float = CalibrationConfig.asymmetric  # GPTAQ's share of the float target
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from elm_mlx.eval.perplexity import encode_text
 from elm_mlx.loader import load, load_model
 from elm_mlx.quantize import default_text
-from elm_mlx.quantize.block_tuning import BlockTuning, block_error, tune_block
+from elm_mlx.quantize.block_tuning import BlockTuning, block_error, tune_block, tune_norms
 from elm_mlx.quantize.calibration_text import spread_index
 from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
 from elm_mlx.quantize.grid import Setting
@@ -116,7 +116,8 @@ def test_tuned_folder_loads_in_mlx_lm_and_reports_the_tuning(tiny, tmp_path):
     args += ["--dtype", "float32"]  # (as the tiny conversions: mlx-lm computes in it too)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
-    assert "blocks' scales and biases tuned to the float blocks' outputs for" in result.stderr
+    assert "blocks tuned to the float model for" in result.stderr
+    assert "norms' gains" in result.stderr
     assert "scales and biases tuned to the float model for" in result.stderr  # then end to end
     assert re.search(r"teacher \d+s", result.stderr) and re.search(r"tuning \d+s", result.stderr)
     untuned = tiny.converted("llama", quantize=True, calibrate=True)
@@ -163,12 +164,13 @@ def _tiny_block_case(tiny, factor: float):
 
 
 def test_block_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):
-    """The block's scales 10% too large: tuning to the float block's outputs on some windows
-    more than halves its error on the held-out ones; only scales and biases change."""
+    """The block's scales 10% too large: tuning its scales (the norms' stage given no time)
+    to the float block's outputs on some windows more than halves its error on the held-out
+    ones; only scales and biases change."""
     block, h, target = _tiny_block_case(tiny, 1.1)
     before = dict(tree_flatten(block.parameters()))
-    config = BlockTuning(seconds=600.0, learning_rate=1e-2, max_steps=60)
-    result = tune_block(block, h, target, config)
+    config = BlockTuning(seconds=600.0, norm_share=0.0, learning_rate=1e-2, max_steps=60)
+    result = tune_block(block, h, target, target, config).scales
     assert result.steps == 60
     assert result.after < 0.5 * result.before, result
     # the result is what the block now does on the held-out windows
@@ -185,12 +187,47 @@ def test_block_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):
 def test_block_tuning_that_does_not_help_keeps_the_parameters_it_started_from(tiny):
     block, h, target = _tiny_block_case(tiny, 1.0)
     before = dict(tree_flatten(block.parameters()))
-    result = tune_block(
-        block, h, target, BlockTuning(seconds=600.0, learning_rate=1.0, max_steps=7)
-    )
-    assert result.after == result.before
+    config = BlockTuning(seconds=600.0, norm_learning_rate=1.0, learning_rate=1.0, max_steps=7)
+    result = tune_block(block, h, target, target, config)
+    assert result.norms.steps == result.scales.steps == 7
+    assert result.norms.after == result.norms.before
+    assert result.scales.after == result.scales.before
     for name, value in tree_flatten(block.parameters()):
         assert mx.array_equal(value, before[name]).item(), name
+
+
+def test_norm_tweaking_recovers_a_perturbed_gain(tiny):
+    """Oracle: the float block itself. Its norms' gains moved by up to 25% either way, tuned
+    towards the unperturbed block's outputs on some windows: the error on the held-out ones
+    falls by more than half and the gains come back towards the true ones; nothing but the
+    norms' weights changes, and they keep their shape and dtype."""
+    float_model, tokenizer = tiny.load("llama")
+    ids = encode_text(tokenizer, default_text()[:80_000])
+    h = float_model.model.embed_tokens(mx.array(ids[: 16 * 64]).reshape(16, 64))  # (N, L, D)
+    model, _ = load(tiny.converted("llama"))  # a fresh copy to perturb
+    block = model.model.layers[0]
+    target = block(h, "causal", None)
+    truth = dict(tree_flatten(block.parameters()))
+    rng = np.random.default_rng(0)
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        factor = mx.array(rng.uniform(0.75, 1.25, norm.weight.shape), norm.weight.dtype)
+        norm.weight = norm.weight * factor
+    perturbed = dict(tree_flatten(block.parameters()))
+    config = BlockTuning(norm_learning_rate=2e-2, max_steps=100)
+    result = tune_norms(block, h, target, config, seconds=600.0)
+    assert result.steps == 100
+    assert result.after < 0.5 * result.before, result
+
+    def distance(params):
+        return sum(
+            mx.abs(params[k] - truth[k]).sum().item() for k in truth if k.endswith("norm.weight")
+        )
+
+    after = dict(tree_flatten(block.parameters()))
+    assert distance(after) < 0.7 * distance(perturbed)
+    for name, value in after.items():
+        assert value.dtype == perturbed[name].dtype and value.shape == perturbed[name].shape
+        assert mx.array_equal(value, perturbed[name]).item() != name.endswith("norm.weight")
 
 
 @pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
@@ -203,6 +240,9 @@ def test_each_family_calibrates_with_its_blocks_tuned(tiny, family):
     tune = BlockTuning(seconds=600.0, max_steps=7)
     plan, tuned = quantize_model(model, windows, Setting(4, 32), mx.float32, tune=tune)
     assert len(tuned) == len(model.layers)
-    assert all(t.steps == 7 and t.after <= t.before for t in tuned), tuned
+    assert all(t.scales.steps == 7 and t.scales.after <= t.scales.before for t in tuned), tuned
+    # OLMo's norms have no weights to tune; the others' gains tune
+    norm_steps = 0 if family == "olmo" else 7
+    assert all(t.norms.steps == norm_steps and t.norms.after <= t.norms.before for t in tuned)
     layers = dict(model.named_modules())
     assert all(isinstance(layers[p], (nn.QuantizedLinear, nn.QuantizedEmbedding)) for p in plan)

@@ -18,9 +18,10 @@ moment (X_f - X_q)^T X_q of the same tokens: per BATCH windows, a float pass rec
 layer's inputs and the quantized pass pairs them. Memory: the float model's activations too,
 and one BATCH of recorded inputs per layer.
 
-With a tuning budget (`block_tuning`), each block's scales and biases are then trained to the
-float block's outputs on the same inputs, before the next block's inputs are computed; memory:
-those outputs too.
+With a tuning budget (`block_tuning`), each block's norms' gains are then trained towards the
+float model's activations after it and its scales and biases to the float block's outputs on
+the same inputs, before the next block's inputs are computed; memory: the float model's
+activations and the float block's outputs too.
 """
 
 from __future__ import annotations
@@ -217,25 +218,32 @@ def calibrate(
     the float model's activations are carried alongside, and each block layer is fitted (that
     share of the way) to the float model's outputs rather than to its own weights applied to
     the quantized model's inputs (GPTAQ, `gptq.asymmetric_target`). With `tune.seconds`, each
-    block's scales and biases are then tuned to the float block's outputs on the same inputs
-    (`block_tuning`); returns what that did per block."""
+    block is then tuned to the float model (`block_tuning`); returns what that did per block."""
     paths = module_paths(model)
     embedding, head, norm = output_layers(model)
     h = embedding(windows).astype(mx.float32)  # (N, L, D)
     mx.eval(h)
-    h_float = h if asymmetric > 0 else None  # (N, L, D) the float model's, block by block
+    tuning = tune is not None and tune.seconds > 0
+    # (N, L, D) the float model's activations, block by block: GPTAQ's and the norms' target
+    h_float = h if asymmetric > 0 or tuning else None
     blocks = model.layers
     tuned: list[BlockTuned] = []
     for i, block in enumerate(blocks):
         h_in = h
-        target = run_block(block, h) if tune is not None and tune.seconds else None  # (N, L, D)
-        h, h_float = quantize_block(block, paths[id(block)], h, plan, dtype, h_float, asymmetric)
-        if target is not None:
-            tuned.append(tune_block(block, h_in, target, tune))
+        if tuning:  # the float block, before it is quantized
+            local, stream = run_block(block, h), run_block(block, h_float)  # (N, L, D) each
+        h, float_out = quantize_block(
+            block, paths[id(block)], h, plan, dtype, h_float if asymmetric > 0 else None, asymmetric
+        )
+        if tuning:
+            tuned.append(tune_block(block, h_in, local, stream, tune))
             swaps = dequantized_view(block)  # quantized matmuls are slow on the CPU backend
             h = run_block(block, h_in)  # the next block's inputs, through the tuned block
             block.update_modules(tree_unflatten(swaps))
-            del target
+            h_float = stream
+            del local
+        else:
+            h_float = float_out
         del h_in
         if progress is not None:
             progress(i + 1, len(blocks))
@@ -244,7 +252,7 @@ def calibrate(
     updates = []
     if head is not None and paths[id(head)] in plan:
         weight = head.weight
-        if h_float is not None:
+        if asymmetric > 0:
             # an untied output layer is fitted as the blocks' layers are; a tied one is not,
             # being the input embedding too, which the correction would move as well
             final_float = norm(h_float).reshape(-1, h.shape[-1]).astype(mx.float32)

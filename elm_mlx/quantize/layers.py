@@ -162,9 +162,8 @@ def keep_tuned(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None
     mx.eval(model.parameters())
 
 
-def tune_scales(
+def train_kept(
     module: nn.Module,
-    per_group: bool,
     loss: Callable[..., mx.array],
     batch: Callable[[int], tuple[mx.array, ...]],
     score: Callable[[], float],
@@ -175,12 +174,10 @@ def tune_scales(
     min_steps: int = 0,
     progress: Callable[[float, float], None] | None = None,
 ) -> tuple[int, float, float, float]:
-    """Train the factors and shifts of `module`'s quantized layers (`Tunable`) by Adam on
-    `loss(*batch(step))` while a step and a scoring still fit in `seconds` (at least
-    `min_steps`, at most `max_steps`), scoring every `score_every` steps with `score` (lower is
-    better) and keeping the best parameters, the starting ones unless beaten; the quantized
-    layers get them. Returns (steps, seconds, score before, score kept)."""
-    originals = tunable_view(module, per_group)
+    """Train `module`'s trainable parameters by Adam on `loss(*batch(step))` while a step and a
+    scoring still fit in `seconds` (at least `min_steps`, at most `max_steps`), scoring every
+    `score_every` steps with `score` (lower is better) and keeping the best parameters, the
+    starting ones unless beaten. Returns (steps, seconds, score before, score kept)."""
     tic = time.perf_counter()
     before = best = score()
     kept = module.trainable_parameters()  # updates replace parameters, never change them
@@ -206,5 +203,37 @@ def tune_scales(
     if steps % score_every and (now := score()) < best:
         best, kept = now, module.trainable_parameters()
     module.update(kept)
-    keep_tuned(module, originals)
     return steps, time.perf_counter() - tic, before, best
+
+
+def tune_scales(
+    module: nn.Module,
+    per_group: bool,
+    loss: Callable[..., mx.array],
+    batch: Callable[[int], tuple[mx.array, ...]],
+    score: Callable[[], float],
+    seconds: float,
+    learning_rate: float,
+    score_every: int,
+    max_steps: int | None = None,
+    min_steps: int = 0,
+    progress: Callable[[float, float], None] | None = None,
+) -> tuple[int, float, float, float]:
+    """Train the factors and shifts of `module`'s quantized layers (`Tunable`) with
+    `train_kept`; the quantized layers get the parameters kept. Returns (steps, seconds, score
+    before, score kept)."""
+    originals = tunable_view(module, per_group)
+    result = train_kept(
+        module,
+        loss,
+        batch,
+        score,
+        seconds,
+        learning_rate,
+        score_every,
+        max_steps,
+        min_steps,
+        progress,
+    )
+    keep_tuned(module, originals)
+    return result

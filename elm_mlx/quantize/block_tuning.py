@@ -32,6 +32,8 @@ backward pass, not the model's: on this project's CPU the same seconds buy ~30x 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -39,7 +41,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .calibration_text import spread_index
-from .layers import train_kept, tune_scales
+from .layers import scales_training, train_kept
 
 
 @dataclass(frozen=True)
@@ -96,45 +98,46 @@ class TunableNorm(nn.Module):
         return mx.fast.rms_norm(x, self.tuned().astype(x.dtype), self.eps)
 
 
-def tune_norms(
-    block: nn.Module, h: mx.array, target: mx.array, config: BlockTuning, seconds: float
-) -> Tuned:
-    """Tune the gains of the block's RMSNorms in place so that its outputs on h (N, L, D) come
-    closer to `target` (N, L, D), each hidden unit's error weighted by 1 / its mean square in
-    `target`. A block without norm weights (OLMo's) is left as it is."""
+@contextmanager
+def norms_training(block: nn.Module) -> Iterator[None]:
+    """Within it, the block's RMSNorms are `TunableNorm`s and only their gains train; on
+    leaving, the norms come back with the weights those hold (in their own dtype)."""
     norms = [(p, m) for p, m in block.named_modules() if isinstance(m, nn.RMSNorm)]
-    held, train = _split(h.shape[0], config)
-    if not norms or not train:
-        return Tuned()
-    weight = 1.0 / (mx.mean(mx.square(target.astype(mx.float32)), axis=(0, 1)) + 1e-6)  # (D,)
-
-    def loss(x: mx.array, y: mx.array) -> mx.array:
-        return mx.mean(mx.square(block(x, "causal", None) - y) * weight)
-
-    def score() -> float:
-        return sum(loss(h[i : i + 1], target[i : i + 1]).item() for i in held) / len(held)
-
     tunable = [(p, TunableNorm(m)) for p, m in norms]
     block.update_modules(tree_unflatten(tunable))
     block.freeze()
     for _, m in tunable:
         m.unfreeze(keys=["gain"], recurse=False)
     try:
-        steps, spent, before, best = train_kept(
+        yield
+    finally:
+        for (_, norm), (_, t) in zip(norms, tunable, strict=True):
+            norm.weight = t.tuned().astype(norm.weight.dtype)
+        block.update_modules(tree_unflatten(norms))
+
+
+def tune_norms(
+    block: nn.Module, h: mx.array, target: mx.array, config: BlockTuning, seconds: float
+) -> Tuned:
+    """Tune the gains of the block's RMSNorms in place so that its outputs on h (N, L, D) come
+    closer to `target` (N, L, D), each hidden unit's error weighted by 1 / its mean square in
+    `target`. A block without norm weights (OLMo's) is left as it is."""
+    held, train = _split(h.shape[0], config)
+    if not train or not any(isinstance(m, nn.RMSNorm) for _, m in block.named_modules()):
+        return Tuned()
+    weight = 1.0 / (mx.mean(mx.square(target.astype(mx.float32)), axis=(0, 1)) + 1e-6)  # (D,)
+    with norms_training(block):
+        result = train_kept(
             block,
-            loss,
+            lambda x, y: mx.mean(mx.square(block(x, "causal", None) - y) * weight),
             _batches(h, target, train, config.batch),
-            score,
+            lambda: block_error(block, h, target, held, weight),
             seconds,
             config.norm_learning_rate,
             config.score_every,
             config.max_steps,
         )
-    finally:
-        for (_, norm), (_, t) in zip(norms, tunable, strict=True):
-            norm.weight = t.tuned().astype(norm.weight.dtype)
-        block.update_modules(tree_unflatten(norms))
-    return Tuned(steps, spent, before, best)
+    return Tuned(*result)
 
 
 def _split(n: int, config: BlockTuning) -> tuple[list[int], list[int]]:
@@ -144,7 +147,11 @@ def _split(n: int, config: BlockTuning) -> tuple[list[int], list[int]]:
     return (held, train) if held and train else ([], [])
 
 
-def _batches(h: mx.array, target: mx.array, train: list[int], size: int):
+def _batches(
+    h: mx.array, target: mx.array, train: list[int], size: int
+) -> Callable[[int], tuple[mx.array, mx.array]]:
+    """Step -> (inputs, target) of `size` training windows, taken in turn."""
+
     def batch(step: int) -> tuple[mx.array, mx.array]:
         index = mx.array([train[(step * size + j) % len(train)] for j in range(size)])
         return h[index], target[index]
@@ -152,12 +159,19 @@ def _batches(h: mx.array, target: mx.array, train: list[int], size: int):
     return batch
 
 
-def block_error(block: nn.Module, h: mx.array, target: mx.array, index: list[int]) -> float:
-    """Mean squared error of the block's outputs on windows `index` of h against `target`."""
+def block_error(
+    block: nn.Module,
+    h: mx.array,
+    target: mx.array,
+    index: list[int],
+    weight: mx.array | float = 1.0,
+) -> float:
+    """Mean squared error of the block's outputs on windows `index` of h against `target`,
+    each hidden unit's weighted by `weight` (D,)."""
     total = 0.0
     for i in index:
         out = block(h[i : i + 1], "causal", None)
-        total += mx.mean((out - target[i : i + 1]) ** 2).item()
+        total += mx.mean(mx.square(out - target[i : i + 1]) * weight).item()
     return total / len(index)
 
 
@@ -172,18 +186,18 @@ def tune_block(
     held, train = _split(h.shape[0], config)
     if not train:
         return BlockTuned(norms, Tuned())
-    steps, seconds, before, best = tune_scales(
-        block,
-        per_group=True,
-        loss=lambda x, y: mx.mean(mx.square(block(x, "causal", None) - y)),
-        batch=_batches(h, local, train, config.batch),
-        score=lambda: block_error(block, h, local, held),
-        seconds=config.seconds - norms.seconds,
-        learning_rate=config.learning_rate,
-        score_every=config.score_every,
-        max_steps=config.max_steps,
-    )
-    return BlockTuned(norms, Tuned(steps, seconds, before, best))
+    with scales_training(block, per_group=True):
+        result = train_kept(
+            block,
+            lambda x, y: mx.mean(mx.square(block(x, "causal", None) - y)),
+            _batches(h, local, train, config.batch),
+            lambda: block_error(block, h, local, held),
+            config.seconds - norms.seconds,
+            config.learning_rate,
+            config.score_every,
+            config.max_steps,
+        )
+    return BlockTuned(norms, Tuned(*result))
 
 
 def summary(tuned: list[BlockTuned]) -> str:

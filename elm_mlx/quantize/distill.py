@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OptionError
-from .layers import tune_scales
+from .layers import scales_training, train_kept
 
 BATCH = 2  # windows per training step
 
@@ -153,17 +153,17 @@ def distill(
         return windows[index], target.ids[index], target.logprobs[index]
 
     # per row: few parameters, for a few thousand tokens; two steps at least
-    steps, seconds, before, best = tune_scales(
-        model,
-        per_group=False,
-        loss=loss,
-        batch=batch,
-        score=held_out,
-        seconds=config.seconds,
-        learning_rate=config.learning_rate,
-        score_every=config.score_every,
-        max_steps=config.max_steps,
-        min_steps=2,
-        progress=progress,
-    )
+    with scales_training(model, per_group=False):
+        steps, seconds, before, best = train_kept(
+            model,
+            loss,
+            batch,
+            held_out,
+            config.seconds,
+            config.learning_rate,
+            config.score_every,
+            config.max_steps,
+            min_steps=2,
+            progress=progress,
+        )
     return DistillResult(steps, seconds, before, best)

@@ -5,7 +5,8 @@ whose scales and biases train (the tuning stages, `block_tuning` and `distill`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -140,26 +141,25 @@ class Tunable(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
-def tunable_view(model: nn.Module, per_group: bool = False) -> list[tuple[str, nn.Module]]:
-    """Swap `model`'s quantized layers for `Tunable` ones and freeze all but their factors and
-    shifts; returns the quantized layers, for `keep_tuned`."""
+@contextmanager
+def scales_training(model: nn.Module, per_group: bool = False) -> Iterator[None]:
+    """Within it, `model`'s quantized layers are `Tunable` ones and only their factors and
+    shifts train; on leaving, the quantized layers come back with the scales and biases those
+    hold (rounded to the stored dtype: the codes, shapes and dtypes stay)."""
     originals = swap_quantized(model, lambda q: Tunable(q, per_group))
     model.freeze()
     for _, m in model.named_modules():
         if isinstance(m, Tunable):
             m.unfreeze(keys=["log_scale", "shift"], recurse=False)
-    return originals
-
-
-def keep_tuned(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
-    """Put the quantized layers back, with the scales and biases the tunable ones hold now
-    (rounded to the stored dtype: the codes, shapes and dtypes stay)."""
-    tuned = dict(model.named_modules())
-    for path, q in originals:
-        scales, biases = tuned[path].scales_and_biases()
-        q.scales, q.biases = scales.astype(q.scales.dtype), biases.astype(q.biases.dtype)
-    model.update_modules(tree_unflatten(originals))
-    mx.eval(model.parameters())
+    try:
+        yield
+    finally:
+        tuned = dict(model.named_modules())
+        for path, q in originals:
+            scales, biases = tuned[path].scales_and_biases()
+            q.scales, q.biases = scales.astype(q.scales.dtype), biases.astype(q.biases.dtype)
+        model.update_modules(tree_unflatten(originals))
+        mx.eval(model.parameters())
 
 
 def train_kept(
@@ -204,36 +204,3 @@ def train_kept(
         best, kept = now, module.trainable_parameters()
     module.update(kept)
     return steps, time.perf_counter() - tic, before, best
-
-
-def tune_scales(
-    module: nn.Module,
-    per_group: bool,
-    loss: Callable[..., mx.array],
-    batch: Callable[[int], tuple[mx.array, ...]],
-    score: Callable[[], float],
-    seconds: float,
-    learning_rate: float,
-    score_every: int,
-    max_steps: int | None = None,
-    min_steps: int = 0,
-    progress: Callable[[float, float], None] | None = None,
-) -> tuple[int, float, float, float]:
-    """Train the factors and shifts of `module`'s quantized layers (`Tunable`) with
-    `train_kept`; the quantized layers get the parameters kept. Returns (steps, seconds, score
-    before, score kept)."""
-    originals = tunable_view(module, per_group)
-    result = train_kept(
-        module,
-        loss,
-        batch,
-        score,
-        seconds,
-        learning_rate,
-        score_every,
-        max_steps,
-        min_steps,
-        progress,
-    )
-    keep_tuned(module, originals)
-    return result

@@ -41,7 +41,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .calibration_text import spread_index
-from .layers import scales_training, train_kept
+from .layers import float_weights, scales_training, train_kept
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def tune_norms(
     if not train or not any(isinstance(m, nn.RMSNorm) for _, m in block.named_modules()):
         return Tuned()
     weight = 1.0 / (mx.mean(mx.square(target.astype(mx.float32)), axis=(0, 1)) + 1e-6)  # (D,)
-    with norms_training(block):
+    with float_weights(block), norms_training(block):
         result = train_kept(
             block,
             lambda x, y: mx.mean(mx.square(block(x, "causal", None) - y) * weight),

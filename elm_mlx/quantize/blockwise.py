@@ -37,7 +37,7 @@ from ..models import CausalLM, family_of
 from .block_tuning import BlockTuned, BlockTuning, tune_block
 from .gptq import asymmetric_target
 from .grid import Setting
-from .layers import dequantized_view, float_stand_in, quantize_weight, quantized_module
+from .layers import float_stand_in, float_weights, quantize_weight, quantized_module
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks in all)
 BATCH = 4  # calibration windows per forward pass
@@ -237,9 +237,8 @@ def calibrate(
         )
         if tuning:
             tuned.append(tune_block(block, h_in, local, stream, tune))
-            swaps = dequantized_view(block)  # quantized matmuls are slow on the CPU backend
-            h = run_block(block, h_in)  # the next block's inputs, through the tuned block
-            block.update_modules(tree_unflatten(swaps))
+            with float_weights(block):  # the next block's inputs, through the tuned block
+                h = run_block(block, h_in)
             h_float = stream
             del local
         else:

@@ -105,6 +105,17 @@ def dequantized_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return swap_quantized(model, float_stand_in)
 
 
+@contextmanager
+def float_weights(module: nn.Module) -> Iterator[None]:
+    """Within it, `module`'s quantized layers compute through their float stand-ins (the same
+    values, ~10x faster on the CPU backend); on leaving, the quantized layers are back."""
+    swaps = dequantized_view(module)
+    try:
+        yield
+    finally:
+        module.update_modules(tree_unflatten(swaps))
+
+
 class Tunable(nn.Module):
     """A quantized Linear or Embedding computed through its dequantized weight, in float32, so
     that it trains fast on the CPU backend (and exactly on any). What trains is relative to

@@ -230,6 +230,29 @@ def test_norm_tweaking_recovers_a_perturbed_gain(tiny):
         assert mx.array_equal(value, perturbed[name]).item() != name.endswith("norm.weight")
 
 
+def test_norm_tweaking_a_quantized_block_trains_its_norms_only(tiny):
+    """A 4-bit block's norms' gains moved 20% up, tuned towards its own outputs before that:
+    the held-out error falls by more than half; the block keeps its quantized layers (which the
+    stage computes through float stand-ins) with their codes, scales and biases as they were."""
+    block, h, _ = _tiny_block_case(tiny, 1.0)
+    target = block(h, "causal", None)
+    for norm in (block.input_layernorm, block.post_attention_layernorm):
+        norm.weight = norm.weight * 1.2
+    before = dict(tree_flatten(block.parameters()))
+    config = BlockTuning(norm_learning_rate=2e-2, max_steps=60)
+    result = tune_norms(block, h, target, config, 600.0)
+    assert result.steps == 60
+    assert result.after < 0.5 * result.before, result
+    # what the stand-ins trained is what the quantized block now does on the held-out windows
+    held = spread_index(h.shape[0], config.held_out_windows)
+    weight = 1.0 / (mx.mean(mx.square(target.astype(mx.float32)), axis=(0, 1)) + 1e-6)
+    assert block_error(block, h, target, held, weight) == pytest.approx(result.after, rel=1e-3)
+    assert all(isinstance(m, nn.QuantizedLinear) for _, m in block.named_modules()
+               if hasattr(m, "scales"))  # fmt: skip
+    for name, value in tree_flatten(block.parameters()):
+        assert mx.array_equal(value, before[name]).item() != name.endswith("norm.weight"), name
+
+
 @pytest.mark.parametrize("family", ["llama", "olmo", "openelm"])
 def test_each_family_calibrates_with_its_blocks_tuned(tiny, family):
     """Through calibration: one result per block, none worse on its held-out windows than

@@ -18,6 +18,9 @@ memory; the folder is then scored on held-out text that no method calibrated on:
     elm calibrated 4/64 file only  `elm convert -q --calibrate` and `--bpw B` on the calibration
     elm mixed B file only          file alone, the same windows mlx-lm's GPTQ gets
     ... file only asym A           the same with `--asymmetric A` (GPTAQ), A in 0.25, 0.5
+    elm calibrated 4/64 + english  with `--english FILE`: the same as without "+ english", with
+    elm mixed B + english          that file of general English text as a second calibration
+                                   file (the windows are shared: 8 of each file, 16 own)
 
 Calibration text: the standard library's pydoc topics (every Python has it); its first 85% of
 characters is the calibration file both engines use (elm adds as many windows of text the
@@ -32,6 +35,14 @@ minutes for SmolLM2 (issue 11).
 
     python benchmarks/bench_quant.py                 # every source
     python benchmarks/bench_quant.py --models smollm2-noisy --bpw 4.5
+    python benchmarks/bench_quant.py --models smollm2-noisy --bpw 4.5 --english news.txt \
+        --methods "elm calibrated 4/64 + english" "elm mixed 4.5 + english"
+
+`--english`: text of a third domain, neither held out nor Python documentation, standing in for
+what `--calibration-dataset` gives a user online. The one measured (BENCHMARKS.md, issue 17,
+eleventh round) is the Lee corpus of news articles in gensim's test data: `pip download
+gensim==4.4.0 --no-deps` and `unzip -p gensim-*.whl gensim/test/test_data/lee_background.cor >
+news.txt`.
 
 One run; prints a table per model and one JSON line.
 """
@@ -139,7 +150,7 @@ SOURCES = {
 # ---------------------------------------------------------------------------- methods
 
 
-def methods(bpws: list[float], tunes: list[float]) -> dict[str, dict]:
+def methods(bpws: list[float], tunes: list[float], english: Path | None) -> dict[str, dict]:
     out = {
         "float16": {"engine": "elm"},
         "rtn 8/64": {"engine": "mlx_lm", "bits": 8, "group_size": 64},
@@ -162,18 +173,22 @@ def methods(bpws: list[float], tunes: list[float]) -> dict[str, dict]:
         out[f"{label} file only"] = spec
         for a in ASYMMETRIC_SHARES:
             out[f"{label} file only asym {a:g}"] = {**spec, "asymmetric": a}
+    if english is not None:  # a second calibration file, beside the own text
+        for label in file_only:
+            out[f"{label} + english"] = {**out[label], "english": str(english.resolve())}
     return out
 
 
 def build_elm(src: Path, out: Path, spec: dict, calibration: Path) -> None:
     from elm_mlx.convert import ConvertOptions, convert
 
+    files = (str(calibration),) + ((spec["english"],) if "english" in spec else ())
     options = ConvertOptions(
         dtype="float16",
         quantize=spec.get("quantize", False),
         calibrate=spec.get("calibrate", False),
         bpw=spec.get("bpw"),
-        calibration_files=(str(calibration),) if spec.get("quantize") else (),
+        calibration_files=files if spec.get("quantize") else (),
         # as without a file (held out apart), unless the method says the file alone
         own_text=spec.get("own", True) if spec.get("quantize") else None,
         asymmetric=spec.get("asymmetric", 0.0),
@@ -300,6 +315,7 @@ def bench_model(
     work: Path,
     bpws: list[float],
     tunes: list[float],
+    english: Path | None,
     tokens: int,
     window: int,
     only: list[str] | None,
@@ -313,7 +329,7 @@ def bench_model(
     rows = []
     reference = None
     float_dir = work / f"{name}-float16"
-    for label, spec in methods(bpws, tunes).items():
+    for label, spec in methods(bpws, tunes, english).items():
         if only and label != "float16" and label not in only:
             continue
         slug = label.replace(" ", "-").replace("/", "g")
@@ -366,6 +382,9 @@ def main() -> None:
     parser.add_argument(
         "--tune", nargs="*", type=float, default=[], help="--tune-seconds budgets to add as rows"
     )
+    parser.add_argument(
+        "--english", type=Path, help="general English text: adds the '+ english' rows"
+    )
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", help="only these rows (labels as printed)")
@@ -378,7 +397,9 @@ def main() -> None:
     for name in args.models:
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
-        rows += bench_model(name, work, args.bpw, args.tune, args.tokens, args.window, args.methods)
+        rows += bench_model(
+            name, work, args.bpw, args.tune, args.english, args.tokens, args.window, args.methods
+        )
     print()
     for row in rows:
         print(format_row(row))

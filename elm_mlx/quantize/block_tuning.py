@@ -49,8 +49,9 @@ class BlockTuning:
     """How each block is tuned (the seconds come from `--tune-seconds`)."""
 
     seconds: float = 0.0  # per block (0: no tuning)
-    # of them, the norms' gains' share (the rest: the scales and biases). Half: the gains'
-    # ~20 steps took ~15 s a block on the noisy SmolLM2 on this CPU (tenth round)
+    # of them, the norms' gains' share (the rest: the scales and biases). Half: on the noisy
+    # SmolLM2 (`--tune-seconds 600`) held-out prose KL 0.147 against 0.152 with the norms given
+    # it all, pydoc the same (BENCHMARKS.md, issue 17, eleventh round)
     norm_share: float = 0.5
     # Adam's step on the gains, relative to each: 2e-3 for 20 steps (gains moved up to 20%)
     # cut the noisy SmolLM2's held-out prose KL by 5%

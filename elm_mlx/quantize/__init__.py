@@ -13,7 +13,7 @@ from .calibration_text import (
 )
 from .distill import DistillConfig
 from .grid import Setting
-from .layers import dequantized_view
+from .layers import dequantized_view, float_weights
 from .mixed import CANDIDATES, bits_per_weight, quantization_config
 from .recipe import check_budget, quantize_model
 
@@ -27,6 +27,7 @@ __all__ = [
     "check_budget",
     "default_text",
     "dequantized_view",
+    "float_weights",
     "quantization_config",
     "quantize_model",
     "read_dataset",

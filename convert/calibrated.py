@@ -28,7 +28,7 @@ from ..quantize import (
     split,
 )
 from ..quantize.block_tuning import BlockTuning, summary
-from ..quantize.calibration_text import combine, spread, written_by_model
+from ..quantize.calibration_text import CalibrationData, combine, spread, written_by_model
 from ..quantize.distill import (
     DistillConfig,
     check_tuning_budget,
@@ -37,8 +37,8 @@ from ..quantize.distill import (
     teacher,
 )
 from ..quantize.mixed import describe_plan, quantizable
-from ..quantize.self_text import self_generated_windows
-from ..tokenizer import load_tokenizer
+from ..quantize.self_text import answered_windows, requests, self_generated_windows
+from ..tokenizer import Tokenizer, encode_prompt, load_tokenizer, render_chat
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,25 @@ def held_out_perplexity(model: CausalLM, ids: list[int]) -> float:
     return math.exp(total / scored)
 
 
+def own_windows(
+    model: CausalLM, tokenizer: Tokenizer, config: CalibrationConfig
+) -> CalibrationData:
+    """Calibration windows the float model writes: a chat model's answers to requests for
+    non-fiction of many kinds (its tokenizer has a chat template and an end of turn), any other
+    model's text from random first tokens."""
+    ends = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
+    if not (getattr(tokenizer, "chat_template", None) and ends):
+        own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
+        return written_by_model(own)
+    kind = model.model_type
+    prompts = [
+        encode_prompt(tokenizer, render_chat(tokenizer, [{"role": "user", "content": r}], kind))
+        for r in requests()
+    ]
+    own = answered_windows(model, prompts, config.own_windows, config.window, ends)
+    return written_by_model(own, " answering prompts")
+
+
 def quantize_calibrated(
     model: CausalLM,
     texts: list[tuple[str, str]],
@@ -123,16 +142,15 @@ def quantize_calibrated(
     clock = StageClock()
     config = config or CalibrationConfig()
     parts = []
+    tokenizer = load_tokenizer(tokenizer_dir)
     if own_text:
-        own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
-        parts.append(written_by_model(own))
+        parts.append(own_windows(model, tokenizer, config))
         clock.lap("own text")
     share = replace(
         config,
         windows=max(1, (config.windows - (config.own_windows if own_text else 0)) // len(texts)),
         held_out=config.held_out // len(texts),
     )
-    tokenizer = load_tokenizer(tokenizer_dir)
     for text, source in texts:
         ids = encode_text(tokenizer, text)
         if ids and max(ids) >= vocab_size(model):

@@ -25,6 +25,7 @@ from elm_mlx.quantize.self_text import (
     NGRAM,
     answered_windows,
     deduplicate,
+    first,
     requests,
     sample_sequences,
     self_generated_windows,
@@ -99,11 +100,24 @@ def test_a_chat_model_is_asked_for_non_fiction_of_many_kinds():
     assert len({a.split(" about ")[0] for a in asks[:16]}) >= 4  # a leading slice mixes kinds
 
 
-def test_sampling_stops_once_every_row_has_ended(tiny):
+def test_rows_that_end_leave_the_batch_and_the_others_write_on(tiny):
+    """Greedy rows (each its own, whatever the batch) with a stop that some reach early: every
+    row writes what it writes alone up to its stop, then only the stop."""
     model, _ = tiny.load("llama")
-    prompts = np.array([[5, 6, 7], [8, 9, 10]], np.int32)
-    assert sample_sequences(model, prompts, 20, stops=range(400)).shape == (2, 1)
-    assert sample_sequences(model, prompts, 20).shape == (2, 20)
+    prompts = np.array([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]], np.int32)
+    alone = [sample_sequences(model, p[None], 12, greedy=12)[0] for p in prompts]
+    stop = int(alone[0][2])  # row 0 ends at its third token at the latest
+    out = sample_sequences(model, prompts, 12, greedy=12, stops=[stop])
+    assert out.shape == (4, 12)
+    ends = []
+    for row, own in zip(out, alone, strict=True):
+        end = first(own, [stop])
+        ends.append(end)
+        np.testing.assert_array_equal(row[: end + 1], own[: end + 1])
+        assert (row[end + 1 :] == stop).all()
+    assert min(ends) <= 2 and max(ends) > min(ends)  # rows left the batch while others wrote
+    every = sample_sequences(model, prompts, 12, stops=range(400))  # all end at once
+    assert (every[:, 1:] == 0).all()
 
 
 def test_a_chat_model_writes_its_calibration_text_as_answers(tmp_path):

@@ -69,35 +69,43 @@ def sample_sequences(
     greedy: int = 0,
     stops: Sequence[int] = (),
 ) -> np.ndarray:
-    """`length` tokens sampled after each prompt, as one batch: prompts (B, P) -> (B, n) token
-    ids, n = `length` or fewer once every row has sampled one of `stops`; the first `greedy`
-    tokens are the model's top choices."""
+    """`length` tokens sampled after each prompt, as one batch: prompts (B, P) -> (B, length)
+    token ids; the first `greedy` are the model's top choices. A row that samples one of `stops`
+    has ended: it leaves the batch (the cache keeps only the rows still writing) and is padded
+    with `stops[0]`; sampling ends when every row has."""
     key = mx.random.key(seed)
-    stops_ = mx.array(list(stops), mx.int32)
-    ended = mx.zeros((prompts.shape[0],), mx.bool_)
     cache = make_cache(model)
-    tokens = mx.array(prompts, mx.int32)  # (B, P), then (B, 1) per step
-    out = []
+    out = np.full((len(prompts), length), stops[0] if stops else 0, np.int32)
+    rows = np.arange(len(prompts))  # the batch's rows in `out`
+    ended = np.zeros(len(rows), bool)
+    tokens = mx.array(prompts, mx.int32)  # (B, P), then (b, 1) per step
     for step in range(length):
-        logits = model(tokens, cache)[:, -1].astype(mx.float32)  # (B, V)
+        logits = model(tokens, cache)[:, -1].astype(mx.float32)  # (b, V)
         if step < greedy:
             tokens = mx.argmax(logits, axis=-1)
         else:
             key, sub = mx.random.split(key)
             tokens = mx.random.categorical(logits / temperature, key=sub)
         tokens = tokens.astype(mx.int32)[:, None]
-        out.append(tokens)
-        if stops:
-            ended = ended | (tokens == stops_).any(axis=1)
-            if ended.all().item():
-                break
-        mx.eval(tokens)
-    return np.array(mx.concatenate(out, axis=1))
+        out[rows, step] = np.array(tokens)[:, 0]
+        if not stops:
+            continue
+        ended |= np.isin(out[rows, step], stops)
+        if ended.all():
+            break
+        if ended.sum() >= max(1, len(rows) // 8):  # drop the ended rows now and then
+            keep = np.flatnonzero(~ended)
+            index = mx.array(keep)
+            for c in cache:
+                keys, values = c.state
+                c.state = (keys[index], values[index])
+            tokens, rows, ended = tokens[index], rows[keep], ended[keep]
+    return out
 
 
 def deduplicate(sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The sequences (each 1-D; e.g. the rows of an (N, L) array) in order, without those mostly made of 8-grams already seen (in
-    earlier sequences or earlier in themselves: loops)."""
+    """The sequences (each 1-D, e.g. the rows of an (N, L) array) in order, without those mostly
+    made of 8-grams already seen (in earlier sequences or earlier in themselves: loops)."""
     seen: set[bytes] = set()
     kept = []
     for seq in sequences:

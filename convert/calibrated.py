@@ -3,6 +3,7 @@ calibration text (`elm_mlx.quantize`), and measure what it cost on held-out text
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from ..quantize import (
     split,
 )
 from ..quantize.block_tuning import BlockTuning, summary
-from ..quantize.calibration_text import combine, spread, written_by_model
+from ..quantize.calibration_text import CalibrationData, combine, spread, written_by_model
 from ..quantize.distill import (
     DistillConfig,
     check_tuning_budget,
@@ -37,8 +38,8 @@ from ..quantize.distill import (
     teacher,
 )
 from ..quantize.mixed import describe_plan, quantizable
-from ..quantize.self_text import self_generated_windows
-from ..tokenizer import load_tokenizer
+from ..quantize.self_text import answered_windows, requests, self_generated_windows
+from ..tokenizer import Tokenizer, encode_prompt, load_tokenizer, render_chat
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,34 @@ def held_out_perplexity(model: CausalLM, ids: list[int]) -> float:
     return math.exp(total / scored)
 
 
+def ships_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer files in `folder` carry a chat template (where transformers reads
+    one), known without loading the tokenizer."""
+    if any((folder / name).exists() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.exists() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def own_windows(
+    model: CausalLM, tokenizer: Tokenizer | None, config: CalibrationConfig
+) -> CalibrationData:
+    """Calibration windows the float model writes: a chat model's answers to requests for
+    non-fiction of many kinds (given its tokenizer, with a chat template and an end of turn),
+    any other model's text from random first tokens."""
+    ends = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
+    if not (getattr(tokenizer, "chat_template", None) and ends):
+        own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
+        return written_by_model(own)
+    kind = model.model_type
+    prompts = [
+        encode_prompt(tokenizer, render_chat(tokenizer, [{"role": "user", "content": r}], kind))
+        for r in requests()
+    ]
+    own = answered_windows(model, prompts, config.own_windows, config.window, ends)
+    return written_by_model(own, " answering prompts")
+
+
 def quantize_calibrated(
     model: CausalLM,
     texts: list[tuple[str, str]],
@@ -123,16 +152,18 @@ def quantize_calibrated(
     clock = StageClock()
     config = config or CalibrationConfig()
     parts = []
+    # the tokenizer loads first only where the own text needs it (a chat model's prompts)
+    chat = own_text and ships_chat_template(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir) if chat else None
     if own_text:
-        own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
-        parts.append(written_by_model(own))
+        parts.append(own_windows(model, tokenizer, config))
         clock.lap("own text")
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     share = replace(
         config,
         windows=max(1, (config.windows - (config.own_windows if own_text else 0)) // len(texts)),
         held_out=config.held_out // len(texts),
     )
-    tokenizer = load_tokenizer(tokenizer_dir)
     for text, source in texts:
         ids = encode_text(tokenizer, text)
         if ids and max(ids) >= vocab_size(model):

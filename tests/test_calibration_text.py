@@ -14,12 +14,23 @@ import numpy as np
 import pytest
 from elm_mlx.cli.main import app
 from folders import leftovers
+from tiny_models import write_tiny_chat_model
 from typer.testing import CliRunner
 
 from elm_mlx.loader import load
 from elm_mlx.quantize import CalibrationConfig, default_text, split
 from elm_mlx.quantize.calibration_text import combine, spread, written_by_model
-from elm_mlx.quantize.self_text import deduplicate, self_generated_windows
+from elm_mlx.quantize.self_text import (
+    ANSWER,
+    NGRAM,
+    answered_windows,
+    deduplicate,
+    first,
+    requests,
+    sample_sequences,
+    self_generated_windows,
+)
+from elm_mlx.tokenizer import encode_prompt, load_tokenizer, render_chat
 
 runner = CliRunner()
 
@@ -79,6 +90,66 @@ def test_default_calibration_mixes_the_models_own_text_with_the_stdlib(tiny):
     assert [i for i, r in enumerate(rows) if r.max() < 400] == [0, 2]  # alternating
     assert data.held_out == text[-len(data.held_out) :] and rows.max() < text[-len(data.held_out)]
     assert data.calibrated_on == "128 tokens the float model wrote and 128 tokens of the text"
+
+
+def test_a_chat_model_is_asked_for_non_fiction_of_many_kinds():
+    asks = requests()
+    assert len(asks) == len(set(asks)) == 192 and asks == requests(0) and asks != requests(1)
+    words = {w.strip(".").lower() for a in asks for w in a.split()}
+    assert not words & {"story", "stories", "tale", "novel", "poem", "fiction", "fairy"}
+    assert len({a.split(" about ")[0] for a in asks[:16]}) >= 4  # a leading slice mixes kinds
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_write_on(tiny):
+    """Greedy rows (each its own, whatever the batch) with a stop that some reach early: every
+    row writes what it writes alone up to its stop, then only the stop."""
+    model, _ = tiny.load("llama")
+    prompts = np.array([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]], np.int32)
+    alone = [sample_sequences(model, p[None], 12, greedy=12)[0] for p in prompts]
+    stop = int(alone[0][2])  # row 0 ends at its third token at the latest
+    out = sample_sequences(model, prompts, 12, greedy=12, stops=[stop])
+    assert out.shape == (4, 12)
+    ends = []
+    for row, own in zip(out, alone, strict=True):
+        end = first(own, [stop])
+        ends.append(end)
+        np.testing.assert_array_equal(row[: end + 1], own[: end + 1])
+        assert (row[end + 1 :] == stop).all()
+    assert min(ends) <= 2 and max(ends) > min(ends)  # rows left the batch while others wrote
+    every = sample_sequences(model, prompts, 12, stops=range(400))  # all end at once
+    assert (every[:, 1:] == 0).all()
+
+
+def test_a_chat_model_writes_its_calibration_text_as_answers(tmp_path):
+    """With a chat template the model's own text is its answers to rendered prompts (of several
+    lengths, one batch), each cut at the end of its turn and packed after the one before."""
+    folder = write_tiny_chat_model(tmp_path / "chat", "chatml")
+    model, _ = load(folder)
+    tokenizer = load_tokenizer(folder)
+    ends = sorted(tokenizer.eos_token_ids)
+    prompts = [
+        encode_prompt(tokenizer, render_chat(tokenizer, [{"role": "user", "content": r}], "llama"))
+        for r in requests()
+    ]
+    assert len({len(p) for p in prompts[:8]}) > 1  # left padding has work to do
+    own = answered_windows(model, prompts, count=2, window=2 * ANSWER, ends=ends, seed=0)
+    assert own.shape == (2, 2 * ANSWER) and own.dtype == np.int32
+    # answers are at most ANSWER long, so each window holds the end of one
+    assert all(ends[0] in row for row in own)
+    np.testing.assert_array_equal(own, answered_windows(model, prompts, 2, 2 * ANSWER, ends))
+    # between two ends, one answer: cut at its end of turn, no prompt, none too short to keep
+    stream = own.ravel()
+    bounds = np.flatnonzero(np.isin(stream, ends))
+    pieces = np.diff(bounds) - 1
+    assert len(pieces) and pieces.min() >= NGRAM and pieces.max() <= ANSWER
+
+
+def test_the_report_says_a_chat_model_answered_prompts(tmp_path):
+    folder = write_tiny_chat_model(tmp_path / "chat", "chatml")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(folder), "-o", str(out), "-q", "--calibrate"])
+    assert result.exit_code == 0, result.stderr
+    assert "tokens the float model wrote answering prompts and" in result.stderr
 
 
 @pytest.mark.parametrize("own", ["default", "--own-text"])

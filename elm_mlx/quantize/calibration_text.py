@@ -1,15 +1,16 @@
 """Calibration text: where it comes from, and its split into the windows the quantizer fits to
 and the held-out tail that perplexity is measured on (never the same tokens).
 
-By default, offline, half the windows are text the float model writes itself (`self_text.py`)
-and half come from a text every Python installation ships, the standard library's documentation
-topics (`pydoc_data.topics`: ~465k characters of English prose and code about Python), so that no
-one domain dominates: calibrated on the documentation alone, the quantized model lost three times
-as much (KL to the float model) on English prose as on held-out documentation; with half of
-its own text, a third less on prose at the same loss on the documentation (BENCHMARKS.md, issue
-17; Williams & Aletras 2024, arXiv:2311.09755, on the calibration set's domain). Split: the
-last `held_out` tokens are held out; calibration windows are spread evenly over the tokens
-before them.
+By default, offline, half the windows are text the float model writes itself (`self_text.py`:
+a chat model's answers to requests for non-fiction of many kinds, any other model's text from
+random first tokens) and half come from a text every Python installation ships, the standard
+library's documentation topics (`pydoc_data.topics`: ~465k characters of English prose and code
+about Python), so that no one domain dominates: calibrated on the documentation alone, the
+quantized model lost three times as much (KL to the float model) on English prose as on
+held-out documentation; with half of its own text, a third less on prose at the same loss on
+the documentation (BENCHMARKS.md, issue 17; Williams & Aletras 2024, arXiv:2311.09755, on the
+calibration set's domain). Split: the last `held_out` tokens are held out; calibration windows
+are spread evenly over the tokens before them.
 """
 
 from __future__ import annotations
@@ -147,13 +148,14 @@ def split(ids: list[int], config: CalibrationConfig, source: str) -> Calibration
     )
 
 
-def written_by_model(windows: np.ndarray) -> CalibrationData:
-    """Windows (n, window) the float model wrote, as calibration data with nothing held out."""
+def written_by_model(windows: np.ndarray, how: str = "") -> CalibrationData:
+    """Windows (n, window) the float model wrote (`how`, for the report), as calibration data
+    with nothing held out."""
     return CalibrationData(
         mx.array(windows.astype(np.int32)),
         [],
         "the float model's own text",
-        f"{windows.size} tokens the float model wrote",
+        f"{windows.size} tokens the float model wrote{how}",
     )
 
 

@@ -3,7 +3,6 @@ calibration text (`elm_mlx.quantize`), and measure what it cost on held-out text
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -101,21 +100,12 @@ def held_out_perplexity(model: CausalLM, ids: list[int]) -> float:
     return math.exp(total / scored)
 
 
-def ships_chat_template(folder: Path) -> bool:
-    """Whether the tokenizer files in `folder` carry a chat template (where transformers reads
-    one), known without loading the tokenizer."""
-    if any((folder / name).exists() for name in ("chat_template.jinja", "chat_template.json")):
-        return True
-    config = folder / "tokenizer_config.json"
-    return config.exists() and bool(json.loads(config.read_text()).get("chat_template"))
-
-
 def own_windows(
-    model: CausalLM, tokenizer: Tokenizer | None, config: CalibrationConfig
+    model: CausalLM, tokenizer: Tokenizer, config: CalibrationConfig
 ) -> CalibrationData:
     """Calibration windows the float model writes: a chat model's answers to requests for
-    non-fiction of many kinds (given its tokenizer, with a chat template and an end of turn),
-    any other model's text from random first tokens."""
+    non-fiction of many kinds (its tokenizer has a chat template and an end of turn), any other
+    model's text from random first tokens."""
     ends = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
     if not (getattr(tokenizer, "chat_template", None) and ends):
         own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
@@ -152,13 +142,10 @@ def quantize_calibrated(
     clock = StageClock()
     config = config or CalibrationConfig()
     parts = []
-    # the tokenizer loads first only where the own text needs it (a chat model's prompts)
-    chat = own_text and ships_chat_template(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir) if chat else None
+    tokenizer = load_tokenizer(tokenizer_dir)
     if own_text:
         parts.append(own_windows(model, tokenizer, config))
         clock.lap("own text")
-    tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     share = replace(
         config,
         windows=max(1, (config.windows - (config.own_windows if own_text else 0)) // len(texts)),

@@ -15,10 +15,11 @@ random first token sends a chat-tuned model into lists, code and fragments, whil
 news article, a letter or a guide it writes running English of many kinds. Calibrated on such
 answers beside the Python documentation, the noisy SmolLM2 at 4.5 bits per weight lost 15-22%
 less KL on fiction than with text from random first tokens (BENCHMARKS.md, issue 17, twelfth
-round), at twice the sampling (answers run past their end in the batch). The prompts ask for
-no fiction, so the fiction the benchmark holds out stays a domain calibration did not see. Self-
-calibration (Williams et al. 2025, "Self-calibration for Language Model Quantization and
-Pruning", arXiv:2410.17170) likewise generates from the model with no external data.
+round), for twice the sampling (answers of up to 256 tokens, against 128 from random starts).
+The prompts ask for no fiction, so the fiction the benchmark holds out stays a domain
+calibration did not see. Self-calibration (Williams et al. 2025, "Self-calibration for Language
+Model Quantization and Pruning", arXiv:2410.17170) likewise generates from the model with no
+external data.
 
 A plain sampling loop over the model with its KV cache (models and mx only: the quantizer sits
 below the engine; the caller renders the prompts with the tokenizer).

@@ -106,7 +106,7 @@ def own_windows(
     """Calibration windows the float model writes: a chat model's answers to requests for
     non-fiction of many kinds (its tokenizer has a chat template and an end of turn), any other
     model's text from random first tokens."""
-    ends = sorted(getattr(tokenizer, "eos_token_ids", None) or [])
+    ends = sorted(tokenizer.eos_token_ids)
     if not (getattr(tokenizer, "chat_template", None) and ends):
         own = self_generated_windows(model, vocab_size(model), config.own_windows, config.window)
         return written_by_model(own)

@@ -362,3 +362,59 @@ def test_measured_cost_is_the_kl_of_rounding_that_layer_alone(tiny, family):
         assert 0 < costs[finer] < costs[probe] / 50  # 8 bits: 16x finer steps, ~256x less error
     embeddings = [p for p in measured if isinstance(layers[p], nn.Embedding)]
     assert len(embeddings) == 1 and measured[embeddings[0]].options[0][1] > 0
+
+
+class Outputs(nn.Module):
+    """The test's own record of a module's outputs."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module, self.outputs = module, []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.module(x)
+        self.outputs.append(y.reshape(-1, y.shape[-1]))
+        return y
+
+
+@pytest.mark.parametrize("family", ["llama", "openelm"])
+def test_the_output_layer_is_probed_as_calibration_fits_it(tiny, family):
+    """The output layer's measured cost at the probe setting is the KL of the model with that
+    layer fitted by GPTQ to the final hidden states of the calibration windows (the second
+    moment of the final norm's outputs, recorded here), not rounded to nearest."""
+    model, tokenizer = load(tiny.converted(family))
+    ids = held_out(tokenizer, 144)
+    tokens, windows = mx.array(ids[:48])[None], mx.array(ids).reshape(3, 48)
+    probe = Setting(4, 32)
+    measured = measure(model, tokens, [probe], probe, mx.float32, windows=windows)
+    layers = dict(model.named_modules())
+    norm_path = next(p for p, m in layers.items() if p.endswith(".norm") and ".layers." not in p)
+    parent, name = norm_path.rsplit(".", 1)
+    recorder = Outputs(layers[norm_path])
+    setattr(layers[parent], name, recorder)
+    model(windows)
+    setattr(layers[parent], name, recorder.module)
+    x = mx.concatenate(recorder.outputs).astype(mx.float32)  # (tokens, D)
+    moment = np.array(x.T @ x, np.float64) / x.shape[0]
+    output = (
+        "lm_head"
+        if "lm_head" in measured
+        else next(p for p in measured if isinstance(layers[p], nn.Embedding))
+    )
+    module = layers[output]
+    reference = nn.log_softmax(model(tokens).astype(mx.float32))
+
+    def kl_with(weight: mx.array) -> float:
+        original, module.weight = module.weight, weight
+        logprobs = nn.log_softmax(model(tokens).astype(mx.float32))
+        module.weight = original
+        return (mx.exp(reference) * (reference - logprobs)).sum(-1).mean().item()
+
+    fitted = kl_with(quantize_weight(module.weight, probe, mx.float32, moment).dequantized())
+    w = np.array(module.weight)
+    by_rounding = kl_with(
+        mx.array(rounded(w, np.diag(moment).astype(np.float32), probe, mx.float32))
+    )
+    cost = {s: err for _, err, s in measured[output].options}[probe]
+    np.testing.assert_allclose(cost, fitted, rtol=1e-3)
+    assert cost > 0 and abs(cost - by_rounding) > 1e-2 * by_rounding  # not the rounding's KL

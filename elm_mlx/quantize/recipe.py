@@ -46,7 +46,8 @@ def quantize_model(
     layer gets `setting`; with it, layers get the candidate settings that lose least within the
     budget, each layer's loss measured with `setting` as the probe on
     `config.sensitivity_tokens` tokens, the first of `config.sensitivity_windows` windows
-    spread over the text's parts and sources. Each layer is fitted as `config.asymmetric` says,
+    spread over the text's parts and sources (the output layer fitted by GPTQ to
+    `config.output_probe_windows` of them). Each layer is fitted as `config.asymmetric` says,
     and each block tuned as `tune` says (`blockwise.calibrate`)."""
     config = config or CalibrationConfig()
     if bpw is None:
@@ -61,7 +62,9 @@ def quantize_model(
         n = config.sensitivity_windows
         tokens = spread(windows, n)[:, : config.sensitivity_tokens // n]  # (n, tokens / n)
         candidates = sorted({*CANDIDATES, setting})
-        plan = budget_plan(measure(model, tokens, candidates, setting, dtype, stage), bpw)
+        fit_to = spread(windows, config.output_probe_windows)  # (n, window)
+        costs = measure(model, tokens, candidates, setting, dtype, stage, fit_to)
+        plan = budget_plan(costs, bpw)
 
     def calibrating(done: int, total: int) -> None:
         if progress is not None:

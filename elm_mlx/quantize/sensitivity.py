@@ -16,8 +16,8 @@ loss of quantizing one layer is the ranking of e.g. SqueezeLLM's and LLM-MQ's se
 studies). A tied embedding is measured once, in both roles (lookup and logits).
 
 The output layer (an untied head, or the tied embedding) is probed as calibration will fit it:
-by GPTQ on the second moment of the float model's final hidden states over all the calibration
-windows, not rounded to nearest. GPTQ removes ~60% of that layer's loss, on held-out prose as
+by GPTQ on the second moment of the float model's final hidden states over calibration windows
+(`CalibrationConfig.output_probe_windows`), not rounded to nearest. GPTQ removes ~60% of that layer's loss, on held-out prose as
 well as in sample (BENCHMARKS.md, issue 17, third round), where a block layer's gain ranges from
 none to 10x and does not carry to held-out text (ninth round: probing the blocks by GPTQ did
 not pay). Probed by rounding, the tied embedding of the noisy SmolLM2 (a fifth of its weights)
@@ -39,7 +39,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from ..models import CausalLM
-from .blockwise import linears, module_paths, output_layers
+from .blockwise import linears, module_paths, output_layers, run_block
 from .grid import Setting, codes_on, dequantize, fit_grid
 from .layers import quantize_weight
 
@@ -124,7 +124,7 @@ def measure(
     p_ref = mx.exp(reference)
     h_head = np.array((final.astype(mx.float32) ** 2).mean((0, 1)))  # (D,)
     mx.eval(reference, p_ref)
-    output = logits_of if head is not None else embedding
+    output = head if head is not None else embedding
     moment = final_moment(model, tokens if windows is None else windows)  # (D, D)
 
     def kl_from(i: int, h: mx.array | None = None) -> float:
@@ -181,18 +181,12 @@ def measure(
     return result
 
 
-def final_moment(model: CausalLM, windows: mx.array, batch: int = 4) -> np.ndarray:
+def final_moment(model: CausalLM, windows: mx.array) -> np.ndarray:
     """E[x x^T] (D, D) of the float model's final hidden states x (after the last norm) over
-    the token windows (N, L), a few windows at a time."""
+    the token windows (N, L)."""
     embedding, _, norm = output_layers(model)
-    total, count = None, 0
-    for i in range(0, windows.shape[0], batch):
-        h = embedding(windows[i : i + batch]).astype(mx.float32)
-        for block in model.layers:
-            h = block(h, "causal", None)
-        x = norm(h).reshape(-1, h.shape[-1]).astype(mx.float32)  # (tokens, D)
-        part = x.T @ x
-        total = part if total is None else total + part
-        mx.eval(total)
-        count += x.shape[0]
-    return np.array(total, dtype=np.float64) / count
+    h = embedding(windows).astype(mx.float32)  # (N, L, D)
+    for block in model.layers:
+        h = run_block(block, h)
+    x = norm(h).reshape(-1, h.shape[-1]).astype(mx.float32)  # (tokens, D)
+    return np.array(x.T @ x, dtype=np.float64) / x.shape[0]

@@ -39,7 +39,8 @@ class CalibrationConfig:
     sensitivity_tokens: int = 256  # of the calibration tokens, those the sensitivity pass uses
     # ... the first tokens of this many windows spread over them, so every source counts (on
     # the noisy SmolLM2 at 4.5 bits, 4 windows of 64 gave a plan with 3% less KL on prose and
-    # 5% less on pydoc than the first 256 tokens of one window, the model's own babble)
+    # 5% less on pydoc than the first 256 tokens of one window, the model's own babble; 4x the
+    # tokens, as 16 windows of 64 or 4 of 256, moved plans within a sample's noise: issue 17)
     sensitivity_windows: int = 4
     # ... and the output layer is probed by GPTQ on the final hidden states of this many windows
     # spread over them (4,096 tokens: 16 s on the SmolLM2 on a 2-core CPU, 69 s for all 32)

@@ -13,36 +13,34 @@ memory; the folder is then scored on held-out text that no method calibrated on:
                                    at 6 bits); it raises on OpenELM/OLMo layer names
     mlx-lm gptq 4/64               `mlx_lm.quant.gptq.gptq_quantize` (its fallback layers, the
                                    embedding here, at 8 bits), fed elm's calibration windows
-    elm calibrated 4/64            `elm convert -q --calibrate --own-text`
-    elm mixed B                    `elm convert -q --bpw B --own-text`
+    elm calibrated 4/64            `elm convert -q --calibrate` as by default: the model's own
+    elm mixed B                    text, pydoc and elm's general English (16, 8 and 8 windows)
     elm calibrated 4/64 file only  `elm convert -q --calibrate` and `--bpw B` on the calibration
     elm mixed B file only          file alone, the same windows mlx-lm's GPTQ gets
     ... file only asym A           the same with `--asymmetric A` (GPTAQ), A in 0.25, 0.5
-    elm calibrated 4/64 + english  with `--english FILE`: the same as without "+ english", with
-    elm mixed B + english          that file of general English text as a second calibration
-                                   file (the windows are shared: 8 of each file, 16 own)
+    elm calibrated 4/64 + english  with `--english FILE`: the default rows with that file in
+    elm mixed B + english          place of elm's general English
 
 Calibration text: the standard library's pydoc topics (every Python has it); its first 85% of
-characters is the calibration file both engines use (elm adds as many windows of text the
-float model writes, as it does by default without a file). Held out: "pydoc", the remaining 15% (the
-calibration's domain), and "prose", English prose of another domain (Alice's Adventures in
-Wonderland, chapters I-III, public domain, shipped in tests/data). Metrics per held-out text:
-perplexity in windows of --window and the mean KL divergence of the quantized model's next-token
+characters is the calibration file both engines use (elm adds the text the float model writes
+and its bundled general English, `elm_mlx/quantize/data/english.txt`, as it does by default).
+Held out: "pydoc", the remaining 15% (the calibration's domain), "prose", English fiction
+(Alice's Adventures in Wonderland, chapters I-III, public domain, shipped in tests/data), and
+with `--news FILE` "news", articles of a third domain. Metrics per held-out text: perplexity in
+windows of --window and the mean KL divergence of the quantized model's next-token
 distribution from the float one; bits per weight (packed codes + scales + biases over the
 quantized tensors, 16-bit scales), convert seconds and the worker's peak resident memory.
 mlx-lm's AWQ, DWQ and dynamic quantization are left out: on this CPU they did not finish in 10
 minutes for SmolLM2 (issue 11).
 
     python benchmarks/bench_quant.py                 # every source
-    python benchmarks/bench_quant.py --models smollm2-noisy --bpw 4.5
-    python benchmarks/bench_quant.py --models smollm2-noisy --bpw 4.5 --english news.txt \
-        --methods "elm calibrated 4/64 + english" "elm mixed 4.5 + english"
+    python benchmarks/bench_quant.py --models smollm2-noisy --bpw 4.5 --news news.txt
 
-`--english`: text of a third domain, neither held out nor Python documentation, standing in for
-what `--calibration-dataset` gives a user online. The one measured (BENCHMARKS.md, issue 17,
-eleventh round) is the Lee corpus of news articles in gensim's test data: `pip download
-gensim==4.4.0 --no-deps` and `unzip -p gensim-*.whl gensim/test/test_data/lee_background.cor >
-news.txt`.
+The news measured (BENCHMARKS.md, issue 17, eleventh round on) is the Lee corpus of Australian
+news articles in gensim's test data (neither fiction nor documentation, never calibrated on):
+`pip download gensim==4.4.0 --no-deps` and `unzip -p gensim-*.whl
+gensim/test/test_data/lee_background.cor > news.txt`. `--english FILE` stands in for what
+`--calibration-dataset` gives a user online.
 
 One run; prints a table per model and one JSON line.
 """
@@ -150,7 +148,12 @@ SOURCES = {
 # ---------------------------------------------------------------------------- methods
 
 
-def methods(bpws: list[float], tunes: list[float], english: Path | None) -> dict[str, dict]:
+def methods(
+    bpws: list[float], tunes: list[float], bundled: Path, english: Path | None
+) -> dict[str, dict]:
+    """Each row's recipe. elm's default rows calibrate as `elm convert` does by default: the
+    model's own text, the calibration file (pydoc) and elm's general English (`bundled`)."""
+    default = {"engine": "elm", "quantize": True, "english": str(bundled)}
     out = {
         "float16": {"engine": "elm"},
         "rtn 8/64": {"engine": "mlx_lm", "bits": 8, "group_size": 64},
@@ -158,12 +161,12 @@ def methods(bpws: list[float], tunes: list[float], english: Path | None) -> dict
         "rtn 4/32": {"engine": "mlx_lm", "bits": 4, "group_size": 32},
         "mlx-lm mixed_4_6": {"engine": "mlx_lm", "recipe": "mixed_4_6"},
         "mlx-lm gptq 4/64": {"engine": "mlx_lm", "gptq": True},
-        "elm calibrated 4/64": {"engine": "elm", "quantize": True, "calibrate": True},
+        "elm calibrated 4/64": {**default, "calibrate": True},
     }
     for b in bpws:
-        out[f"elm mixed {b:g}"] = {"engine": "elm", "quantize": True, "bpw": b}
+        out[f"elm mixed {b:g}"] = {**default, "bpw": b}
     for t in tunes:  # then tuned to the float model for t seconds (blocks, then end to end)
-        out[f"elm calibrated 4/64 tuned {t:g}s"] = {"engine": "elm", "quantize": True, "tune": t}
+        out[f"elm calibrated 4/64 tuned {t:g}s"] = {**default, "tune": t}
     # the calibration text alone, as mlx-lm's GPTQ gets it (no windows of the model's own), and
     # the same with each layer fitted that share of the way to the float model's outputs
     file_only = {"elm calibrated 4/64": {"calibrate": True}}
@@ -173,7 +176,7 @@ def methods(bpws: list[float], tunes: list[float], english: Path | None) -> dict
         out[f"{label} file only"] = spec
         for a in ASYMMETRIC_SHARES:
             out[f"{label} file only asym {a:g}"] = {**spec, "asymmetric": a}
-    if english is not None:  # a second calibration file, beside the own text
+    if english is not None:  # the user's English in place of elm's, beside pydoc and own text
         for label in file_only:
             out[f"{label} + english"] = {**out[label], "english": str(english.resolve())}
     return out
@@ -316,20 +319,26 @@ def bench_model(
     bpws: list[float],
     tunes: list[float],
     english: Path | None,
+    news: Path | None,
     tokens: int,
     window: int,
     only: list[str] | None,
 ) -> list:
+    from elm_mlx.quantize.calibration_text import english_text
     from elm_mlx.tokenizer import load_tokenizer
 
     calibration_text, held_texts = texts()
+    if news is not None:
+        held_texts["news"] = news.read_text()
     calibration = work / "calibration.txt"
     calibration.write_text(calibration_text)
+    bundled = work / "english.txt"
+    bundled.write_text(english_text())
     src = SOURCES[name](work)
     rows = []
     reference = None
     float_dir = work / f"{name}-float16"
-    for label, spec in methods(bpws, tunes, english).items():
+    for label, spec in methods(bpws, tunes, bundled, english).items():
         if only and label != "float16" and label not in only:
             continue
         slug = label.replace(" ", "-").replace("/", "g")
@@ -365,7 +374,9 @@ def format_row(row: dict) -> str:
     secs = "cached" if row.get("cached") else f"{row['seconds']:.0f}s"
     peak = "" if row.get("cached") else f"{row['peak_rss'] / 2**30:.2f} GiB"
     cells = []
-    for text in ("pydoc", "prose"):
+    for text in ("pydoc", "prose", "news"):
+        if text not in row:
+            continue
         r = row[text]
         change = f" ({100 * r['ppl_change']:+.1f}%)" if "ppl_change" in r else ""
         cells.append(f"{text} ppl {r['ppl']:7.3f}{change:9} KL {r['kl']:.4f}")
@@ -385,6 +396,9 @@ def main() -> None:
     parser.add_argument(
         "--english", type=Path, help="general English text: adds the '+ english' rows"
     )
+    parser.add_argument(
+        "--news", type=Path, help="a third held-out text (news articles): adds its columns"
+    )
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--methods", nargs="+", help="only these rows (labels as printed)")
@@ -398,8 +412,9 @@ def main() -> None:
         work = args.work / name
         work.mkdir(parents=True, exist_ok=True)
         rows += bench_model(
-            name, work, args.bpw, args.tune, args.english, args.tokens, args.window, args.methods
-        )
+            name, work, args.bpw, args.tune, args.english, args.news, args.tokens, args.window,
+            args.methods,
+        )  # fmt: skip
     print()
     for row in rows:
         print(format_row(row))

@@ -55,7 +55,7 @@ def command(
         typer.Option(
             help="UTF-8 text to calibrate on (repeatable: the windows are shared); each tail "
             "is held out for perplexity.",
-            show_default="the Python documentation bundled with Python",
+            show_default="the Python documentation and elm's general English",
         ),
     ] = None,
     calibration_dataset: Annotated[

@@ -28,6 +28,7 @@ from ..quantize import (
     DistillConfig,
     Setting,
     check_budget,
+    default_texts,
     read_dataset,
     read_text,
 )
@@ -54,7 +55,7 @@ class ConvertOptions:
     force: bool = False
     max_shard_bytes: int = 5 << 30
     calibrate: bool = False  # GPTQ against calibration text instead of rounding to nearest
-    calibration_files: tuple[str, ...] = ()  # none: the Python documentation bundled with Python
+    calibration_files: tuple[str, ...] = ()  # none: pydoc and elm's English (`default_texts`)
     calibration_dataset: str | None = None  # a hub dataset id (or "id:config"), when online
     own_text: bool | None = None  # half the windows the model's own; None: without given text
     bpw: float | None = None  # mixed precision to this average bits per weight (calibrates)
@@ -100,12 +101,12 @@ class ConvertOptions:
         )
 
     def calibration_texts(self) -> list[tuple[str, str]]:
-        """(text, name) of each text to calibrate on: the files, the dataset, or the default."""
+        """(text, name) of each text to calibrate on: the files, the dataset, or the defaults."""
         texts = [read_text(f) for f in self.calibration_files]
         if self.calibration_dataset is not None:
             chars = CalibrationConfig().dataset_characters
             texts.append(read_dataset(self.calibration_dataset, chars))
-        return texts or [read_text(None)]
+        return texts or default_texts()
 
 
 def convert(

@@ -166,6 +166,15 @@ def test_the_report_says_what_calibration_read(tiny, tmp_path, own):
     assert result.exit_code == 0, result.stderr
     assert "tokens the float model wrote and" in result.stderr
     assert f"tokens of {source}" in result.stderr
+    # by default the documentation shares its windows with elm's general English, half each
+    shares = re.findall(
+        r"(\d+) tokens of (the Python documentation|elm's general English)", result.stderr
+    )
+    if own == "default":
+        assert [name for _, name in shares] == ["the Python documentation", "elm's general English"]
+        assert shares[0][0] == shares[1][0] != "0"
+    else:
+        assert shares == []
     stages = re.search(r"in \d+s \((.*?)\);", result.stderr).group(1)  # seconds per stage
     names = [part.rsplit(" ", 1)[0] for part in stages.split(", ")]
     assert names == [

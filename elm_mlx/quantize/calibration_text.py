@@ -11,7 +11,7 @@ biography, an interview, a science explainer, minutes, a recipe, a travel guide;
 no news), so that no one domain dominates. Calibrated on the documentation alone, the quantized
 model lost three times as much (KL to the float model) on English prose as on held-out
 documentation; with half of its own text, a third less on prose; with a quarter of the windows
-from the general English instead of the documentation, 11-12% less again on fiction and news
+from the general English instead of the documentation, 10-12% less again on fiction and news
 that calibration never saw (BENCHMARKS.md, issue 17; Williams & Aletras 2024,
 arXiv:2311.09755, on the calibration set's domain). Split: the last `held_out` tokens are held
 out; calibration windows are spread evenly over the tokens before them.

@@ -28,10 +28,11 @@ from ..quantize import (
     split,
 )
 from ..quantize.block_tuning import BlockTuning, summary
-from ..quantize.calibration_text import CalibrationData, combine, spread, written_by_model
+from ..quantize.calibration_text import CalibrationData, combine, written_by_model
 from ..quantize.distill import (
     DistillConfig,
     check_tuning_budget,
+    cut,
     distill,
     end_to_end,
     teacher,
@@ -166,7 +167,7 @@ def quantize_calibrated(
     clock.lap("float perplexity")
     tune = tune or DistillConfig()
     if tune.seconds:  # the float model's answers, before it is quantized; fails early
-        tune_windows = spread(data.windows, tune.windows)
+        tune_windows = cut(data.windows, tune.window)
         target = teacher(model, tune_windows, tune.top_k)
         check_tuning_budget(tune, target)
         clock.lap("teacher")

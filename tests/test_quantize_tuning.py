@@ -21,7 +21,7 @@ from elm_mlx.loader import load, load_model
 from elm_mlx.quantize import default_text
 from elm_mlx.quantize.block_tuning import BlockTuning, block_error, tune_block, tune_norms
 from elm_mlx.quantize.calibration_text import spread_index
-from elm_mlx.quantize.distill import DistillConfig, coarse_kl, distill, teacher
+from elm_mlx.quantize.distill import DistillConfig, coarse_kl, cut, distill, teacher
 from elm_mlx.quantize.grid import Setting
 from elm_mlx.quantize.recipe import quantize_model
 
@@ -62,6 +62,20 @@ def test_coarse_kl_is_the_kl_of_the_coarsened_distributions():
             assert got < full
 
 
+def test_cut_windows_keeps_each_window_in_order():
+    """The tuning windows are the calibration windows cut to length, in order, each window's
+    tail that does not fill one dropped; windows already short enough stay as they are."""
+    windows = mx.arange(20).reshape(2, 10)
+    assert cut(windows, 4).tolist() == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [10, 11, 12, 13],
+        [14, 15, 16, 17],
+    ]
+    assert cut(windows, 10).tolist() == windows.tolist()
+    assert cut(windows, 16).tolist() == windows.tolist()
+
+
 def _tiny_tuning_case(tiny):
     float_model, tokenizer = tiny.load("llama")
     ids = encode_text(tokenizer, default_text()[:80_000])
@@ -80,7 +94,7 @@ def test_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):
             m.scales = m.scales * 1.1
     before = dict(tree_flatten(model.parameters()))
     # a fixed number of steps, whatever the machine's load (the budget is far above it)
-    config = DistillConfig(seconds=600.0, learning_rate=1e-2, max_steps=128)
+    config = DistillConfig(seconds=600.0, learning_rate=1e-2, held_out_windows=2, max_steps=128)
     result = distill(model, windows, target, config)
     assert result.steps == 128
     assert result.held_out_after < 0.5 * result.held_out_before, result

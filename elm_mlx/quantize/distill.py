@@ -25,9 +25,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OptionError
+from .calibration_text import spread_index
 from .layers import scales_training, train_kept
 
-BATCH = 2  # windows per training step
+BATCH = 4  # windows per training step
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,23 @@ class DistillConfig:
 
     seconds: float = 0.0  # time budget for the training steps (0: no tuning)
     # of it, the share spent tuning each block to the float block's outputs as calibration
-    # goes (`block_tuning`), the rest on the whole model after it. Most: on the noisy SmolLM2
-    # the blocks' tuning cut held-out KL by 6-15% where the whole model's never beat GPTQ on
-    # this CPU's budget (BENCHMARKS.md, issue 17, fourth and eighth rounds)
+    # goes (`block_tuning`), the rest on the whole model after it. Most: chosen when the
+    # whole model's tuning never beat GPTQ on this CPU's budget (BENCHMARKS.md, issue 17,
+    # fourth and eighth rounds); since the sixteenth it pays too, and the split is not remeasured
     block_share: float = 0.75  # below 1
-    windows: int = 12  # calibration windows it trains on and scores (spread over all of them)
+    # tokens per training window: all the calibration windows are cut into windows this long,
+    # so the steps draw on all of the text. On the noisy SmolLM2, windows of 128 from ~100k
+    # tokens, 4 a step, per group at 1e-5 cut held-out prose KL 6% in 100 steps, where 12
+    # windows of 512, 2 a step, per row at 1e-3 never beat GPTQ (BENCHMARKS.md, issue 17,
+    # sixteenth round)
+    window: int = 128
     top_k: int = 64  # teacher tokens kept per position
-    learning_rate: float = 1e-3  # relative to each group's step
-    held_out_windows: int = 2  # of the calibration windows, those scored to keep the best
-    score_every: int = 4  # steps between scorings
+    # relative to each group's step; Adam moves every parameter by about this much a step, and
+    # per group there are millions of them: 1e-3 took the random OpenELM's KL from 0.013 to 0.09
+    learning_rate: float = 1e-5
+    per_group: bool = True  # a factor and a shift per group (as DWQ's), not per output row
+    held_out_windows: int = 8  # of the windows, those scored to keep the best (spread)
+    score_every: int = 10  # steps between scorings
     max_steps: int | None = None  # also stop after this many steps (a run that does not
     # depend on the machine's speed: tests, comparisons)
 
@@ -101,6 +110,16 @@ def coarse_kl(logits: mx.array, ids: mx.array, target: mx.array) -> mx.array:
     return kl.mean()
 
 
+def cut(windows: mx.array, length: int) -> mx.array:
+    """Windows (N, L) cut into windows of `length` tokens (N * (L // length), length); what is
+    left at the end of each is dropped. Windows no longer than `length` stay as they are."""
+    n, full = windows.shape
+    if full <= length:
+        return windows
+    pieces = full // length
+    return windows[:, : pieces * length].reshape(n * pieces, length)
+
+
 def check_tuning_budget(config: DistillConfig, target: Teacher) -> None:
     """The end-to-end share of the budget must pay for at least two steps and the held-out
     scoring; a step (forward and backward of BATCH windows) estimated from the teacher's
@@ -130,30 +149,31 @@ def distill(
 ) -> DistillResult:
     """Tune the quantized `model`'s scales and biases in place toward `target` on `windows`
     (N, L) for `config.seconds`; the last `held_out_windows` are scored, not trained on."""
-    held = config.held_out_windows
-    if windows.shape[0] <= held:
-        raise OptionError("tune_seconds", f"tuning needs more than {held} calibration windows")
+    n = windows.shape[0]
+    if n <= config.held_out_windows:
+        raise OptionError(
+            "tune_seconds", f"tuning needs more than {config.held_out_windows} windows"
+        )
+    held = spread_index(n, config.held_out_windows)
+    train = [i for i in range(n) if i not in set(held)]
 
     def loss(w: mx.array, ids: mx.array, lp: mx.array) -> mx.array:
         return coarse_kl(model(w), ids, lp)
 
     def held_out() -> float:
-        n = windows.shape[0]
         total = sum(
             loss(windows[i : i + 1], target.ids[i : i + 1], target.logprobs[i : i + 1]).item()
-            for i in range(n - held, n)
+            for i in held
         )
-        return total / held
+        return total / len(held)
 
-    train = windows.shape[0] - held
-    order = mx.random.permutation(train).tolist()
+    order = [train[i] for i in mx.random.permutation(len(train)).tolist()]
 
     def batch(step: int) -> tuple[mx.array, mx.array, mx.array]:
-        index = mx.array([order[(step * BATCH + j) % train] for j in range(BATCH)])
+        index = mx.array([order[(step * BATCH + j) % len(order)] for j in range(BATCH)])
         return windows[index], target.ids[index], target.logprobs[index]
 
-    # per row: few parameters, for a few thousand tokens; two steps at least
-    with scales_training(model, per_group=False):
+    with scales_training(model, per_group=config.per_group):  # two steps at least
         steps, seconds, before, best = train_kept(
             model,
             loss,

@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .calibration_text import spread_index
+from .calibration_text import held_out_split
 from .layers import float_weights, scales_training, train_kept
 
 
@@ -143,8 +143,7 @@ def tune_norms(
 
 def _split(n: int, config: BlockTuning) -> tuple[list[int], list[int]]:
     """(held-out, training) window indices: too few windows to both train and check, none."""
-    held = spread_index(n, min(config.held_out_windows, n // 2))
-    train = sorted(set(range(n)) - set(held))
+    held, train = held_out_split(n, min(config.held_out_windows, n // 2))
     return (held, train) if held and train else ([], [])
 
 

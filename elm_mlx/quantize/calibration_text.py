@@ -65,6 +65,13 @@ def spread_index(count: int, n: int) -> list[int]:
     return [round(i * count / n) for i in range(min(n, count))]
 
 
+def held_out_split(count: int, n: int) -> tuple[list[int], list[int]]:
+    """(held-out, the rest) of the indices 0..count-1: n of them spread evenly, to score tuning
+    on windows it does not train on."""
+    held = spread_index(count, n)
+    return held, sorted(set(range(count)) - set(held))
+
+
 def spread(windows: mx.array, n: int) -> mx.array:
     """n of the windows (N, L), evenly spread over them (the text's parts and sources)."""
     return windows[mx.array(spread_index(windows.shape[0], n))]

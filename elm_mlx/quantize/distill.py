@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OptionError
-from .calibration_text import spread_index
+from .calibration_text import held_out_split
 from .layers import scales_training, train_kept
 
 BATCH = 4  # windows per training step
@@ -148,14 +148,14 @@ def distill(
     progress: Callable[[float, float], None] | None = None,
 ) -> DistillResult:
     """Tune the quantized `model`'s scales and biases in place toward `target` on `windows`
-    (N, L) for `config.seconds`; the last `held_out_windows` are scored, not trained on."""
+    (N, L) for `config.seconds`; `held_out_windows` of them, spread over all, are scored, not
+    trained on."""
     n = windows.shape[0]
     if n <= config.held_out_windows:
         raise OptionError(
             "tune_seconds", f"tuning needs more than {config.held_out_windows} windows"
         )
-    held = spread_index(n, config.held_out_windows)
-    train = [i for i in range(n) if i not in set(held)]
+    held, train = held_out_split(n, config.held_out_windows)
 
     def loss(w: mx.array, ids: mx.array, lp: mx.array) -> mx.array:
         return coarse_kl(model(w), ids, lp)

@@ -168,7 +168,7 @@ def quantize_calibrated(
     tune = tune or DistillConfig()
     if tune.seconds:  # the float model's answers, before it is quantized; fails early
         tune_windows = cut(data.windows, tune.window)
-        target = teacher(model, tune_windows, tune.top_k)
+        target = teacher(model, tune_windows)
         check_tuning_budget(tune, target)
         clock.lap("teacher")
     # the budget: a share block by block as the blocks are calibrated, the rest end to end

@@ -21,45 +21,34 @@ from elm_mlx.loader import load, load_model
 from elm_mlx.quantize import default_text
 from elm_mlx.quantize.block_tuning import BlockTuning, block_error, tune_block, tune_norms
 from elm_mlx.quantize.calibration_text import spread_index
-from elm_mlx.quantize.distill import DistillConfig, coarse_kl, cut, distill, teacher
+from elm_mlx.quantize.distill import DistillConfig, cut, distill, kl_divergence, teacher
 from elm_mlx.quantize.grid import Setting
 from elm_mlx.quantize.recipe import quantize_model
 
 runner = CliRunner()
 
 
-def test_coarse_kl_is_the_kl_of_the_coarsened_distributions():
-    """Oracle: the KL of the two distributions over the teacher's top tokens plus one bucket for
-    the rest, computed by hand; all tokens kept, it is the exact KL; fewer, a lower bound."""
-    rng = np.random.default_rng(0)
-    teacher_logits = rng.normal(size=(3, 50)) * 2
-    student_logits = teacher_logits + rng.normal(size=(3, 50))
-
-    def log_softmax(x):
-        return (
-            x
-            - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
-            - x.max(-1, keepdims=True)
-        )
-
-    p, q = np.exp(log_softmax(teacher_logits)), np.exp(log_softmax(student_logits))
-    full = (p * (np.log(p) - np.log(q))).sum(-1).mean()
-    for k in (50, 8):
-        top = np.argsort(-p, axis=-1)[:, :k]
-        pk, qk = np.take_along_axis(p, top, -1), np.take_along_axis(q, top, -1)
-        pc = np.concatenate([pk, 1 - pk.sum(-1, keepdims=True)], -1).clip(1e-9)
-        qc = np.concatenate([qk, 1 - qk.sum(-1, keepdims=True)], -1).clip(1e-9)
-        coarse = (pc * (np.log(pc) - np.log(qc))).sum(-1).mean()
-        got = coarse_kl(
-            mx.array(student_logits, mx.float32),
-            mx.array(top, mx.int32),
-            mx.array(np.log(pk), mx.float32),
-        ).item()
-        assert got == pytest.approx(coarse, rel=1e-4, abs=1e-6)
-        if k == 50:
-            assert got == pytest.approx(full, rel=1e-4)
-        else:
-            assert got < full
+@pytest.mark.parametrize("family", ["llama", "openelm"])
+def test_teacher_gives_the_float_models_own_next_token_distributions(tiny, family):
+    """Oracle: the float model's forward pass. The teacher, kept as final hidden states and
+    the output layer's weight, gives back its log-probabilities on any of the windows, and
+    the KL against them is 0 for the float model itself and the numpy KL for a perturbed one."""
+    model, tokenizer = tiny.load(family)
+    ids = encode_text(tokenizer, default_text()[:20_000])
+    windows = mx.array(ids[: 6 * 32]).reshape(6, 32)
+    target = teacher(model, windows)
+    index = mx.array([4, 1])
+    logits = model(windows[index]).astype(mx.float32)  # (2, 32, V)
+    expected = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    got = target.logprobs(index)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(np.array(got), expected, atol=1e-4)
+    assert kl_divergence(logits, got).item() == pytest.approx(0.0, abs=1e-5)
+    other = np.array(logits) + np.random.default_rng(0).normal(size=logits.shape)
+    q = other - np.log(np.exp(other).sum(-1, keepdims=True))
+    p = np.exp(expected)
+    oracle = (p * (expected - q)).sum(-1).mean()
+    assert kl_divergence(mx.array(other, mx.float32), got).item() == pytest.approx(oracle, rel=1e-3)
 
 
 def test_cut_windows_keeps_each_window_in_order():
@@ -81,7 +70,7 @@ def _tiny_tuning_case(tiny):
     ids = encode_text(tokenizer, default_text()[:80_000])
     windows = mx.array(ids[: 16 * 64]).reshape(16, 64)
     model, _ = load(tiny.converted("llama", quantize=True, bits=4, group_size=32))
-    return model, windows, teacher(float_model, windows, 16)
+    return model, windows, teacher(float_model, windows)
 
 
 def test_tuning_learns_a_systematic_error_and_keeps_the_codes(tiny):

@@ -9,10 +9,14 @@ block as `block_tuning` does, here trained on the model's output). The codes sta
 (mlx-lm loads it). It runs within a time budget, and keeps the parameters that did best on
 windows it does not train on; they start from GPTQ's, so tuning never makes those worse.
 
-The teacher's distributions are kept sparse, so the float model need not stay beside the
-quantized one: per token, the `top_k` most likely tokens and their log-probabilities. The loss
-is the KL divergence between the two distributions coarsened to those tokens plus one bucket
-for all the others: exact for the coarsened distributions and a lower bound of the full KL.
+The loss is the exact KL divergence of the quantized model's next-token distribution from the
+float model's. The float model need not stay beside the quantized one: the teacher keeps its
+final hidden states on the windows and its output layer, and recomputes its logits for each
+step's windows (one matmul; all windows' logits would be tokens x vocabulary floats). The
+sparse teacher it replaces (the 64 most likely tokens and one bucket for the rest) trained
+nearly as well, but its held-out score, which decides what is kept and what the report says,
+was a lower bound that on a random model's nearly flat distributions holds ~1.5% of the
+probability mass in its tokens (BENCHMARKS.md, issue 17, seventeenth round).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import OptionError
+from ..models import family_of
 from .calibration_text import held_out_split
 from .layers import scales_training, train_kept
 
@@ -47,7 +52,6 @@ class DistillConfig:
     # windows of 512, 2 a step, per row at 1e-3 never beat GPTQ (BENCHMARKS.md, issue 17,
     # sixteenth round)
     window: int = 128
-    top_k: int = 64  # teacher tokens kept per position
     # relative to each group's step; Adam moves every parameter by about this much a step, and
     # per group there are millions of them: 1e-3 took the random OpenELM's KL from 0.013 to 0.09
     learning_rate: float = 1e-5
@@ -60,18 +64,24 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class Teacher:
-    """The float model's sparse next-token distributions on the calibration windows."""
+    """The float model on the calibration windows, as much of it as its next-token
+    distributions need: the final hidden states (after the last norm) and the output layer."""
 
-    ids: mx.array  # (N, L, K) int32: the K most likely tokens at each position
-    logprobs: mx.array  # (N, L, K) float32: their log-probabilities
+    hidden: mx.array  # (N, L, D)
+    head: mx.array  # (V, D) the float output layer's weight (the embedding's, when tied)
     seconds_per_window: float  # the float model's forward pass, timed here
+
+    def logprobs(self, index: mx.array) -> mx.array:
+        """The float model's next-token log-probabilities (B, L, V) on windows `index` (B,)."""
+        logits = self.hidden[index] @ self.head.T  # (B, L, V)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)
 class DistillResult:
     steps: int
     seconds: float
-    held_out_before: float  # coarsened KL on the held-out windows, GPTQ's parameters
+    held_out_before: float  # KL on the held-out windows, GPTQ's parameters
     held_out_after: float  # ... the parameters kept
 
     def summary(self) -> str:
@@ -83,31 +93,25 @@ class DistillResult:
         )
 
 
-def teacher(model: nn.Module, windows: mx.array, top_k: int) -> Teacher:
-    """The float `model`'s top-k log-probabilities on each window (N, L)."""
-    ids, logprobs = [], []
+def teacher(model: nn.Module, windows: mx.array) -> Teacher:
+    """The float `model` on the windows (N, L), before it is quantized."""
+    body, embedding = family_of(model).body_and_embedding(model)
+    head = model.lm_head if "lm_head" in model else embedding  # tied: the embedding
+    hidden = []
     tic = time.perf_counter()
     for i in range(windows.shape[0]):
-        logits = model(windows[i : i + 1]).astype(mx.float32)  # (1, L, V)
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        top = mx.argpartition(-lp, kth=top_k - 1, axis=-1)[..., :top_k]  # (1, L, K)
-        ids.append(top.astype(mx.int32))
-        logprobs.append(mx.take_along_axis(lp, top, axis=-1))
-        mx.eval(ids[-1], logprobs[-1])
+        hidden.append(body(windows[i : i + 1], None).astype(mx.float32))  # (1, L, D)
+        mx.eval(hidden[-1])
     seconds = (time.perf_counter() - tic) / windows.shape[0]
-    return Teacher(mx.concatenate(ids), mx.concatenate(logprobs), seconds)
+    return Teacher(mx.concatenate(hidden), head.weight, seconds)
 
 
-def coarse_kl(logits: mx.array, ids: mx.array, target: mx.array) -> mx.array:
-    """Mean KL(teacher || model) over positions, both coarsened to the teacher's top tokens
-    plus the rest: logits (..., V), ids and target log-probabilities (..., K)."""
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mine = mx.take_along_axis(logprobs, ids, axis=-1)  # (..., K)
-    p = mx.exp(target)
-    p_rest = mx.maximum(1.0 - p.sum(-1), 1e-9)
-    q_rest = mx.maximum(1.0 - mx.exp(mine).sum(-1), 1e-9)
-    kl = (p * (target - mine)).sum(-1) + p_rest * (mx.log(p_rest) - mx.log(q_rest))
-    return kl.mean()
+def kl_divergence(logits: mx.array, target: mx.array) -> mx.array:
+    """Mean KL(teacher || model) over positions: the model's logits and the teacher's
+    log-probabilities, both (..., V)."""
+    logprobs = logits.astype(mx.float32)
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    return (mx.exp(target) * (target - logprobs)).sum(-1).mean()
 
 
 def cut(windows: mx.array, length: int) -> mx.array:
@@ -157,21 +161,18 @@ def distill(
         )
     held, train = held_out_split(n, config.held_out_windows)
 
-    def loss(w: mx.array, ids: mx.array, lp: mx.array) -> mx.array:
-        return coarse_kl(model(w), ids, lp)
+    def loss(w: mx.array, lp: mx.array) -> mx.array:
+        return kl_divergence(model(w), lp)
 
     def held_out() -> float:
-        total = sum(
-            loss(windows[i : i + 1], target.ids[i : i + 1], target.logprobs[i : i + 1]).item()
-            for i in held
-        )
-        return total / len(held)
+        scores = [loss(windows[i : i + 1], target.logprobs(mx.array([i]))).item() for i in held]
+        return sum(scores) / len(held)
 
     order = [train[i] for i in mx.random.permutation(len(train)).tolist()]
 
-    def batch(step: int) -> tuple[mx.array, mx.array, mx.array]:
+    def batch(step: int) -> tuple[mx.array, mx.array]:
         index = mx.array([order[(step * BATCH + j) % len(order)] for j in range(BATCH)])
-        return windows[index], target.ids[index], target.logprobs[index]
+        return windows[index], target.logprobs(index)
 
     with scales_training(model, per_group=config.per_group):  # two steps at least
         steps, seconds, before, best = train_kept(

@@ -44,7 +44,9 @@ class DistillConfig:
     # of it, the share spent tuning each block to the float block's outputs as calibration
     # goes (`block_tuning`), the rest on the whole model after it. Most: chosen when the
     # whole model's tuning never beat GPTQ on this CPU's budget (BENCHMARKS.md, issue 17,
-    # fourth and eighth rounds); since the sixteenth it pays too, and the split is not remeasured
+    # fourth and eighth rounds). Since the sixteenth it pays too: all of 900 s end to end gave
+    # the noisy SmolLM2 its best pydoc KL and prose perplexity, in one run under other load than
+    # the split's (seventeenth round), which does not settle the default
     block_share: float = 0.75  # below 1
     # tokens per training window: all the calibration windows are cut into windows this long,
     # so the steps draw on all of the text. On the noisy SmolLM2, windows of 128 from ~100k

@@ -30,6 +30,7 @@ import mlx.nn as nn
 
 from ..errors import OptionError
 from ..models import family_of
+from .blockwise import output_layers
 from .calibration_text import held_out_split
 from .layers import scales_training, train_kept
 
@@ -97,15 +98,16 @@ class DistillResult:
 
 def teacher(model: nn.Module, windows: mx.array) -> Teacher:
     """The float `model` on the windows (N, L), before it is quantized."""
-    body, embedding = family_of(model).body_and_embedding(model)
-    head = model.lm_head if "lm_head" in model else embedding  # tied: the embedding
+    body, _ = family_of(model).body_and_embedding(model)
+    embedding, head, _ = output_layers(model)
+    weight = (head if head is not None else embedding).weight  # tied: the embedding's
     hidden = []
     tic = time.perf_counter()
     for i in range(windows.shape[0]):
         hidden.append(body(windows[i : i + 1], None).astype(mx.float32))  # (1, L, D)
         mx.eval(hidden[-1])
     seconds = (time.perf_counter() - tic) / windows.shape[0]
-    return Teacher(mx.concatenate(hidden), head.weight, seconds)
+    return Teacher(mx.concatenate(hidden), weight, seconds)
 
 
 def kl_divergence(logits: mx.array, target: mx.array) -> mx.array:
